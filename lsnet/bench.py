@@ -1,0 +1,121 @@
+"""Benchmark runner behind ``lsnet bench NAME``.
+
+A benchmark is a spec file ``jobs/bench/NAME.yaml``::
+
+    name: losses
+    description: ...
+    runner: lsnet.benchmarks.losses:run     # module:function
+    params: {num_objects: [10000, 100000]}  # keyword arguments of the function
+
+The function returns a :class:`BenchResult`; the runner prints it as a table and writes
+``results/bench/NAME.json`` together with the machine it ran on. Timings are never asserted in tests.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class BenchResult:
+    """Rows of one benchmark, plus the targets it checks (``{name: {"value", "target", "ok"}}``)."""
+
+    rows: list[dict[str, Any]]
+    columns: list[str] | None = None
+    checks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        info["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        info["git_commit"] = None
+    return info
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    if not rows:
+        return "(no rows)"
+    columns = columns or list(dict.fromkeys(k for row in rows for k in row))
+
+    def fmt(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return "" if value is None else str(value)
+
+    cells = [[fmt(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
+    sep = "  ".join("-" * w for w in widths)
+    body = ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join([line, sep, *body])
+
+
+def find_spec(name: str, jobs_dir: Path | None = None) -> Path:
+    jobs_dir = jobs_dir or REPO_ROOT / "jobs" / "bench"
+    path = jobs_dir / f"{name}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in jobs_dir.glob("*.yaml"))
+        raise SystemExit(f"no benchmark spec {path} (known: {', '.join(known) or 'none'})")
+    return path
+
+
+def run_benchmark(name: str, overrides: dict[str, Any] | None = None, out_dir: Path | None = None) -> dict:
+    """Run benchmark ``name`` from its spec, print the table and write ``results/bench/NAME.json``."""
+    spec_path = find_spec(name)
+    spec = yaml.safe_load(spec_path.read_text())
+    module_name, _, func_name = spec["runner"].partition(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    params = {**(spec.get("params") or {}), **(overrides or {})}
+    print(f"== bench {name}: {spec.get('description', '').strip()}")
+    start = time.perf_counter()
+    result: BenchResult = func(**params)
+    elapsed = time.perf_counter() - start
+    print(format_table(result.rows, result.columns))
+    for check, info in result.checks.items():
+        status = "OK" if info.get("ok") else "MISSED"
+        print(f"[{status}] {check}: {info.get('value')} (target {info.get('target')})")
+    for note in result.notes:
+        print(f"note: {note}")
+    record = {
+        "name": name,
+        "spec": str(spec_path.relative_to(REPO_ROOT)),
+        "params": params,
+        "machine": machine_info(),
+        "started_unix": time.time() - elapsed,
+        "seconds": elapsed,
+        **asdict(result),
+    }
+    out_dir = out_dir or REPO_ROOT / "results" / "bench"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_path = out_dir / f"{name}.json"
+    tmp = out_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    tmp.replace(out_path)
+    print(f"wrote {out_path}")
+    return record
