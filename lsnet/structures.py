@@ -97,3 +97,68 @@ class LandmarkTargets:
 
     def __getitem__(self, index) -> "LandmarkTargets":
         return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+
+#: ImageNet statistics (RGB, 0–255 scale) that torchvision backbones were trained with.
+IMAGE_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
+IMAGE_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
+#: Batched images are zero-padded (after normalisation) to a multiple of this.
+SIZE_DIVISOR: int = 32
+
+
+@dataclass
+class ImageMeta:
+    """Where an image tensor came from, to map predictions back to COCO (original-pixel) coordinates.
+
+    ``current = original * scale`` (then mirrored if ``flipped``); ``size`` is the valid region of
+    the image inside its zero-padded batch tensor.
+    """
+
+    image_id: int
+    orig_size: tuple[int, int]  # (h, w) of the original image
+    size: tuple[int, int]  # (h, w) after resizing, before padding
+    scale: tuple[float, float]  # (sx, sy)
+    flipped: bool = False
+
+
+@dataclass
+class Batch:
+    """What the data readers yield and the engine consumes.
+
+    - ``images``  (B, 3, H, W) float32, normalised with IMAGE_MEAN/IMAGE_STD, zero-padded to SIZE_DIVISOR.
+    - ``targets`` B × :class:`LandmarkTargets` in the pixel frame of ``images``.
+    - ``metas``   B × :class:`ImageMeta`.
+    """
+
+    images: Tensor
+    targets: list[LandmarkTargets]
+    metas: list[ImageMeta]
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(self.images.to(device, non_blocking=True), [t.to(device) for t in self.targets], self.metas)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+@dataclass
+class Detections:
+    """Predictions for one image, in the pixel frame of the image the model saw.
+
+    ``boxes`` (K, 4) xyxy; ``scores`` (K,); ``labels`` (K,) int64 0..C-1; ``points`` (K, N, 2);
+    ``point_scores`` (K, N) or None (per-keypoint confidence for pose).
+    """
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    points: Tensor
+    point_scores: Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.boxes.shape[0]
+
+    def to(self, device: torch.device | str) -> "Detections":
+        ps = None if self.point_scores is None else self.point_scores.to(device)
+        return Detections(self.boxes.to(device), self.scores.to(device), self.labels.to(device),
+                          self.points.to(device), ps)

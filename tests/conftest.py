@@ -1,0 +1,45 @@
+"""Shared fixtures. Ray is started at most once per test session (``ray_session``)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DIR = Path(os.environ.get("LSNET_SHARED_DIR", REPO_ROOT.parent / "shared"))
+TINY_COCO_DIR = SHARED_DIR / "data" / "tiny_coco"
+GOLDEN_DIR = SHARED_DIR / "golden"
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_coco_dir() -> Path:
+    """The 50 real COCO images of ../shared/data/tiny_coco (read-only: copy before mutating)."""
+    if not (TINY_COCO_DIR / "annotations" / "instances_train2017.json").exists():
+        pytest.skip(f"real-data test: {TINY_COCO_DIR} is not present (only CI and dev machines have ../shared)")
+    return TINY_COCO_DIR
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    if not (GOLDEN_DIR / "README.md").exists():
+        pytest.skip(f"golden vectors: {GOLDEN_DIR} is not present (only CI and dev machines have ../shared)")
+    return GOLDEN_DIR
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray cluster started once for the whole test session (2 CPUs, no dashboard)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
