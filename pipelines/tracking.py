@@ -1,0 +1,479 @@
+"""MLflow tracking for training runs that survives a tracking-server outage.
+
+Only rank 0 of a training run creates a :class:`RunTracker`. Every call (params, metrics, tags,
+artifacts, the end of the run) is first appended to a local **journal** under the run directory and
+then uploaded by a background thread. The journal is a write-ahead log:
+
+- ``<run_dir>/mlflow_journal/journal.jsonl`` — append-only, one JSON record per call, each with a
+  sequence number ``seq``; artifacts are copied next to it (``files/<seq>/<name>``) at logging time
+  so a checkpoint rotated away by Ray is still uploaded later;
+- ``<run_dir>/mlflow_journal/state.json`` — written atomically: the run's local id (``run_uid``),
+  the MLflow ``run_id`` once the server has created it, and ``synced_seq``, the highest sequence
+  number known to be on the server.
+
+If the server is unreachable, training does not wait: the uploader backs off and retries every
+``retry_interval_s``; when the server is back the pending records are replayed in order. A run that
+ended while the server was still down is uploaded later with ``lsnet mlflow-sync RUN_DIR``.
+
+Why replay never duplicates: a metric record carries the timestamp taken when it was logged, and
+MLflow's SQL store ignores a metric whose (key, step, timestamp, value) already exists; params are
+write-once with the same value, tags and artifacts overwrite. So re-sending a batch whose
+acknowledgement was lost (crash between upload and ``state.json``) is harmless. The run itself is
+found again by its ``lsnet.run_uid`` tag before a new one is created. A metric re-logged for a
+(key, step) that the journal already holds — e.g. the steps replayed after Ray Train restarts from
+the last checkpoint — is dropped, so each (key, step) appears once.
+
+Tracking URI: ``tracking.uri`` of the config, else ``$MLFLOW_TRACKING_URI``, else an embedded SQLite
+store ``sqlite:///<run_dir>/mlflow.db`` with artifacts under ``<run_dir>/mlartifacts`` (open it with
+``mlflow ui --backend-store-uri sqlite:///<run_dir>/mlflow.db --host 127.0.0.1``). For a cluster use
+an ``http://`` tracking server.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+JOURNAL_DIRNAME = "mlflow_journal"
+RUN_UID_TAG = "lsnet.run_uid"
+#: MLflow's per-request limits for log_batch (metrics / params / tags).
+_MAX_METRICS, _MAX_PARAMS, _MAX_TAGS = 1000, 100, 100
+_MAX_PARAM_CHARS = 6000
+
+
+def configure_mlflow_http(max_retries: int = 0, timeout_s: int = 5) -> None:
+    """Short HTTP retries/timeouts so an unreachable server fails fast instead of stalling training.
+
+    MLflow's defaults (7 retries with exponential backoff, 120 s timeout) would block a logging call
+    for minutes; our own journal does the retrying. Values already set in the environment win.
+    """
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(max_retries))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout_s))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+
+
+def default_tracking_uri(run_dir: str | Path) -> str:
+    """The embedded default: a SQLite file in the run directory."""
+    return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(run_dir: str | Path, uri: str | None = None) -> str:
+    """``uri`` if given, else ``$MLFLOW_TRACKING_URI``, else :func:`default_tracking_uri`."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(run_dir)
+
+
+def ui_command(tracking_uri: str) -> str:
+    """The command that opens the MLflow UI on a local store (or the URL of a server)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri}"
+    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+
+
+def _atomic_write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+class Journal:
+    """The append-only local log of one run's tracking calls plus its sync state (see module doc)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.dir = self.run_dir / JOURNAL_DIRNAME
+        self.path = self.dir / "journal.jsonl"
+        self.state_path = self.dir / "state.json"
+        self.files_dir = self.dir / "files"
+        self._lock = threading.Lock()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.state: dict[str, Any] = (
+            json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+        )
+        self._next_seq = 1
+        self.logged_metric_steps: set[tuple[str, int]] = set()
+        self.logged_params: dict[str, str] = {}
+        for record in self.records():
+            self._next_seq = record["seq"] + 1
+            if record["kind"] == "metrics":
+                self.logged_metric_steps.update((m["key"], m["step"]) for m in record["metrics"])
+            elif record["kind"] == "params":
+                self.logged_params.update(record["params"])
+
+    @classmethod
+    def exists(cls, run_dir: str | Path) -> bool:
+        return (Path(run_dir) / JOURNAL_DIRNAME / "state.json").exists()
+
+    def records(self, after_seq: int = 0) -> list[dict]:
+        """Records with ``seq > after_seq`` in order. A torn last line (crash mid-write) is skipped."""
+        if not self.path.exists():
+            return []
+        out = []
+        lines = self.path.read_text().splitlines()
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(lines):
+                    break
+                raise ValueError(f"{self.path}:{number}: corrupt journal record") from None
+            if record["seq"] > after_seq:
+                out.append(record)
+        return out
+
+    def append(self, kind: str, **fields: Any) -> dict:
+        with self._lock:
+            return self._write({"seq": self._next_seq, "kind": kind, **fields})
+
+    def append_artifact(self, local_path: Path, artifact_path: str | None) -> dict:
+        """Copy an artifact into the journal (the caller may then delete or rotate the original) and
+        record it; the copy lives in ``files/<seq>/`` so it can be removed once uploaded."""
+        with self._lock:
+            seq = self._next_seq
+            dest_dir = self.files_dir / str(seq)
+            shutil.rmtree(dest_dir, ignore_errors=True)  # left over from a crash before the record
+            dest_dir.mkdir(parents=True)
+            dest = dest_dir / local_path.name
+            if local_path.is_dir():
+                shutil.copytree(local_path, dest)
+            else:
+                shutil.copy2(local_path, dest)
+            staged = str(dest.relative_to(self.dir))
+            return self._write({"seq": seq, "kind": "artifact", "staged": staged, "artifact_path": artifact_path})
+
+    def _write(self, record: dict) -> dict:
+        self._next_seq = record["seq"] + 1
+        # One write of one line, fsynced: a crash leaves at most a torn last line.
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        return record
+
+    def save_state(self, **updates: Any) -> None:
+        with self._lock:
+            self.state.update(updates)
+            _atomic_write_json(self.state_path, self.state)
+
+    @property
+    def synced_seq(self) -> int:
+        return int(self.state.get("synced_seq", 0))
+
+    @property
+    def last_seq(self) -> int:
+        return self._next_seq - 1
+
+    def pending(self) -> int:
+        return self.last_seq - self.synced_seq
+
+
+class _Uploader:
+    """Replays journal records onto an MLflow tracking store. Stateless apart from the journal."""
+
+    def __init__(self, journal: Journal):
+        self.journal = journal
+
+    def _client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.journal.state["tracking_uri"])
+
+    def _ensure_run(self, client) -> str:
+        state = self.journal.state
+        if state.get("run_id"):
+            return state["run_id"]
+        uri = state["tracking_uri"]
+        experiment = client.get_experiment_by_name(state["experiment_name"])
+        if experiment is None:
+            artifact_location = None
+            if not uri.startswith(("http://", "https://", "databricks")):
+                # Embedded store: keep artifacts beside the DB, not in ./mlruns of the cwd.
+                artifact_location = (self.journal.run_dir / "mlartifacts").resolve().as_uri()
+            try:
+                experiment_id = client.create_experiment(state["experiment_name"], artifact_location)
+            except Exception:  # created concurrently by another run: look it up again
+                experiment = client.get_experiment_by_name(state["experiment_name"])
+                if experiment is None:
+                    raise
+                experiment_id = experiment.experiment_id
+        else:
+            experiment_id = experiment.experiment_id
+        # A run created by an earlier attempt whose run_id never reached state.json.
+        found = client.search_runs(
+            [experiment_id], filter_string=f"tags.`{RUN_UID_TAG}` = '{state['run_uid']}'", max_results=1
+        )
+        if found:
+            run_id = found[0].info.run_id
+        else:
+            run = client.create_run(
+                experiment_id,
+                start_time=state.get("start_time_ms"),
+                tags={RUN_UID_TAG: state["run_uid"]},
+                run_name=state.get("run_name"),
+            )
+            run_id = run.info.run_id
+        self.journal.save_state(run_id=run_id, experiment_id=experiment_id)
+        return run_id
+
+    def sync(self) -> int:
+        """Upload every pending record; returns how many. Raises on the first failure (the records
+        already uploaded stay acknowledged in state.json)."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        client = self._client()
+        run_id = self._ensure_run(client)
+        done = 0
+        for record in self.journal.records(after_seq=self.journal.synced_seq):
+            kind = record["kind"]
+            if kind == "metrics":
+                metrics = [
+                    Metric(m["key"], _decode_float(m["value"]), m["timestamp"], m["step"])
+                    for m in record["metrics"]
+                ]
+                for i in range(0, len(metrics), _MAX_METRICS):
+                    client.log_batch(run_id, metrics=metrics[i : i + _MAX_METRICS], synchronous=True)
+            elif kind == "params":
+                params = [Param(k, v) for k, v in record["params"].items()]
+                for i in range(0, len(params), _MAX_PARAMS):
+                    client.log_batch(run_id, params=params[i : i + _MAX_PARAMS], synchronous=True)
+            elif kind == "tags":
+                tags = [RunTag(k, v) for k, v in record["tags"].items()]
+                for i in range(0, len(tags), _MAX_TAGS):
+                    client.log_batch(run_id, tags=tags[i : i + _MAX_TAGS], synchronous=True)
+            elif kind == "artifact":
+                staged = self.journal.dir / record["staged"]
+                if staged.exists():
+                    if staged.is_dir():
+                        client.log_artifacts(run_id, str(staged), record.get("artifact_path"))
+                    else:
+                        client.log_artifact(run_id, str(staged), record.get("artifact_path"))
+            elif kind == "end":
+                client.set_terminated(run_id, status=record["status"], end_time=record["end_time_ms"])
+            else:
+                raise ValueError(f"{self.journal.path}: record {record['seq']} has unknown kind {kind!r}")
+            self.journal.save_state(synced_seq=record["seq"])
+            if kind == "artifact":
+                # Only after the acknowledgement is durable: a replay never needs a deleted copy.
+                shutil.rmtree(self.journal.dir / Path(record["staged"]).parent, ignore_errors=True)
+            done += 1
+        return done
+
+
+def _encode_float(value: float) -> float | str:
+    value = float(value)
+    return repr(value) if not math.isfinite(value) else value  # JSON has no NaN/inf
+
+
+def _decode_float(value: float | str) -> float:
+    return float(value)
+
+
+class RunTracker:
+    """The MLflow run of one training run, logged through a local journal (see module docstring).
+
+    Args:
+        run_dir: local directory of the run (journal, default SQLite store and artifacts live here).
+        tracking_uri: None -> ``$MLFLOW_TRACKING_URI`` -> ``sqlite:///<run_dir>/mlflow.db``.
+        experiment_name / run_name: MLflow names. Reopening the same ``run_dir`` (a Ray Train restart)
+            continues the same MLflow run.
+        flush_interval_s: how often the uploader sends pending records while the server is up.
+        retry_interval_s: how long it waits after a failed upload before trying again.
+        background: upload from a daemon thread (training never waits on the network). With
+            ``False`` uploads happen only in :meth:`flush` (used by tests for determinism).
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        tracking_uri: str | None = None,
+        experiment_name: str = "lsnet",
+        run_name: str | None = None,
+        flush_interval_s: float = 5.0,
+        retry_interval_s: float = 15.0,
+        background: bool = True,
+        verbose: bool = True,
+    ):
+        configure_mlflow_http()
+        self.run_dir = Path(run_dir)
+        self.journal = Journal(run_dir)
+        self.verbose = verbose
+        if not self.journal.state.get("run_uid"):
+            self.journal.save_state(
+                run_uid=uuid.uuid4().hex,
+                tracking_uri=resolve_tracking_uri(run_dir, tracking_uri),
+                experiment_name=experiment_name,
+                run_name=run_name or self.run_dir.name,
+                start_time_ms=int(time.time() * 1000),
+                synced_seq=0,
+            )
+        elif tracking_uri and tracking_uri != self.journal.state.get("tracking_uri"):
+            # The run moved to another server (e.g. the old one is gone): replay everything there.
+            self.journal.save_state(tracking_uri=tracking_uri, run_id=None, synced_seq=0)
+        self.tracking_uri: str = self.journal.state["tracking_uri"]
+        self._uploader = _Uploader(self.journal)
+        self.flush_interval_s = flush_interval_s
+        self.retry_interval_s = retry_interval_s
+        self.server_ok: bool | None = None  # unknown until the first upload attempt
+        self.last_error: str | None = None
+        self._sync_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = None
+        if background:
+            self._thread = threading.Thread(target=self._loop, name="mlflow-uploader", daemon=True)
+            self._thread.start()
+
+    # ---- logging (always local and fast) ---------------------------------------------------------
+    @property
+    def run_id(self) -> str | None:
+        return self.journal.state.get("run_id")
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        fresh = {}
+        for key, value in params.items():
+            text = value if isinstance(value, str) else json.dumps(value)
+            text = text[:_MAX_PARAM_CHARS]
+            if self.journal.logged_params.get(key) != text:
+                fresh[key] = text
+        if fresh:
+            self.journal.append("params", params=fresh)
+            self.journal.logged_params.update(fresh)
+            self._wake.set()
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Log ``metrics`` at ``step``; a (key, step) already logged in this run is dropped."""
+        timestamp = int(time.time() * 1000)
+        fresh = [
+            {"key": key, "value": _encode_float(value), "timestamp": timestamp, "step": int(step)}
+            for key, value in metrics.items()
+            if (key, int(step)) not in self.journal.logged_metric_steps
+        ]
+        if fresh:
+            self.journal.append("metrics", metrics=fresh)
+            self.journal.logged_metric_steps.update((m["key"], m["step"]) for m in fresh)
+
+    def log_metric(self, key: str, value: float, step: int) -> None:
+        self.log_metrics({key: value}, step)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.journal.append("tags", tags={k: str(v) for k, v in tags.items()})
+        self._wake.set()
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        """Log a file or directory; it is copied into the journal right away."""
+        local_path = Path(local_path)
+        if not local_path.exists():
+            raise FileNotFoundError(f"artifact to log does not exist: {local_path}")
+        self.journal.append_artifact(local_path, artifact_path)
+        self._wake.set()
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Log ``text`` as the artifact ``artifact_file`` (e.g. ``"config/resolved.yaml"``)."""
+        scratch = self.journal.dir / "scratch"
+        scratch.mkdir(exist_ok=True)
+        path = scratch / Path(artifact_file).name
+        path.write_text(text)
+        parent = str(Path(artifact_file).parent)
+        self.log_artifact(path, None if parent == "." else parent)
+        path.unlink()
+
+    # ---- uploading -------------------------------------------------------------------------------
+    def flush(self) -> bool:
+        """Try to upload every pending record now; True if nothing is left pending."""
+        with self._sync_lock:
+            if self.journal.pending() == 0 and self.run_id:
+                return True
+            try:
+                self._uploader.sync()
+            except Exception as err:  # any network/server error: keep the journal, retry later
+                if self.server_ok is not False and self.verbose:
+                    print(
+                        f"[mlflow] tracking server {self.tracking_uri} unavailable ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:200] if str(err) else ''}); buffering to {self.journal.dir}",
+                        flush=True,
+                    )
+                self.server_ok = False
+                self.last_error = f"{type(err).__name__}: {err}"
+                return False
+            if self.server_ok is False and self.verbose:
+                print(f"[mlflow] tracking server back; replayed buffered records to run {self.run_id}", flush=True)
+            self.server_ok = True
+            return self.journal.pending() == 0
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            ok = self.flush()
+            self._wake.wait(self.flush_interval_s if ok else self.retry_interval_s)
+            self._wake.clear()
+
+    def close(self, status: str = "FINISHED", final_flush_timeout_s: float = 30.0) -> bool:
+        """End the run: journal the end, stop the uploader, try a last upload (bounded in time).
+
+        Returns True when everything is on the server; otherwise prints the ``lsnet mlflow-sync``
+        command that uploads the rest later.
+        """
+        self.journal.append("end", status=status, end_time_ms=int(time.time() * 1000))
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=final_flush_timeout_s)
+        ok = self.flush()
+        if not ok and self.verbose:
+            print(
+                f"[mlflow] {self.journal.pending()} records still buffered in {self.journal.dir}; "
+                f"upload them with: lsnet mlflow-sync {self.run_dir}",
+                flush=True,
+            )
+        return ok
+
+
+def sync_run_dir(run_dir: str | Path, tracking_uri: str | None = None) -> tuple[int, int]:
+    """Upload what a run directory still has buffered. Returns (uploaded, still pending)."""
+    configure_mlflow_http()
+    run_dir = Path(run_dir)
+    if not Journal.exists(run_dir):
+        raise FileNotFoundError(f"{run_dir}: no {JOURNAL_DIRNAME}/state.json (not a tracked run directory)")
+    journal = Journal(run_dir)
+    if tracking_uri and tracking_uri != journal.state.get("tracking_uri"):
+        journal.save_state(tracking_uri=tracking_uri, run_id=None, synced_seq=0)
+    uploaded = _Uploader(journal).sync()
+    return uploaded, journal.pending()
+
+
+def find_run_dirs(root: str | Path) -> list[Path]:
+    """Every directory under ``root`` (inclusive) holding a tracking journal."""
+    root = Path(root)
+    return sorted(p.parent.parent for p in root.glob(f"**/{JOURNAL_DIRNAME}/state.json"))
+
+
+# ---- lsnet mlflow-sync ---------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", nargs="+", help="run directory (or a directory holding several runs)")
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="upload to this server instead of the one recorded in the run (replays the whole run)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    failures = 0
+    run_dirs = [d for root in args.run_dir for d in (find_run_dirs(root) or [Path(root)])]
+    for run_dir in run_dirs:
+        try:
+            uploaded, pending = sync_run_dir(run_dir, args.tracking_uri)
+        except Exception as err:
+            print(f"{run_dir}: sync failed: {type(err).__name__}: {err}")
+            failures += 1
+            continue
+        state = Journal(run_dir).state
+        print(f"{run_dir}: uploaded {uploaded} records to {state['tracking_uri']} (run {state['run_id']}), "
+              f"{pending} pending")
+        failures += pending > 0
+    return 1 if failures else 0

@@ -1,0 +1,269 @@
+"""MLflow tracking through the local journal: embedded SQLite store, a real server that goes down
+mid-run and comes back, and ``lsnet mlflow-sync`` for what is still buffered at the end."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pipelines import tracking
+from pipelines.tracking import Journal, RunTracker, sync_run_dir
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+MLFLOW_BIN = Path(sys.executable).with_name("mlflow")
+
+
+def _client(uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _history(client, run_id, key):
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MlflowServer:
+    """A real ``mlflow server`` on 127.0.0.1 with a SQLite backend in a temp dir."""
+
+    def __init__(self, root: Path, port: int):
+        self.root, self.port = root, port
+        self.uri = f"http://127.0.0.1:{port}"
+        self.proc = None
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        cmd = [
+            str(MLFLOW_BIN), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
+            "--artifacts-destination", str(self.root / "server_artifacts"),
+        ]
+        log = open(self.root / "server.log", "ab")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError("mlflow server did not come up")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # the server's own process group (workers included)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    server = MlflowServer(tmp_path / "server", _free_port())
+    server.root.mkdir()
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_embedded_sqlite_store_default(tmp_path, monkeypatch):
+    """Default URI is sqlite:///<run_dir>/mlflow.db; params/metrics/tags/artifacts land in it."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "run"
+    tracker = RunTracker(run_dir, experiment_name="unit", background=False, verbose=False)
+    assert tracker.tracking_uri == f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"
+    tracker.log_params({"model.num_classes": 3, "train.lr": 0.01, "name": "tiny"})
+    for step in range(5):
+        tracker.log_metrics({"loss": 1.0 / (step + 1), "lr": 0.01}, step=step)
+    tracker.log_metrics({"loss": 123.0}, step=2)  # same (key, step) again: dropped
+    tracker.log_metrics({"weird": float("nan")}, step=0)
+    tracker.set_tags({"config_name": "tiny_bbox"})
+    (tmp_path / "table.txt").write_text("cat AP\n")
+    tracker.log_artifact(tmp_path / "table.txt", "eval")
+    tracker.log_text("a: 1\n", "config/resolved.yaml")
+    assert tracker.close() is True
+    assert tracker.journal.pending() == 0
+
+    client = _client(tracker.tracking_uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"model.num_classes": "3", "train.lr": "0.01", "name": "tiny"}
+    assert run.data.tags["config_name"] == "tiny_bbox"
+    assert _history(client, tracker.run_id, "loss") == [(s, 1.0 / (s + 1)) for s in range(5)]
+    assert str(client.get_metric_history(tracker.run_id, "weird")[0].value) == "nan"
+    artifacts = {a.path for a in client.list_artifacts(tracker.run_id, "eval")}
+    assert artifacts == {"eval/table.txt"}
+    local = Path(client.download_artifacts(tracker.run_id, "config/resolved.yaml", str(tmp_path)))
+    assert local.read_text() == "a: 1\n"
+    # artifacts live under the run dir, not in ./mlruns of the cwd
+    assert (run_dir / "mlartifacts").is_dir()
+    # staged copies are removed once uploaded
+    assert not any((run_dir / "mlflow_journal" / "files").rglob("*.txt"))
+
+
+def test_reopen_continues_same_run_without_duplicates(tmp_path, monkeypatch):
+    """A Ray Train restart reopens the run dir: same MLflow run, replayed steps are not duplicated."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "run"
+    first = RunTracker(run_dir, background=False, verbose=False)
+    for step in range(4):
+        first.log_metrics({"loss": float(step)}, step)
+    first.flush()
+    run_id = first.run_id
+    # "crash": no close(); the restarted worker replays steps 2..3 then continues
+    second = RunTracker(run_dir, background=False, verbose=False)
+    for step in range(2, 6):
+        second.log_metrics({"loss": float(step)}, step)
+    second.close()
+    assert second.run_id == run_id
+    client = _client(second.tracking_uri)
+    assert _history(client, run_id, "loss") == [(s, float(s)) for s in range(6)]
+    assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
+
+
+def test_lost_acknowledgement_is_replayed_without_duplicates(tmp_path, monkeypatch):
+    """Crash after an upload but before state.json: the records are sent again, and the store
+    ignores the exact duplicates; a run created without its id being saved is found by its tag."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "run"
+    tracker = RunTracker(run_dir, background=False, verbose=False)
+    tracker.log_params({"a": 1})
+    for step in range(3):
+        tracker.log_metrics({"loss": step + 0.5, "lr": 0.1}, step)
+    assert tracker.flush()
+    run_id = tracker.run_id
+    tracker.journal.save_state(synced_seq=0, run_id=None)  # forget every acknowledgement
+    assert sync_run_dir(run_dir)[1] == 0
+    journal = Journal(run_dir)
+    assert journal.state["run_id"] == run_id
+    client = _client(tracker.tracking_uri)
+    assert _history(client, run_id, "loss") == [(0, 0.5), (1, 1.5), (2, 2.5)]
+    assert _history(client, run_id, "lr") == [(0, 0.1), (1, 0.1), (2, 0.1)]
+
+
+def test_torn_last_journal_line_is_ignored(tmp_path):
+    journal = Journal(tmp_path)
+    journal.append("tags", tags={"a": "1"})
+    with journal.path.open("a") as fh:
+        fh.write('{"seq": 2, "kind": "met')  # crash mid-write
+    assert [r["seq"] for r in Journal(tmp_path).records()] == [1]
+    journal.path.write_text('{"seq": 1}\nnot json\n{"seq": 3, "kind": "tags", "tags": {}}\n')
+    with pytest.raises(ValueError, match="journal.jsonl:2: corrupt"):
+        Journal(tmp_path).records()
+
+
+@pytest.mark.slow
+def test_server_outage_mid_run_loses_nothing(tmp_path, mlflow_server):
+    """Log to a real server, stop it mid-run, keep logging, restart it: every metric exactly once."""
+    run_dir = tmp_path / "run"
+    tracker = RunTracker(run_dir, tracking_uri=mlflow_server.uri, experiment_name="outage",
+                         background=False, verbose=False)
+    tracker.log_params({"lr": 0.01})
+    expected = {}
+    for step in range(0, 10):
+        tracker.log_metrics({"loss": 10.0 - step, "lr": 0.01 * step}, step)
+        expected[step] = 10.0 - step
+        if step % 3 == 0:
+            assert tracker.flush() is True
+    assert tracker.flush() is True
+    run_id = tracker.run_id
+
+    mlflow_server.stop()
+    start = time.monotonic()
+    for step in range(10, 20):
+        tracker.log_metrics({"loss": 10.0 - step, "lr": 0.01 * step}, step)
+        expected[step] = 10.0 - step
+        assert tracker.flush() is False  # server down: buffered, training goes on
+    (tmp_path / "ckpt.pt").write_bytes(b"\x00weights")
+    tracker.log_artifact(tmp_path / "ckpt.pt", "checkpoints")
+    (tmp_path / "ckpt.pt").unlink()  # rotated away (as Ray does): the staged copy must be uploaded
+    tracker.set_tags({"phase": "during-outage"})
+    assert tracker.server_ok is False
+    assert tracker.journal.pending() >= 12
+    # connection refused with no retries is fast: 10 failed flushes take seconds, not minutes
+    assert time.monotonic() - start < 60
+
+    mlflow_server.start()
+    for step in range(20, 25):
+        tracker.log_metrics({"loss": 10.0 - step, "lr": 0.01 * step}, step)
+        expected[step] = 10.0 - step
+    assert tracker.close() is True
+    assert tracker.run_id == run_id
+
+    client = _client(mlflow_server.uri)
+    assert _history(client, run_id, "loss") == sorted(expected.items())
+    assert len(client.get_metric_history(run_id, "lr")) == 25
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["phase"] == "during-outage"
+    local = Path(client.download_artifacts(run_id, "checkpoints/ckpt.pt", str(tmp_path)))
+    assert local.read_bytes() == b"\x00weights"
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+@pytest.mark.slow
+def test_background_uploader_and_sync_cli(tmp_path):
+    """Server down for the whole run: the background uploader keeps failing quietly, close() says
+    what is pending, and `lsnet mlflow-sync RUN_DIR` uploads it once a server is up."""
+    server = MlflowServer(tmp_path / "server", _free_port())
+    server.root.mkdir()
+    run_dir = tmp_path / "runs" / "r1"
+    tracker = RunTracker(run_dir, tracking_uri=server.uri, experiment_name="later",
+                         flush_interval_s=0.05, retry_interval_s=0.05, verbose=False)
+    tracker.log_params({"x": "y"})
+    for step in range(30):
+        tracker.log_metrics({"loss": step * 0.5}, step)
+    time.sleep(0.3)  # the uploader has tried (and failed) several times meanwhile
+    assert tracker.close(final_flush_timeout_s=5) is False
+    state = json.loads((run_dir / "mlflow_journal" / "state.json").read_text())
+    assert not state.get("run_id")  # the run could never be created on the server
+
+    server.start()
+    try:
+        from pipelines.cli import main
+
+        assert main(["mlflow-sync", str(tmp_path / "runs")]) == 0
+        assert main(["mlflow-sync", str(run_dir)]) == 0  # nothing left: a no-op, no duplicates
+        run_id = Journal(run_dir).state["run_id"]
+        client = _client(server.uri)
+        assert _history(client, run_id, "loss") == [(s, s * 0.5) for s in range(30)]
+        assert client.get_run(run_id).info.status == "FINISHED"
+        assert client.get_run(run_id).data.params == {"x": "y"}
+    finally:
+        server.stop()
+
+
+def test_sync_cli_errors(tmp_path, capsys):
+    from pipelines.cli import main
+
+    assert main(["mlflow-sync", str(tmp_path)]) == 1
+    assert "not a tracked run directory" in capsys.readouterr().out
+
+
+def test_resolve_tracking_uri(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    assert tracking.resolve_tracking_uri(tmp_path) == "http://127.0.0.1:9"
+    assert tracking.resolve_tracking_uri(tmp_path, "sqlite:///x.db") == "sqlite:///x.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert tracking.resolve_tracking_uri(tmp_path).endswith("/mlflow.db")
+    assert "--host 127.0.0.1" in tracking.ui_command(tracking.resolve_tracking_uri(tmp_path))
