@@ -391,7 +391,7 @@ class RunTracker:
                 return True
             try:
                 self._uploader.sync()
-            except Exception as err:  # any network/server error: keep the journal, retry later
+            except Exception as err:  # noqa: BLE001 - any network/server error: keep the journal, retry later
                 if self.server_ok is not False and self.verbose:
                     print(
                         f"[mlflow] tracking server {self.tracking_uri} unavailable ({type(err).__name__}: "
@@ -468,7 +468,7 @@ def run(args: argparse.Namespace) -> int:
     for run_dir in run_dirs:
         try:
             uploaded, pending = sync_run_dir(run_dir, args.tracking_uri)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - report every run dir, not only the first failure
             print(f"{run_dir}: sync failed: {type(err).__name__}: {err}")
             failures += 1
             continue

@@ -52,7 +52,7 @@ class MlflowServer:
             "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
             "--artifacts-destination", str(self.root / "server_artifacts"),
         ]
-        log = open(self.root / "server.log", "ab")
+        log = open(self.root / "server.log", "ab")  # noqa: SIM115 - owned by the server process
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -180,7 +180,7 @@ def test_server_outage_mid_run_loses_nothing(tmp_path, mlflow_server):
                          background=False, verbose=False)
     tracker.log_params({"lr": 0.01})
     expected = {}
-    for step in range(0, 10):
+    for step in range(10):
         tracker.log_metrics({"loss": 10.0 - step, "lr": 0.01 * step}, step)
         expected[step] = 10.0 - step
         if step % 3 == 0:
