@@ -96,7 +96,7 @@ def test_polygons_are_the_rendered_outline(synth):
         rle = mask_utils.merge(mask_utils.frPyObjects(ann["segmentation"], img["height"], img["width"]))
         mask = mask_utils.decode(rle).astype(bool)
         close = np.abs(pixels - colours[ann["category_id"]]).max(-1) < 45
-        x, y, w, h = (int(round(v)) for v in ann["bbox"])
+        x, y, w, h = (round(v) for v in ann["bbox"])
         box = np.zeros_like(mask)
         box[y:y + h, x:x + w] = True
         inter = (mask & close & box).sum()
@@ -126,7 +126,7 @@ def test_person_keypoints(synth):
         if k[5, 2] and k[6, 2]:
             assert k[5, 0] > k[6, 0]
         all_vis += k[:, 2].tolist()
-    assert {0, 1, 2} <= set(int(v) for v in all_vis)
+    assert {0, 1, 2} <= {int(v) for v in all_vis}
 
 
 def test_cli(tmp_path):

@@ -348,7 +348,7 @@ def write_synthetic_coco(
     for index in range(num_images):
         size_rng = np.random.default_rng([seed, index, 1])
         jit = size_rng.uniform(1 - size_jitter, 1 + size_jitter, size=2) if size_jitter > 0 else (1.0, 1.0)
-        h, w = int(round(base_h * jit[0])), int(round(base_w * jit[1]))
+        h, w = round(base_h * float(jit[0])), round(base_w * float(jit[1]))
         image_id = first_image_id + index
         pixels, objects = _make_image(seed, index, (h, w), objects_per_image, person_prob,
                                       occluded_prob, unlabelled_prob)
