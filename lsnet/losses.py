@@ -20,6 +20,7 @@ Entry points:
 Every loss is safe for zero-length vectors, degenerate boxes and empty inputs: no NaN/Inf in the
 value or its gradient, and an empty input gives ``0`` that still backpropagates (``pred.sum() * 0``).
 """
+
 from __future__ import annotations
 
 import math
@@ -35,7 +36,13 @@ from lsnet.coding import soften_targets
 REDUCTIONS = ("mean", "sum", "none")
 FORMS = ("paper", "reference")
 #: Our task names -> the reference code's loss types.
-REFERENCE_TASKS = {"bbox": "bbox", "segm": "polygon", "polygon": "polygon", "pose": "keypoint", "keypoint": "keypoint"}
+REFERENCE_TASKS = {
+    "bbox": "bbox",
+    "segm": "polygon",
+    "polygon": "polygon",
+    "pose": "keypoint",
+    "keypoint": "keypoint",
+}
 
 
 @dataclass
@@ -73,7 +80,9 @@ def _safe_ratio(numerator: Tensor, denominator: Tensor, value_if_zero: float) ->
     return torch.where(positive, ratio, torch.full_like(ratio, value_if_zero))
 
 
-def _reduce(per_object: Tensor, weight: Tensor | None, reduction: str, avg_factor, num_objects: Tensor | int) -> Tensor:
+def _reduce(
+    per_object: Tensor, weight: Tensor | None, reduction: str, avg_factor, num_objects: Tensor | int
+) -> Tensor:
     """Weight and reduce per-object losses, mmdetection-style.
 
     ``mean`` divides the weighted sum by ``avg_factor`` when given (e.g. the number of positives
@@ -83,7 +92,9 @@ def _reduce(per_object: Tensor, weight: Tensor | None, reduction: str, avg_facto
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if weight is not None:
         if weight.shape != per_object.shape:
-            raise ValueError(f"weight must have the per-object shape {tuple(per_object.shape)}, got {tuple(weight.shape)}")
+            raise ValueError(
+                f"weight must have the per-object shape {tuple(per_object.shape)}, got {tuple(weight.shape)}"
+            )
         per_object = per_object * weight
     if reduction == "none":
         if avg_factor is not None:
@@ -208,10 +219,14 @@ def _reference_penalty(pred_boxes: Tensor, gt_boxes: Tensor, overlaps: Tensor, e
     Returns:
         (n,) penalty ≥ 0.
     """
-    enclose_wh = (torch.maximum(pred_boxes[:, 2:], gt_boxes[:, 2:]) - torch.minimum(pred_boxes[:, :2], gt_boxes[:, :2])).clamp(min=0)
+    enclose_wh = (
+        torch.maximum(pred_boxes[:, 2:], gt_boxes[:, 2:]) - torch.minimum(pred_boxes[:, :2], gt_boxes[:, :2])
+    ).clamp(min=0)
     diagonal2 = enclose_wh.pow(2).sum(-1) + eps
     # ((x1+x2)/2 − (x1*+x2*)/2)² + same in y.
-    centre_distance2 = ((gt_boxes[:, :2] + gt_boxes[:, 2:]) - (pred_boxes[:, :2] + pred_boxes[:, 2:])).pow(2).sum(-1) / 4
+    centre_distance2 = ((gt_boxes[:, :2] + gt_boxes[:, 2:]) - (pred_boxes[:, :2] + pred_boxes[:, 2:])).pow(
+        2
+    ).sum(-1) / 4
     pred_w, pred_h = pred_boxes[:, 2] - pred_boxes[:, 0], pred_boxes[:, 3] - pred_boxes[:, 1] + eps
     gt_w, gt_h = gt_boxes[:, 2] - gt_boxes[:, 0], gt_boxes[:, 3] - gt_boxes[:, 1] + eps
     v = (4 / math.pi**2) * (_aspect_angle(gt_w, gt_h) - _aspect_angle(pred_w, pred_h)).pow(2)
@@ -264,20 +279,28 @@ def cross_iou_loss_reference(
         raise ValueError(f"task must be one of {sorted(REFERENCE_TASKS)}, got {task!r}")
     task = REFERENCE_TASKS[task]
     n = pred.shape[0]
-    if pred.dim() != 2 or pred.shape[1] % 4 or target_unsoftened.shape != pred.shape or target_pos_mask.shape != pred.shape:
+    if (
+        pred.dim() != 2
+        or pred.shape[1] % 4
+        or target_unsoftened.shape != pred.shape
+        or target_pos_mask.shape != pred.shape
+    ):
         raise ValueError(
             "pred, target_unsoftened and target_pos_mask must all be (n, 4V), got "
             f"{tuple(pred.shape)}, {tuple(target_unsoftened.shape)}, {tuple(target_pos_mask.shape)}"
         )
-    pred_v = pred.reshape(n, -1, 4)
-    num_vectors = pred_v.shape[1]
+    num_vectors = pred.shape[1] // 4
+    pred_v = pred.reshape(n, num_vectors, 4)
     # Softening by the mask: in each ± pair the non-positive component becomes alpha × its partner.
-    pairs = target_unsoftened.reshape(n, -1, 2)
-    positive = target_pos_mask.reshape(n, -1, 2).bool()
-    target_v = torch.where(positive, pairs, alpha * pairs.flip(-1)).reshape(n, -1, 4)
+    pairs = target_unsoftened.reshape(n, 2 * num_vectors, 2)
+    positive = target_pos_mask.reshape(n, 2 * num_vectors, 2).bool()
+    target_v = torch.where(positive, pairs, alpha * pairs.flip(-1)).reshape(n, num_vectors, 4)
 
     if task == "keypoint":
-        pred_pairs, target_pairs = pred_v.reshape(n, -1, 2), target_v.reshape(n, -1, 2)
+        pred_pairs, target_pairs = (
+            pred_v.reshape(n, 2 * num_vectors, 2),
+            target_v.reshape(n, 2 * num_vectors, 2),
+        )
         overlap = torch.minimum(pred_pairs, target_pairs).sum(-1)
         union = torch.maximum(pred_pairs, target_pairs).clamp(min=eps).sum(-1)
         per_axis = overlap / union  # (n, 2V)
@@ -291,13 +314,16 @@ def cross_iou_loss_reference(
     if task == "bbox":
         if num_vectors < 4:
             raise ValueError(f"bbox task needs the 4 extreme-point vectors, got V={num_vectors}")
-        overlaps = _safe_ratio(torch.minimum(pred, target_v.reshape(n, -1)).sum(-1), torch.maximum(pred, target_v.reshape(n, -1)).sum(-1), 1.0)
+        target_flat = target_v.flatten(1)
+        overlaps = _safe_ratio(
+            torch.minimum(pred, target_flat).sum(-1), torch.maximum(pred, target_flat).sum(-1), 1.0
+        )
         # Extreme points in (top, left, bottom, right) order give x1 = left.x, y1 = top.y, ...
         pred_boxes = torch.stack([points[:, 1, 0], points[:, 0, 1], points[:, 3, 0], points[:, 2, 1]], dim=-1)
     else:
         groups = []
         for start in range(group_stride):
-            p, t = pred_v[:, start::group_stride].reshape(n, -1), target_v[:, start::group_stride].reshape(n, -1)
+            p, t = pred_v[:, start::group_stride].flatten(1), target_v[:, start::group_stride].flatten(1)
             groups.append(_safe_ratio(torch.minimum(p, t).sum(-1), torch.maximum(p, t).sum(-1), 1.0))
         overlaps = torch.stack(groups, dim=-1).mean(-1)
         contour = points[:, :-1] if last_is_centre else points
@@ -341,17 +367,28 @@ def vector_loss(
         scalar, or (P,) for ``reduction="none"``.
     """
     if form == "paper":
-        return cross_iou_loss(pred, target, visible, weight, alpha=alpha, reduction=reduction, avg_factor=avg_factor)
+        return cross_iou_loss(
+            pred, target, visible, weight, alpha=alpha, reduction=reduction, avg_factor=avg_factor
+        )
     if form != "reference":
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     _check_vectors(pred, target)
+    if pred.dim() != 3:
+        raise ValueError(f"the reference form takes (P, V, 4) vectors, got {tuple(pred.shape)}")
     num = pred.shape[0]
     # One component of each ± pair carries the direction; ties (both 0) soften to 0 either way.
-    pairs = target.reshape(num, -1, 2)
+    pairs = target.reshape(num, pred.shape[1] * 2, 2)
     pos_mask = torch.stack([pairs[..., 0] >= pairs[..., 1], pairs[..., 0] < pairs[..., 1]], dim=-1)
     per_object = cross_iou_loss_reference(
-        pred.reshape(num, -1), target.reshape(num, -1), pos_mask.reshape(num, -1), gt_boxes, task, alpha,
-        anchors=anchors, visible=visible, last_is_centre=last_is_centre,
+        pred.flatten(1),
+        target.flatten(1),
+        pos_mask.flatten(1),
+        gt_boxes,
+        task,
+        alpha,
+        anchors=anchors,
+        visible=visible,
+        last_is_centre=last_is_centre,
     )
     return _reduce(per_object, weight, reduction, avg_factor, num)
 
