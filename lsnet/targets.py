@@ -1,0 +1,618 @@
+"""Landmark targets from COCO annotations (paper §3.2, DESIGN.md §2–§3).
+
+One call per image, :func:`compute_image_targets`, turns the image's COCO annotations into a record of
+numpy arrays -- the row stored in the shards -- holding, for every kept object, its box, extreme
+points (bbox task), contours with several point counts (segm task) and keypoints (pose task).
+:func:`record_to_targets` then picks one task out of a record as :class:`LandmarkTargets`.
+
+Conventions (every function in this module and in :mod:`lsnet.transforms` follows them):
+
+* **Continuous pixel coordinates**, as COCO: pixel ``(col, row)`` covers ``[col, col+1) x
+  [row, row+1)``, the image spans ``[0, W] x [0, H]``. A horizontal flip is ``x' = W - x``.
+* **Clockwise** means clockwise *as seen on the screen*, i.e. with ``y`` pointing down: a contour
+  goes top -> right -> bottom -> left. Equivalently its shoelace sum
+  ``sum(x_i * y_{i+1} - x_{i+1} * y_i)`` computed on the raw ``(x, y)`` values is positive.
+* **Coordinate grid.** Every coordinate this module writes is rounded to a multiple of
+  :data:`COORD_GRID` (1/256 px). On that grid, with ``|x| < 2**15`` and an integer ``W``, ``W - x``
+  is exact in float32, so a horizontal flip is an exact involution (flip twice == identity, bit for
+  bit). The rounding moves points by at most 0.002 px.
+* Points are clipped to the image, the box is COCO's ``bbox`` clipped to the image (COCO boxes are
+  the extent of the polygons, so extreme points lie on the box edges).
+
+Extreme points (N=4, order top, left, bottom, right). The top point has ``y = ymin`` of the object
+and ``x`` = middle of the *extreme band*: the part of the object's outline with
+``y <= ymin + tolerance * box_height`` (polygon edges are clipped to the band, so a long slanted or
+flat edge counts with its full extent, not only its vertices). The same for the other three sides.
+A flat top edge thus gives its midpoint rather than an arbitrary corner (DESIGN §2, 2 % default).
+
+Contour points (N = each of ``TargetConfig.contour_points``): the outline resampled at uniform
+arc-length steps, clockwise, sample 0 *exactly* at the outline point nearest to the top-centre
+``((x1+x2)/2, y1)`` of the object box (the projection onto the outline, not a rolled vertex).
+Multi-part objects (``TargetConfig.multipart``):
+
+* ``"largest"``: only the part with the largest area is used.
+* ``"per_part"`` (default): parts smaller than ``min_part_area`` px² are dropped (unless all are),
+  the N points are split among the parts proportionally to their perimeters (largest remainder),
+  parts that would get fewer than ``min_points_per_part`` points are dropped (smallest share first).
+  The largest-area part ("main part") gets an odd number of points centred on sample 0 (its point
+  nearest the object box's top-centre); the other parts follow as blocks ordered by the x of their
+  box centre (left to right), each block centred on its own point nearest the top-centre of *its*
+  box, sampled clockwise at offsets ``(j - (n-1)/2) * perimeter / n``. This layout is chosen so
+  that the horizontal flip of the whole point sequence, ``new[k] = mirror(old[-k mod N])``, is
+  exactly the layout computed on the mirrored image (see :func:`lsnet.transforms.hflip_points`);
+  read as one polygon it walks the main part and jumps to each other part once (the jump edges add
+  a thin sliver for two parts; with three or more parts they enclose some background -- a
+  limitation of representing a multi-part object by one N-point polygon, measured by the §4.4
+  study in :mod:`lsnet.mask_study`).
+
+Holes are ignored (COCO polygons have none; for RLE masks only outer borders are traced). RLE
+masks (non-crowd) are traced with OpenCV through the centres of their border pixels, i.e. up to
+half a pixel inside the true border.
+
+Crowd annotations are kept with ``iscrowd = True`` and box-derived placeholder points (extreme =
+edge midpoints, contour = the box outline resampled as above, no keypoints): the assigners only use
+their boxes, to ignore samples inside them.
+
+Keypoints: the 17 COCO keypoints with their ``v`` flag (0 = not labelled, 1 = labelled but occluded,
+2 = visible); unlabelled ones are stored at (0, 0) as in COCO. ``kps_box`` is the box of the
+labelled (v > 0) keypoints -- a zero-size box when only one is labelled -- and equals ``box`` when
+none is labelled.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from .structures import TASK_NUM_POINTS, LandmarkTargets
+
+#: All coordinates written by this module are multiples of this (see the module docstring).
+COORD_GRID: float = 1.0 / 256.0
+NUM_KEYPOINTS: int = 17
+
+
+@dataclass
+class TargetConfig:
+    """How landmark targets are computed from COCO annotations (see the module docstring)."""
+
+    #: Width of the extreme band as a fraction of the box side (DESIGN §2: 2 %).
+    extreme_tolerance: float = 0.02
+    #: Contour point counts to compute; each gives a record column ``contour_{N}`` (paper §4.4).
+    contour_points: tuple[int, ...] = (18, 36, 72)
+    #: Multi-part objects: "per_part" splits the N points among the parts, "largest" keeps one part.
+    multipart: Literal["per_part", "largest"] = "per_part"
+    #: Parts with a smaller area (px²) are dropped from contours, unless every part is that small.
+    min_part_area: float = 5.0
+    #: "per_part": a part must receive at least this many points, else it is dropped.
+    min_points_per_part: int = 3
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.extreme_tolerance < 0.5:
+            raise ValueError(f"extreme_tolerance must be in [0, 0.5), got {self.extreme_tolerance}")
+        if not self.contour_points or any(int(n) < 3 for n in self.contour_points):
+            raise ValueError(f"contour_points must be point counts >= 3, got {self.contour_points}")
+        self.contour_points = tuple(int(n) for n in self.contour_points)
+        if self.multipart not in ("per_part", "largest"):
+            raise ValueError(f"multipart must be 'per_part' or 'largest', got {self.multipart!r}")
+        if self.min_points_per_part < 2:
+            raise ValueError("min_points_per_part must be >= 2")
+
+
+@dataclass
+class Rejection:
+    """An annotation that gives no targets, and why (counted in the shard manifest)."""
+
+    ann_id: int | None
+    image_id: int | None
+    reason: str
+
+
+class _Reject(Exception):
+    """Internal: an annotation is unusable; turned into a :class:`Rejection`."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Small geometry helpers (float64 numpy).
+
+
+def snap_to_grid(values: np.ndarray) -> np.ndarray:
+    """Round to multiples of :data:`COORD_GRID` (exactly representable in float32 for |v| < 2**15)."""
+    return np.round(np.asarray(values, dtype=np.float64) / COORD_GRID) * COORD_GRID
+
+
+def ring_signed_area(ring: np.ndarray) -> float:
+    """Half the shoelace sum of a closed ring (K, 2); > 0 means clockwise on screen (y down)."""
+    x, y = ring[:, 0], ring[:, 1]
+    return 0.5 * float(np.sum(x * np.roll(y, -1) - np.roll(x, -1) * y))
+
+
+def _clean_ring(ring: np.ndarray) -> np.ndarray:
+    """Drop consecutive duplicate vertices (and a closing vertex equal to the first)."""
+    if len(ring) == 0:
+        return ring
+    keep = np.any(ring != np.roll(ring, 1, axis=0), axis=1)
+    if not keep.any():  # all vertices identical
+        return ring[:1]
+    return ring[keep]
+
+
+def _ring_arclength(ring: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Edge vectors (K, 2), cumulative start positions (K,) and perimeter of a closed ring."""
+    edges = np.roll(ring, -1, axis=0) - ring
+    lengths = np.hypot(edges[:, 0], edges[:, 1])
+    starts = np.concatenate([[0.0], np.cumsum(lengths)[:-1]])
+    return edges, starts, float(lengths.sum())
+
+
+def nearest_arc_position(ring: np.ndarray, query: np.ndarray) -> float:
+    """Arc-length position (from vertex 0) of the point of closed ring (K, 2) nearest to ``query``."""
+    edges, starts, _ = _ring_arclength(ring)
+    sq = np.sum(edges * edges, axis=1)
+    t = np.clip(np.sum((query - ring) * edges, axis=1) / np.maximum(sq, 1e-300), 0.0, 1.0)
+    closest = ring + t[:, None] * edges
+    dist2 = np.sum((closest - query) ** 2, axis=1)
+    i = int(np.argmin(dist2))
+    return float(starts[i] + t[i] * math.sqrt(sq[i]))
+
+
+def sample_ring(ring: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Points of closed ring (K, 2) at arc-length ``positions`` (P,) (taken modulo the perimeter)."""
+    edges, starts, perimeter = _ring_arclength(ring)
+    s = np.mod(positions, perimeter)
+    idx = np.clip(np.searchsorted(starts, s, side="right") - 1, 0, len(ring) - 1)
+    lengths = np.hypot(edges[idx, 0], edges[idx, 1])
+    t = np.clip((s - starts[idx]) / np.maximum(lengths, 1e-300), 0.0, 1.0)
+    return ring[idx] + t[:, None] * edges[idx]
+
+
+def resample_ring(ring: np.ndarray, num_points: int, anchor: np.ndarray, centred: bool = False) -> np.ndarray:
+    """Resample a closed ring at ``num_points`` uniform arc-length steps, clockwise.
+
+    Args:
+        ring: (K, 2) vertices (any orientation; made clockwise on screen here).
+        num_points: number of samples ``n``.
+        anchor: (2,) the sample positions are anchored at the ring point nearest to it.
+        centred: False -> sample ``k`` is at offset ``k * step`` from the anchor point (sample 0 is the
+            anchor point); True -> offsets ``(k - (n-1)/2) * step``, a block centred on the anchor.
+    Returns:
+        (num_points, 2) points.
+    """
+    if ring_signed_area(ring) < 0:
+        ring = ring[::-1]
+    s0 = nearest_arc_position(ring, anchor)
+    _, _, perimeter = _ring_arclength(ring)
+    offsets = np.arange(num_points, dtype=np.float64)
+    if centred:
+        offsets = offsets - (num_points - 1) / 2.0
+    return sample_ring(ring, s0 + offsets * (perimeter / num_points))
+
+
+def box_ring(box: np.ndarray) -> np.ndarray:
+    """The outline of box ``x1, y1, x2, y2`` as a clockwise ring (4, 2)."""
+    x1, y1, x2, y2 = box
+    return np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]], dtype=np.float64)
+
+
+def _band_middle(lo: np.ndarray, hi: np.ndarray, along_a: np.ndarray, along_b: np.ndarray,
+                 threshold: float, below: bool) -> float:
+    """Middle of the extent, along the other axis, of the edges' parts inside a band.
+
+    Each edge goes from (a0, b0) to (a1, b1) where ``a`` is the band axis (``lo``, ``hi`` are the
+    edge ends along it) and ``b`` the other axis (``along_a``/``along_b`` the ends along it). The band
+    is ``a <= threshold`` (``below``) or ``a >= threshold``.
+    """
+    a0, a1, b0, b1 = lo, hi, along_a, along_b
+    if not below:  # mirror so that the band is always "a <= threshold"
+        a0, a1, threshold = -a0, -a1, -threshold
+    in0, in1 = a0 <= threshold, a1 <= threshold
+    values = [b0[in0], b1[in1]]
+    crossing = in0 != in1
+    if crossing.any():
+        t = (threshold - a0[crossing]) / (a1[crossing] - a0[crossing])
+        values.append(b0[crossing] + t * (b1[crossing] - b0[crossing]))
+    allv = np.concatenate(values)
+    return 0.5 * (float(allv.min()) + float(allv.max()))
+
+
+def extreme_points_from_rings(rings: list[np.ndarray], tolerance: float) -> np.ndarray:
+    """Extreme points (4, 2) top, left, bottom, right of the union of closed rings' outlines.
+
+    The band of each side is ``tolerance * box side`` wide; the point's coordinate along the side is
+    the middle of the outline's extent inside the band (edges clipped to the band).
+    """
+    starts = np.concatenate(rings)
+    ends = np.concatenate([np.roll(r, -1, axis=0) for r in rings])
+    x0, y0, x1, y1 = starts[:, 0], starts[:, 1], ends[:, 0], ends[:, 1]
+    xmin, xmax = float(starts[:, 0].min()), float(starts[:, 0].max())
+    ymin, ymax = float(starts[:, 1].min()), float(starts[:, 1].max())
+    tol_y, tol_x = tolerance * (ymax - ymin), tolerance * (xmax - xmin)
+    top = (_band_middle(y0, y1, x0, x1, ymin + tol_y, below=True), ymin)
+    bottom = (_band_middle(y0, y1, x0, x1, ymax - tol_y, below=False), ymax)
+    left = (xmin, _band_middle(x0, x1, y0, y1, xmin + tol_x, below=True))
+    right = (xmax, _band_middle(x0, x1, y0, y1, xmax - tol_x, below=False))
+    return np.array([top, left, bottom, right], dtype=np.float64)
+
+
+def extreme_points_from_mask(mask: np.ndarray, tolerance: float) -> np.ndarray:
+    """Extreme points (4, 2) of a binary mask (H, W), pixels as unit squares (continuous coordinates)."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    ymin, ymax = float(rows[0]), float(rows[-1] + 1)
+    xmin, xmax = float(cols[0]), float(cols[-1] + 1)
+    tol_y, tol_x = tolerance * (ymax - ymin), tolerance * (xmax - xmin)
+
+    def middle_of(pixels: np.ndarray) -> float:  # extent of the unit squares at these indices
+        return 0.5 * (float(pixels.min()) + float(pixels.max()) + 1.0)
+
+    # A row r belongs to the top band when its square [r, r+1) reaches into [ymin, ymin + tol].
+    top_rows = (np.arange(mask.shape[0]) < max(ymin + tol_y, ymin + 1e-9)) & (np.arange(mask.shape[0]) >= ymin)
+    bottom_rows = (np.arange(mask.shape[0]) + 1 > min(ymax - tol_y, ymax - 1e-9)) & (np.arange(mask.shape[0]) < ymax)
+    left_cols = (np.arange(mask.shape[1]) < max(xmin + tol_x, xmin + 1e-9)) & (np.arange(mask.shape[1]) >= xmin)
+    right_cols = (np.arange(mask.shape[1]) + 1 > min(xmax - tol_x, xmax - 1e-9)) & (np.arange(mask.shape[1]) < xmax)
+    top = (middle_of(np.flatnonzero(mask[top_rows].any(axis=0))), ymin)
+    bottom = (middle_of(np.flatnonzero(mask[bottom_rows].any(axis=0))), ymax)
+    left = (xmin, middle_of(np.flatnonzero(mask[:, left_cols].any(axis=1))))
+    right = (xmax, middle_of(np.flatnonzero(mask[:, right_cols].any(axis=1))))
+    return np.array([top, left, bottom, right], dtype=np.float64)
+
+
+def _largest_remainder(shares: np.ndarray, total: int) -> np.ndarray:
+    """Integer allocation of ``total`` proportional to ``shares`` (Hamilton's method, stable ties)."""
+    exact = shares / shares.sum() * total
+    counts = np.floor(exact).astype(np.int64)
+    order = np.argsort(-(exact - counts), kind="stable")
+    counts[order[: total - counts.sum()]] += 1
+    return counts
+
+
+def contour_points(rings: list[np.ndarray], num_points: int, box: np.ndarray, multipart: str,
+                   min_part_area: float = 5.0, min_points_per_part: int = 3) -> np.ndarray:
+    """Contour landmarks (num_points, 2) of an object made of closed rings (see module docstring).
+
+    Args:
+        rings: list of (K_i, 2) closed rings (K_i >= 3, non-zero area), any orientation.
+        num_points: N.
+        box: (4,) object box ``x1, y1, x2, y2``; sample 0 is the outline point nearest its top-centre.
+        multipart: "per_part" or "largest".
+    """
+    areas = np.array([abs(ring_signed_area(r)) for r in rings])
+    order = np.argsort(-areas, kind="stable")
+    rings = [rings[i] for i in order]
+    areas = areas[order]
+    big = areas >= min_part_area
+    if big.any():  # tiny parts go, unless the object is only tiny parts
+        rings = [r for r, keep in zip(rings, big) if keep]
+        areas = areas[big]
+    top_centre = np.array([(box[0] + box[2]) / 2.0, box[1]])
+    if multipart == "largest" or len(rings) == 1:
+        return resample_ring(rings[0], num_points, top_centre)
+
+    perimeters = np.array([_ring_arclength(r)[2] for r in rings])
+    keep = np.ones(len(rings), dtype=bool)
+    while True:  # drop the smallest parts until every kept part gets enough points
+        counts = np.zeros(len(rings), dtype=np.int64)
+        counts[keep] = _largest_remainder(perimeters[keep], num_points)
+        starving = keep & (counts < min_points_per_part)
+        if not starving.any() or keep.sum() == 1:
+            break
+        keep[np.flatnonzero(starving)[-1]] = False  # parts are sorted by area: drop the smallest
+    if keep.sum() == 1:
+        return resample_ring(rings[0], num_points, top_centre)
+    # The main part's block must be symmetric about sample 0 (odd size) for the flip rule to hold.
+    if counts[0] % 2 == 0:
+        counts[0] -= 1
+        others = np.flatnonzero(keep)[1:]
+        counts[others[np.argmin(counts[others])]] += 1
+    main = resample_ring(rings[0], int(counts[0]), top_centre, centred=True)
+    blocks = [main]
+    others = [i for i in np.flatnonzero(keep)[1:]]
+    centres_x = [float(rings[i][:, 0].min() + rings[i][:, 0].max()) / 2.0 for i in others]
+    for i in [others[j] for j in np.argsort(centres_x, kind="stable")]:
+        r = rings[i]
+        part_top_centre = np.array([(r[:, 0].min() + r[:, 0].max()) / 2.0, r[:, 1].min()])
+        blocks.append(resample_ring(r, int(counts[i]), part_top_centre, centred=True))
+    points = np.concatenate(blocks)
+    # Rotate so that the main part's anchor sample (the middle of its block) is sample 0.
+    return np.roll(points, -(int(counts[0]) - 1) // 2, axis=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsing one COCO annotation.
+
+
+def _finite_array(values: Any, what: str) -> np.ndarray:
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise _Reject(f"malformed {what}") from None
+    if not np.all(np.isfinite(arr)):
+        raise _Reject(f"non-finite coordinates in {what}")
+    return arr
+
+
+def _decode_rle(seg: dict, height: int, width: int) -> np.ndarray:
+    from pycocotools import mask as mask_utils
+
+    size = seg.get("size")
+    counts = seg.get("counts")
+    if not (isinstance(size, (list, tuple)) and len(size) == 2) or counts is None:
+        raise _Reject("malformed RLE segmentation (needs 'size' [h, w] and 'counts')")
+    if [int(size[0]), int(size[1])] != [height, width]:
+        raise _Reject(f"RLE size {list(size)} does not match the image size [{height}, {width}]")
+    try:
+        if isinstance(counts, list):
+            rle = mask_utils.frPyObjects(seg, height, width)
+        else:
+            rle = {"size": [height, width], "counts": counts.encode() if isinstance(counts, str) else counts}
+        return mask_utils.decode(rle).astype(bool)
+    except Exception as err:  # pycocotools raises assorted errors for corrupt counts
+        raise _Reject(f"undecodable RLE segmentation ({type(err).__name__})") from None
+
+
+def _mask_rings(mask: np.ndarray) -> list[np.ndarray]:
+    """Outer borders of the mask's connected components, through border-pixel centres."""
+    import cv2
+
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    rings = []
+    for c in contours:
+        ring = _clean_ring(c.reshape(-1, 2).astype(np.float64) + 0.5)
+        if len(ring) >= 3 and abs(ring_signed_area(ring)) > 0:
+            rings.append(ring)
+    return rings
+
+
+def _polygon_rings(seg: list, height: int, width: int) -> list[np.ndarray]:
+    """Valid rings (>= 3 distinct vertices, non-zero area) of a COCO polygon list, clipped to the image."""
+    rings = []
+    for part in seg:
+        arr = _finite_array(part, "polygon")
+        if arr.ndim != 1 or arr.size % 2:
+            raise _Reject("malformed polygon (needs a flat list of x, y pairs)")
+        ring = arr.reshape(-1, 2).copy()
+        ring[:, 0] = np.clip(ring[:, 0], 0, width)
+        ring[:, 1] = np.clip(ring[:, 1], 0, height)
+        ring = _clean_ring(ring)
+        if len(ring) >= 3 and abs(ring_signed_area(ring)) > 0:
+            rings.append(ring)
+    return rings
+
+
+def _parse_box(ann: dict, height: int, width: int) -> np.ndarray:
+    if "bbox" not in ann:
+        raise _Reject("missing bbox")
+    bbox = _finite_array(ann["bbox"], "bbox")
+    if bbox.shape != (4,):
+        raise _Reject(f"malformed bbox {ann['bbox']!r} (needs [x, y, w, h])")
+    x, y, w, h = bbox
+    if w <= 0 or h <= 0:
+        raise _Reject("degenerate box (w<=0 or h<=0)")
+    box = np.array([max(x, 0.0), max(y, 0.0), min(x + w, width), min(y + h, height)])
+    if box[2] <= box[0] or box[3] <= box[1]:
+        raise _Reject("box outside the image")
+    return box
+
+
+def _parse_keypoints(ann: dict, height: int, width: int, box: np.ndarray):
+    points = np.zeros((NUM_KEYPOINTS, 2))
+    vis = np.zeros(NUM_KEYPOINTS, dtype=np.int8)
+    raw = ann.get("keypoints")
+    if raw is None or (isinstance(raw, list) and len(raw) == 0):
+        return points, vis, box.copy()
+    arr = _finite_array(raw, "keypoints")
+    if arr.shape != (NUM_KEYPOINTS * 3,):
+        raise _Reject(f"malformed keypoints (needs {NUM_KEYPOINTS * 3} numbers, got {arr.size})")
+    arr = arr.reshape(NUM_KEYPOINTS, 3)
+    v = arr[:, 2]
+    if not np.all(np.isin(v, (0, 1, 2))):
+        raise _Reject("malformed keypoints (visibility flags must be 0, 1 or 2)")
+    labelled = v > 0
+    vis = v.astype(np.int8)
+    points[labelled, 0] = np.clip(arr[labelled, 0], 0, width)
+    points[labelled, 1] = np.clip(arr[labelled, 1], 0, height)
+    if not labelled.any():
+        return points, vis, box.copy()
+    lp = points[labelled]
+    kps_box = np.array([lp[:, 0].min(), lp[:, 1].min(), lp[:, 0].max(), lp[:, 1].max()])
+    return points, vis, kps_box
+
+
+def _edge_midpoints(box: np.ndarray) -> np.ndarray:
+    x1, y1, x2, y2 = box
+    cx, cy = (x1 + x2) / 2.0, (y1 + y2) / 2.0
+    return np.array([[cx, y1], [x1, cy], [cx, y2], [x2, cy]])
+
+
+def _object_targets(ann: dict, height: int, width: int, config: TargetConfig) -> dict[str, Any]:
+    """Targets of one annotation (float64), or raise :class:`_Reject`."""
+    box = _parse_box(ann, height, width)
+    iscrowd = bool(ann.get("iscrowd", 0))
+    seg = ann.get("segmentation")
+    extreme = contours = None
+    if iscrowd:
+        # Crowd regions only tell the assigners where to ignore samples: box-derived placeholders.
+        extreme = _edge_midpoints(box)
+        rings = [box_ring(box)]
+    elif isinstance(seg, dict):
+        mask = _decode_rle(seg, height, width)
+        if not mask.any():
+            raise _Reject("empty mask")
+        extreme = extreme_points_from_mask(mask, config.extreme_tolerance)
+        # A mask of only 1-px-thin strokes has no area-enclosing border through pixel centres.
+        rings = _mask_rings(mask) or [box_ring(box)]
+    elif isinstance(seg, list) and len(seg) > 0:
+        rings = _polygon_rings(seg, height, width)
+        if not rings:
+            raise _Reject("no valid polygon (every part has < 3 distinct points or zero area)")
+        extreme = extreme_points_from_rings(rings, config.extreme_tolerance)
+    else:
+        raise _Reject("no valid polygon (missing or empty segmentation)")
+    contours = {
+        n: contour_points(rings, n, box, config.multipart, config.min_part_area, config.min_points_per_part)
+        for n in config.contour_points
+    }
+    if iscrowd:
+        keypoints, kps_vis, kps_box = np.zeros((NUM_KEYPOINTS, 2)), np.zeros(NUM_KEYPOINTS, np.int8), box.copy()
+    else:
+        keypoints, kps_vis, kps_box = _parse_keypoints(ann, height, width, box)
+    area = ann.get("area")
+    if area is None or not np.isfinite(_finite_array(area, "area")):
+        area = (box[2] - box[0]) * (box[3] - box[1])
+    return {"box": box, "area": float(area), "iscrowd": iscrowd, "extreme": extreme, "contours": contours,
+            "keypoints": keypoints, "keypoint_vis": kps_vis, "kps_box": kps_box}
+
+
+def _clip_points(points: np.ndarray, height: int, width: int) -> np.ndarray:
+    out = points.copy()
+    out[..., 0] = np.clip(out[..., 0], 0, width)
+    out[..., 1] = np.clip(out[..., 1], 0, height)
+    return out
+
+
+def empty_record(config: TargetConfig) -> dict[str, np.ndarray]:
+    """A record with zero objects (all columns present, first dimension 0)."""
+    record = {
+        "ann_id": np.zeros(0, np.int64), "category_id": np.zeros(0, np.int64), "label": np.zeros(0, np.int64),
+        "box": np.zeros((0, 4), np.float32), "area": np.zeros(0, np.float32), "iscrowd": np.zeros(0, bool),
+        "extreme": np.zeros((0, 4, 2), np.float32),
+    }
+    for n in config.contour_points:
+        record[f"contour_{n}"] = np.zeros((0, n, 2), np.float32)
+    record.update({"keypoints": np.zeros((0, NUM_KEYPOINTS, 2), np.float32),
+                   "keypoint_vis": np.zeros((0, NUM_KEYPOINTS), np.int8), "kps_box": np.zeros((0, 4), np.float32)})
+    return record
+
+
+def compute_image_targets(anns: list[dict], image_height: int, image_width: int,
+                          category_to_label: dict[int, int], config: TargetConfig | None = None,
+                          ) -> tuple[dict[str, np.ndarray], list[Rejection]]:
+    """Landmark targets of every usable annotation of one image.
+
+    Args:
+        anns: the image's COCO annotation dicts (``id``, ``image_id``, ``category_id``, ``bbox``,
+            ``segmentation`` polygon list or RLE, ``iscrowd``, ``area``, optional ``keypoints``).
+        image_height, image_width: image size in pixels.
+        category_to_label: COCO ``category_id`` -> contiguous label ``0..C-1``.
+        config: :class:`TargetConfig` (defaults if None).
+    Returns:
+        ``(record, rejections)``: ``record`` maps column names to arrays over the M kept objects
+        (``ann_id`` (M,) int64, ``category_id`` (M,) int64, ``label`` (M,) int64, ``box`` (M,4)
+        float32 xyxy, ``area`` (M,) float32, ``iscrowd`` (M,) bool, ``extreme`` (M,4,2) float32,
+        ``contour_{N}`` (M,N,2) float32 per N, ``keypoints`` (M,17,2) float32, ``keypoint_vis``
+        (M,17) int8, ``kps_box`` (M,4) float32); ``rejections`` lists the annotations left out.
+        Never raises for a bad annotation.
+    """
+    config = config or TargetConfig()
+    if image_height <= 0 or image_width <= 0:
+        raise ValueError(f"image size must be positive, got {image_height}x{image_width}")
+    kept: list[tuple[dict, dict]] = []
+    rejections: list[Rejection] = []
+    for ann in anns:
+        ann_id = ann.get("id") if isinstance(ann, dict) else None
+        image_id = ann.get("image_id") if isinstance(ann, dict) else None
+        try:
+            if not isinstance(ann, dict):
+                raise _Reject(f"annotation is a {type(ann).__name__}, not a mapping")
+            if ann.get("category_id") not in category_to_label:
+                raise _Reject(f"unknown category_id {ann.get('category_id')!r}")
+            kept.append((ann, _object_targets(ann, image_height, image_width, config)))
+        except _Reject as err:
+            rejections.append(Rejection(ann_id, image_id, str(err)))
+        except Exception as err:  # noqa: BLE001 -- a bad annotation must never stop preprocessing
+            rejections.append(Rejection(ann_id, image_id, f"unexpected {type(err).__name__}: {err}"))
+    if not kept:
+        return empty_record(config), rejections
+
+    def column(key: str) -> np.ndarray:
+        return np.stack([t[key] for _, t in kept])
+
+    def coords(values: np.ndarray) -> np.ndarray:
+        return snap_to_grid(_clip_points(values, image_height, image_width)).astype(np.float32)
+
+    record = {
+        "ann_id": np.array([int(a.get("id", -1)) for a, _ in kept], np.int64),
+        "category_id": np.array([int(a["category_id"]) for a, _ in kept], np.int64),
+        "label": np.array([int(category_to_label[a["category_id"]]) for a, _ in kept], np.int64),
+        "box": snap_to_grid(column("box")).astype(np.float32),
+        "area": np.array([t["area"] for _, t in kept], np.float32),
+        "iscrowd": np.array([t["iscrowd"] for _, t in kept], bool),
+        "extreme": coords(column("extreme")),
+    }
+    for n in config.contour_points:
+        record[f"contour_{n}"] = coords(np.stack([t["contours"][n] for _, t in kept]))
+    record["keypoints"] = coords(column("keypoints"))
+    record["keypoint_vis"] = column("keypoint_vis").astype(np.int8)
+    record["kps_box"] = snap_to_grid(column("kps_box")).astype(np.float32)
+    return record, rejections
+
+
+_X_COLUMNS_XY = ("extreme", "keypoints")
+
+
+def scale_record(record: dict[str, np.ndarray], sx: float, sy: float) -> dict[str, np.ndarray]:
+    """A copy of ``record`` with every coordinate scaled (after resizing the image by ``sx``, ``sy``).
+
+    Boxes and points are multiplied (x by ``sx``, y by ``sy``) and snapped to :data:`COORD_GRID`;
+    ``area`` is multiplied by ``sx * sy``; other columns are copied unchanged.
+    """
+    if not (sx > 0 and sy > 0 and math.isfinite(sx) and math.isfinite(sy)):
+        raise ValueError(f"scale factors must be positive and finite, got {sx}, {sy}")
+    out = {}
+    for key, value in record.items():
+        if key in ("box", "kps_box"):
+            out[key] = snap_to_grid(value.astype(np.float64) * np.array([sx, sy, sx, sy])).astype(np.float32)
+        elif key in _X_COLUMNS_XY or key.startswith("contour_"):
+            out[key] = snap_to_grid(value.astype(np.float64) * np.array([sx, sy])).astype(np.float32)
+        elif key == "area":
+            out[key] = (value.astype(np.float64) * (sx * sy)).astype(np.float32)
+        else:
+            out[key] = value.copy() if isinstance(value, np.ndarray) else value
+    return out
+
+
+def record_to_targets(record: dict[str, np.ndarray], task: str, num_points: int | None = None,
+                      pose_box: str = "kps") -> LandmarkTargets:
+    """The :class:`LandmarkTargets` of one task from a record (see :func:`compute_image_targets`).
+
+    - ``bbox``: points = extreme points (N=4), all visible, boxes = object boxes.
+    - ``segm``: points = ``contour_{num_points}`` (default 36), all visible.
+    - ``pose``: points = keypoints (N=17), visible = ``v > 0``; boxes = ``kps_box`` (``pose_box="kps"``)
+      or the object box (``"obj"``); objects without labelled keypoints are dropped unless crowd.
+    """
+    if task not in TASK_NUM_POINTS:
+        raise ValueError(f"unknown task {task!r} (expected one of {sorted(TASK_NUM_POINTS)})")
+    boxes = record["box"]
+    keep = np.ones(len(boxes), dtype=bool)
+    if task == "bbox":
+        if num_points not in (None, 4):
+            raise ValueError(f"bbox targets have 4 extreme points, got num_points={num_points}")
+        points = record["extreme"]
+        visible = np.ones(points.shape[:2], dtype=bool)
+    elif task == "segm":
+        n = num_points or TASK_NUM_POINTS["segm"]
+        key = f"contour_{n}"
+        if key not in record:
+            have = sorted(k for k in record if k.startswith("contour_"))
+            raise KeyError(f"record has no {key} (has {have}); add {n} to TargetConfig.contour_points")
+        points = record[key]
+        visible = np.ones(points.shape[:2], dtype=bool)
+    else:
+        if num_points not in (None, NUM_KEYPOINTS):
+            raise ValueError(f"pose targets have {NUM_KEYPOINTS} keypoints, got num_points={num_points}")
+        if pose_box not in ("kps", "obj"):
+            raise ValueError(f"pose_box must be 'kps' or 'obj', got {pose_box!r}")
+        points = record["keypoints"]
+        visible = record["keypoint_vis"] > 0
+        keep = visible.any(axis=1) | record["iscrowd"]
+        if pose_box == "kps":
+            boxes = np.where(record["iscrowd"][:, None], record["box"], record["kps_box"])
+    return LandmarkTargets(
+        boxes=torch.from_numpy(np.ascontiguousarray(boxes[keep], dtype=np.float32)),
+        labels=torch.from_numpy(np.ascontiguousarray(record["label"][keep], dtype=np.int64)),
+        points=torch.from_numpy(np.ascontiguousarray(points[keep], dtype=np.float32)),
+        visible=torch.from_numpy(np.ascontiguousarray(visible[keep], dtype=bool)),
+        iscrowd=torch.from_numpy(np.ascontiguousarray(record["iscrowd"][keep], dtype=bool)),
+    )
