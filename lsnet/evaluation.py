@@ -18,9 +18,10 @@ import contextlib
 import copy
 import io
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -269,7 +270,7 @@ def evaluate_coco_detailed(
     if isinstance(results, (str, Path)):
         results = _load_json(results, "results")
     if not isinstance(results, list):
-        raise ValueError("results must be a list of COCO result records")
+        raise TypeError("results must be a list of COCO result records")
 
     coco_cls, eval_cls, backend_name = _backend(backend)
     gt_data = _gt_dataset(gt)
@@ -309,7 +310,7 @@ def evaluate_coco_detailed(
                 if kp_cats:
                     evaluator.params.catIds = kp_cats
             if image_ids is not None:
-                evaluator.params.imgIds = sorted(set(int(i) for i in image_ids))
+                evaluator.params.imgIds = sorted({int(i) for i in image_ids})
             evaluator.evaluate()
             evaluator.accumulate()
             evaluator.summarize()
