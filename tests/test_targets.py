@@ -1,0 +1,350 @@
+"""Landmark targets from COCO annotations: hand-computed values, invariants, rejections, real data."""
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+
+from lsnet.targets import (
+    COORD_GRID,
+    Rejection,
+    TargetConfig,
+    compute_image_targets,
+    nearest_arc_position,
+    record_to_targets,
+    ring_signed_area,
+    scale_record,
+)
+from lsnet.transforms import resize_targets
+
+GRID = COORD_GRID
+
+
+def make_ann(seg, ann_id=1, category_id=1, iscrowd=0, keypoints=None, bbox=None, image_id=7):
+    """A COCO annotation whose bbox is the extent of its polygon parts (as COCO's are)."""
+    if bbox is None:
+        pts = np.concatenate([np.asarray(p, dtype=float).reshape(-1, 2) for p in seg])
+        x1, y1 = pts.min(0)
+        x2, y2 = pts.max(0)
+        bbox = [float(x1), float(y1), float(x2 - x1), float(y2 - y1)]
+    ann = {"id": ann_id, "image_id": image_id, "category_id": category_id, "bbox": bbox,
+           "segmentation": seg, "iscrowd": iscrowd, "area": 100.0}
+    if keypoints is not None:
+        ann["keypoints"] = keypoints
+    return ann
+
+
+def targets_of(anns, h=200, w=200, config=None):
+    record, rejections = compute_image_targets(anns, h, w, {1: 0, 3: 1}, config or TargetConfig())
+    return record, rejections
+
+
+def on_ring_distance(points, ring):
+    """Distance of each point (P,2) to the closed polygon outline (K,2)."""
+    a = ring
+    b = np.roll(ring, -1, axis=0)
+    d = b - a
+    t = np.clip(np.einsum("pkc,kc->pk", points[:, None] - a[None], d) / (d * d).sum(1), 0, 1)
+    closest = a[None] + t[..., None] * d[None]
+    return np.sqrt(((closest - points[:, None]) ** 2).sum(-1)).min(1)
+
+
+RECT = [10.0, 20.0, 50.0, 20.0, 50.0, 80.0, 10.0, 80.0]  # clockwise on screen
+RECT_CCW = [10.0, 20.0, 10.0, 80.0, 50.0, 80.0, 50.0, 20.0]
+# A U shape opening upwards: the top-centre of its box lies in the gap between the arms.
+U_SHAPE = [20.0, 30.0, 60.0, 30.0, 60.0, 100.0, 100.0, 100.0, 100.0, 30.0, 150.0, 30.0, 140.0, 130.0, 20.0, 130.0]
+
+
+def test_rectangle_extreme_points_and_box_hand_values():
+    record, rejections = targets_of([make_ann([RECT])])
+    assert rejections == []
+    np.testing.assert_array_equal(record["box"], [[10, 20, 50, 80]])
+    # Flat sides: the middle of each side (DESIGN §2), in the order top, left, bottom, right.
+    np.testing.assert_array_equal(record["extreme"][0], [[30, 20], [10, 50], [30, 80], [50, 50]])
+    assert record["label"].tolist() == [0] and record["category_id"].tolist() == [1]
+    assert record["ann_id"].tolist() == [1] and record["iscrowd"].tolist() == [False]
+
+
+def test_extreme_band_clips_slanted_edges_hand_values():
+    # Triangle (0,0), (100,10), (0,100); box 100 x 100, 2 % band = 2 px.
+    record, _ = targets_of([make_ann([[0.0, 0.0, 100.0, 10.0, 0.0, 100.0]])])
+    ext = record["extreme"][0]
+    # top band y <= 2: edge to (100,10) reaches x = 20 at y = 2, the left side is at x = 0 -> x = 10
+    np.testing.assert_allclose(ext[0], [10.0, 0.0], atol=GRID)
+    # left band x <= 2: the whole left side y in [0, 100] -> y = 50
+    np.testing.assert_allclose(ext[1], [0.0, 50.0], atol=GRID)
+    # bottom band y >= 98: hypotenuse from x = 2.222 (y = 98) to x = 0 -> x = 1.111
+    np.testing.assert_allclose(ext[2], [10.0 / 9.0, 100.0], atol=GRID)
+    # right band x >= 98: y from 9.8 (first edge) to 11.8 (hypotenuse) -> y = 10.8
+    np.testing.assert_allclose(ext[3], [100.0, 10.8], atol=GRID)
+
+
+def test_extreme_tolerance_is_configurable():
+    # A top edge tilted by 0.4 px over 40 px: inside the 2 % band (0.8 px) -> its midpoint;
+    # with zero tolerance -> the single highest vertex.
+    seg = [[10.0, 10.0, 50.0, 10.4, 50.0, 50.0, 10.0, 50.0]]
+    rec, _ = targets_of([make_ann(seg)])
+    np.testing.assert_allclose(rec["extreme"][0, 0], [30.0, 10.0], atol=GRID)
+    rec0, _ = targets_of([make_ann(seg)], config=TargetConfig(extreme_tolerance=0.0))
+    np.testing.assert_allclose(rec0["extreme"][0, 0], [10.0, 10.0], atol=GRID)
+
+
+@pytest.mark.parametrize("seg", [RECT, RECT_CCW])
+def test_rectangle_contour_hand_values_and_orientation(seg):
+    # Perimeter 200, N = 8 -> one sample every 25 px, starting at the top-centre (30, 20), clockwise.
+    rec, _ = targets_of([make_ann([seg])], config=TargetConfig(contour_points=(8,)))
+    expected = [[30, 20], [50, 25], [50, 50], [50, 75], [30, 80], [10, 75], [10, 50], [10, 25]]
+    np.testing.assert_array_equal(rec["contour_8"][0], expected)
+
+
+@pytest.mark.parametrize("n", [18, 36, 72])
+def test_concave_contour_is_uniform_clockwise_and_starts_nearest_top_centre(n):
+    rec, _ = targets_of([make_ann([U_SHAPE])])
+    pts = rec[f"contour_{n}"][0].astype(np.float64)
+    ring = np.asarray(U_SHAPE).reshape(-1, 2)
+    assert pts.shape == (n, 2)
+    assert ring_signed_area(pts) > 0  # clockwise on screen (y down)
+    assert on_ring_distance(pts, ring).max() <= GRID  # on the outline
+    # uniform arc length: successive arc positions differ by perimeter / n
+    perimeter = np.hypot(*(np.roll(ring, -1, 0) - ring).T).sum()
+    s = np.array([nearest_arc_position(ring, p) for p in pts])
+    steps = np.mod(np.diff(np.append(s, s[0])), perimeter)
+    np.testing.assert_allclose(steps, perimeter / n, atol=2 * GRID)
+    # sample 0 is the outline point nearest the box's top-centre (85, 30): on the right arm's top edge
+    top_centre = np.array([85.0, 30.0])
+    d = on_ring_distance(top_centre[None], ring)[0]
+    assert abs(np.hypot(*(pts[0] - top_centre)) - d) <= GRID
+    np.testing.assert_allclose(pts[0], [100.0, 30.0], atol=GRID)
+
+
+def test_multipart_per_part_splits_points_by_perimeter():
+    big = [10.0, 10.0, 30.0, 10.0, 30.0, 30.0, 10.0, 30.0]  # perimeter 80, area 400
+    small = [100.0, 50.0, 110.0, 50.0, 110.0, 60.0, 100.0, 60.0]  # perimeter 40, area 100
+    rec, _ = targets_of([make_ann([small, big])], config=TargetConfig(contour_points=(36,)))
+    pts = rec["contour_36"][0]
+    on_big = (pts[:, 0] <= 30).sum()
+    # 36 * 80/120 = 24 -> made odd (the main part is centred on sample 0) -> 23 + 13
+    assert on_big == 23 and len(pts) - on_big == 13
+    # sample 0 is the point nearest the object box's top-centre (60, 10): the big square's corner (30, 10)
+    np.testing.assert_array_equal(pts[0], [30.0, 10.0])
+    # each part's block is contiguous (cyclically): exactly two transitions between parts
+    part = pts[:, 0] > 30
+    assert (part != np.roll(part, 1)).sum() == 2
+    rec_l, _ = targets_of([make_ann([small, big])], config=TargetConfig(contour_points=(36,), multipart="largest"))
+    assert (rec_l["contour_36"][0][:, 0] <= 30).all()
+
+
+def test_tiny_parts_are_dropped_from_contours_but_not_from_extremes():
+    big = [10.0, 10.0, 30.0, 10.0, 30.0, 30.0, 10.0, 30.0]
+    tiny = [100.0, 100.0, 102.0, 100.0, 102.0, 102.0]  # area 2 px² < 5
+    rec, _ = targets_of([make_ann([big, tiny])])
+    assert (rec["contour_72"][0][:, 0] <= 30).all()
+    np.testing.assert_array_equal(rec["box"][0], [10, 10, 102, 102])
+    assert rec["extreme"][0, 3, 0] == 102  # right extreme is on the tiny part
+    # an object made only of tiny parts keeps its largest one
+    rec2, rej2 = targets_of([make_ann([tiny])])
+    assert rej2 == [] and (rec2["contour_18"][0][:, 0] >= 100).all()
+
+
+def test_many_parts_get_at_least_three_points_each():
+    parts = [[10.0 * i, 0.0, 10.0 * i + 6, 0.0, 10.0 * i + 6, 6.0, 10.0 * i, 6.0] for i in range(10)]
+    parts[0] = [0.0, 0.0, 8.0, 0.0, 8.0, 8.0, 0.0, 8.0]  # the largest one
+    rec, _ = targets_of([make_ann(parts)], config=TargetConfig(contour_points=(18,)))
+    pts = rec["contour_18"][0]
+    counts = collections.Counter((pts[:, 0] // 10).astype(int).tolist())
+    assert sum(counts.values()) == 18 and min(counts.values()) >= 3 and counts[0] % 2 == 1
+
+
+def test_crowd_rle_kept_with_box_placeholders():
+    mask = np.zeros((60, 80), dtype=np.uint8, order="F")
+    mask[10:30, 20:60] = 1
+    rle = mask_utils.encode(mask)
+    seg = {"size": [60, 80], "counts": rle["counts"].decode()}
+    ann = make_ann(seg, bbox=[20.0, 10.0, 40.0, 20.0], iscrowd=1)
+    rec, rej = targets_of([ann], h=60, w=80)
+    assert rej == [] and rec["iscrowd"].tolist() == [True]
+    np.testing.assert_array_equal(rec["extreme"][0], [[40, 10], [20, 20], [40, 30], [60, 20]])
+    assert rec["keypoint_vis"].sum() == 0
+    np.testing.assert_array_equal(rec["kps_box"][0], rec["box"][0])
+    assert rec["contour_36"][0, 0].tolist() == [40.0, 10.0]
+
+
+def test_uncompressed_rle_mask_gives_mask_geometry():
+    mask = np.zeros((60, 80), dtype=np.uint8)
+    mask[10:20, 5:25] = 1  # pixel squares cover x in [5, 25], y in [10, 20]
+    counts = mask_utils.encode(np.asfortranarray(mask))
+    uncompressed = {"size": [60, 80], "counts": _rle_counts(mask)}
+    assert mask_utils.decode(mask_utils.frPyObjects(uncompressed, 60, 80)).sum() == mask.sum() == mask_utils.area(counts)
+    rec, rej = targets_of([make_ann(uncompressed, bbox=[5.0, 10.0, 20.0, 10.0])], h=60, w=80)
+    assert rej == []
+    np.testing.assert_array_equal(rec["extreme"][0], [[15, 10], [5, 15], [15, 20], [25, 15]])
+    pts = rec["contour_36"][0]
+    # traced through border-pixel centres: within half a pixel inside the true border
+    assert (pts[:, 0] >= 5.5).all() and (pts[:, 0] <= 24.5).all()
+    assert ring_signed_area(pts.astype(np.float64)) > 0
+
+
+def _rle_counts(mask):
+    """Uncompressed COCO RLE counts (column-major runs, starting with zeros)."""
+    flat = mask.flatten(order="F")
+    counts, current, run = [], 0, 0
+    for v in flat:
+        if v == current:
+            run += 1
+        else:
+            counts.append(run)
+            current, run = v, 1
+    counts.append(run)
+    return counts
+
+
+def test_keypoints_visibility_kps_box_and_clipping():
+    kps = [0] * 51
+    kps[0:3] = [30, 40, 2]  # nose, visible
+    kps[15:18] = [60, 90, 1]  # left shoulder, occluded
+    kps[48:51] = [250, 95, 2]  # right ankle outside the 200-px image -> clipped to x = 200
+    rec, _ = targets_of([make_ann([RECT], keypoints=kps)])
+    assert rec["keypoint_vis"][0].tolist() == [2] + [0] * 4 + [1] + [0] * 10 + [2]
+    np.testing.assert_array_equal(rec["keypoints"][0, [0, 5, 16]], [[30, 40], [60, 90], [200, 95]])
+    np.testing.assert_array_equal(rec["kps_box"][0], [30, 40, 200, 95])
+    rec2, _ = targets_of([make_ann([RECT], keypoints=[0] * 51)])
+    np.testing.assert_array_equal(rec2["kps_box"][0], rec2["box"][0])
+
+
+@pytest.mark.parametrize(
+    "ann, reason",
+    [
+        (make_ann([RECT], bbox=[10.0, 20.0, 0.0, 5.0]), "degenerate box"),
+        (make_ann([RECT], bbox=[300.0, 20.0, 10.0, 5.0]), "box outside the image"),
+        (make_ann([RECT], bbox=[10.0, float("nan"), 10.0, 5.0]), "non-finite"),
+        (make_ann([[10.0, 20.0, float("inf"), 20.0, 50.0, 80.0]], bbox=[10.0, 20.0, 40.0, 60.0]), "non-finite"),
+        (make_ann([[10.0, 20.0, 50.0, 20.0]], bbox=[10.0, 20.0, 40.0, 1.0]), "no valid polygon"),
+        (make_ann([[10.0, 20.0, 50.0, 20.0, 90.0, 20.0]], bbox=[10.0, 20.0, 80.0, 1.0]), "no valid polygon"),
+        (make_ann([], bbox=[10.0, 20.0, 40.0, 60.0]), "no valid polygon"),
+        (make_ann([RECT], category_id=99), "unknown category_id"),
+        (make_ann([RECT], keypoints=[1, 2, 3]), "malformed keypoints"),
+        (make_ann([RECT], bbox=[1, 2, 3]), "malformed bbox"),
+        (make_ann({"size": [10, 10], "counts": [100]}, bbox=[0.0, 0.0, 5.0, 5.0]), "does not match the image size"),
+        (make_ann({"size": [200, 200], "counts": [40000]}, bbox=[0.0, 0.0, 5.0, 5.0]), "empty mask"),
+        (make_ann([[10.0, 20.0, "a", 20.0, 50.0, 80.0]], bbox=[10.0, 20.0, 40.0, 60.0]), "malformed polygon"),
+    ],
+)
+def test_bad_annotations_are_rejected_with_a_reason(ann, reason):
+    good = make_ann([RECT], ann_id=2)
+    rec, rejections = targets_of([ann, good])
+    assert rec["ann_id"].tolist() == [2]
+    assert len(rejections) == 1 and isinstance(rejections[0], Rejection)
+    assert reason in rejections[0].reason
+    assert rejections[0].ann_id == 1 and rejections[0].image_id == 7
+
+
+def test_not_a_mapping_is_rejected_and_empty_image_gives_empty_record():
+    rec, rej = targets_of(["junk"])
+    assert len(rej) == 1 and "not a mapping" in rej[0].reason
+    assert rec["box"].shape == (0, 4) and rec["contour_36"].shape == (0, 36, 2) and rec["keypoints"].shape == (0, 17, 2)
+    for task in ("bbox", "segm", "pose"):
+        assert len(record_to_targets(rec, task)) == 0
+
+
+def test_polygon_outside_the_image_is_clipped():
+    seg = [[-10.0, -10.0, 50.0, -10.0, 50.0, 50.0, -10.0, 50.0]]
+    rec, rej = targets_of([make_ann(seg)], h=40, w=40)
+    assert rej == []
+    np.testing.assert_array_equal(rec["box"][0], [0, 0, 40, 40])
+    for key in ("extreme", "contour_36"):
+        assert rec[key].min() >= 0 and rec[key].max() <= 40
+
+
+def test_coordinates_are_on_the_grid_and_dtypes():
+    rec, _ = targets_of([make_ann([U_SHAPE]), make_ann([[1.234567, 2.0, 77.77, 3.1, 50.5, 99.9]], ann_id=2)])
+    for key in ("box", "extreme", "contour_18", "contour_36", "contour_72", "keypoints", "kps_box"):
+        assert rec[key].dtype == np.float32
+        np.testing.assert_array_equal(rec[key] / GRID, np.round(rec[key] / GRID))
+    assert rec["keypoint_vis"].dtype == np.int8 and rec["iscrowd"].dtype == bool and rec["label"].dtype == np.int64
+
+
+def test_record_to_targets_tasks():
+    kps = [0] * 51
+    kps[0:3] = [30, 40, 2]
+    kps[3:6] = [35, 45, 1]
+    anns = [make_ann([RECT], keypoints=kps), make_ann([U_SHAPE], ann_id=2, category_id=3)]
+    rec, _ = targets_of(anns)
+    box_t = record_to_targets(rec, "bbox")
+    assert box_t.num_points == 4 and box_t.visible.all() and box_t.labels.tolist() == [0, 1]
+    assert torch.equal(box_t.points, torch.from_numpy(rec["extreme"]))
+    seg_t = record_to_targets(rec, "segm", 72)
+    assert seg_t.num_points == 72 and torch.equal(seg_t.points, torch.from_numpy(rec["contour_72"]))
+    with pytest.raises(KeyError, match="contour_20"):
+        record_to_targets(rec, "segm", 20)
+    pose_kps = record_to_targets(rec, "pose")  # the U has no keypoints -> dropped
+    assert len(pose_kps) == 1 and pose_kps.visible[0].sum() == 2
+    assert pose_kps.boxes[0].tolist() == [30, 40, 35, 45]
+    pose_obj = record_to_targets(rec, "pose", pose_box="obj")
+    assert pose_obj.boxes[0].tolist() == [10, 20, 50, 80]
+
+
+def test_scale_record_matches_resize_targets_exactly():
+    rec, _ = targets_of([make_ann([U_SHAPE]), make_ann([RECT], ann_id=2)])
+    sx, sy = 0.7321, 1.91
+    scaled = scale_record(rec, sx, sy)
+    np.testing.assert_allclose(scaled["area"], rec["area"] * sx * sy, rtol=1e-6)
+    np.testing.assert_allclose(scaled["box"], rec["box"] * [sx, sy, sx, sy], atol=GRID)
+    assert scaled["ann_id"] is not rec["ann_id"] and np.array_equal(scaled["ann_id"], rec["ann_id"])
+    for task, n in (("bbox", None), ("segm", 36), ("pose", None)):
+        direct = record_to_targets(scaled, task, n, pose_box="obj")
+        via_tensor = resize_targets(record_to_targets(rec, task, n, pose_box="obj"), sx, sy)
+        assert torch.equal(direct.points, via_tensor.points) and torch.equal(direct.boxes, via_tensor.boxes)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        TargetConfig(multipart="all")
+    with pytest.raises(ValueError):
+        TargetConfig(contour_points=(2,))
+    from lsnet.config import from_dict
+
+    assert from_dict(TargetConfig, {"contour_points": [36], "multipart": "largest"}).contour_points == (36,)
+
+
+@pytest.mark.tiny_coco
+def test_every_tiny_coco_annotation_gives_targets_or_a_counted_rejection(tiny_coco_dir):
+    counts = {}
+    for name in ("instances_train2017.json", "person_keypoints_train2017.json"):
+        data = json.loads((tiny_coco_dir / "annotations" / name).read_text())
+        cat_to_label = {c["id"]: i for i, c in enumerate(sorted(data["categories"], key=lambda c: c["id"]))}
+        by_image = collections.defaultdict(list)
+        for ann in data["annotations"]:
+            by_image[ann["image_id"]].append(ann)
+        kept = crowd = with_kps = 0
+        reasons = collections.Counter()
+        for img in data["images"]:
+            rec, rejections = compute_image_targets(by_image[img["id"]], img["height"], img["width"], cat_to_label)
+            reasons.update(r.reason for r in rejections)
+            kept += len(rec["ann_id"])
+            crowd += int(rec["iscrowd"].sum())
+            with_kps += int((rec["keypoint_vis"] > 0).any(axis=1).sum())
+            h, w = img["height"], img["width"]
+            for key in ("extreme", "contour_18", "contour_36", "contour_72", "keypoints"):
+                assert np.isfinite(rec[key]).all()
+                assert (rec[key][..., 0] >= 0).all() and (rec[key][..., 0] <= w).all()
+                assert (rec[key][..., 1] >= 0).all() and (rec[key][..., 1] <= h).all()
+            boxes = rec["box"]
+            assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+            # extreme points lie on the box edges (COCO boxes are the polygons' extent)
+            ext = rec["extreme"]
+            np.testing.assert_allclose(ext[:, 0, 1], boxes[:, 1], atol=0.01)
+            np.testing.assert_allclose(ext[:, 1, 0], boxes[:, 0], atol=0.01)
+            np.testing.assert_allclose(ext[:, 2, 1], boxes[:, 3], atol=0.01)
+            np.testing.assert_allclose(ext[:, 3, 0], boxes[:, 2], atol=0.01)
+            for poly in rec["contour_36"][~rec["iscrowd"]]:
+                assert ring_signed_area(poly.astype(np.float64)) > 0  # clockwise
+        total = len(data["annotations"])
+        assert kept + sum(reasons.values()) == total
+        counts[name] = (total, kept, crowd, with_kps, dict(reasons))
+        print(name, "annotations", total, "kept", kept, "crowd", crowd, "with keypoints", with_kps, "rejected", dict(reasons))
+    assert counts["instances_train2017.json"][:3] == (470, 470, 5)
+    assert counts["person_keypoints_train2017.json"][:4] == (99, 99, 3, 57)
