@@ -20,8 +20,9 @@ run on whatever device ``points`` lives on.
 """
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -88,7 +89,7 @@ def _level_ranges(num_points_per_level: Sequence[int]) -> list[tuple[int, int]]:
     starts = [0]
     for n in num_points_per_level:
         starts.append(starts[-1] + int(n))
-    return list(zip(starts[:-1], starts[1:]))
+    return list(itertools.pairwise(starts))
 
 
 def _points_inside(points: Tensor, boxes: Tensor, eps: float) -> Tensor:
@@ -153,7 +154,7 @@ def box_pyramid_level(gt_boxes: Tensor, strides: Sequence[int], scale: float = 4
         if s <= 0 or e != int(e):
             raise ValueError(f"box_pyramid_level: strides must be powers of two, got {list(strides)}")
         exps.append(int(e))
-    if any(b <= a for a, b in zip(exps, exps[1:])):
+    if any(b <= a for a, b in itertools.pairwise(exps)):
         raise ValueError(f"box_pyramid_level: strides must be strictly increasing, got {list(strides)}")
     wh = (gt_boxes[:, 2:] - gt_boxes[:, :2]).clamp(min=1e-6)
     exponent = torch.floor((torch.log2(wh[:, 0] / scale) + torch.log2(wh[:, 1] / scale)) / 2)
