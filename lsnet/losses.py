@@ -121,11 +121,16 @@ def _check_vectors(pred: Tensor, target: Tensor) -> None:
 # ----------------------------------------------------------------------------------------------
 # Paper form, Eq. (1)
 # ----------------------------------------------------------------------------------------------
-def cross_iou(pred: Tensor, target: Tensor) -> Tensor:
-    """cIOU of cross-coordinate vectors (paper §3.3): ``‖min(q, q*)‖₁ / ‖max(q, q*)‖₁``.
+def _sum_components(x: Tensor) -> Tensor:
+    """Sum over the last (size-4) axis. On CPU a mat-vec with ones is ~3x faster than ``sum(-1)``,
+    whose reduction over a tiny inner axis is not vectorised; elsewhere ``sum(-1)`` is fine."""
+    return x @ x.new_ones(4) if x.device.type == "cpu" else x.sum(-1)
 
-    Uses ``‖max(a, b)‖₁ = ‖a‖₁ + ‖b‖₁ − ‖min(a, b)‖₁`` (max + min = a + b element-wise), which saves
-    one element-wise pass. Two zero-length vectors coincide, so their cIOU is 1 (perfect).
+
+def cross_iou_autograd(pred: Tensor, target: Tensor) -> Tensor:
+    """cIOU of cross-coordinate vectors (paper §3.3): ``‖min(q, q*)‖₁ / ‖max(q, q*)‖₁``, written
+    with plain tensor ops (the definition; differentiable in both arguments). Two zero-length
+    vectors coincide, so their cIOU is 1.
 
     Args:
         pred, target: (..., 4) non-negative components.
@@ -133,8 +138,55 @@ def cross_iou(pred: Tensor, target: Tensor) -> Tensor:
         (...) cIOU in [0, 1].
     """
     overlap = torch.minimum(pred, target).sum(-1)
-    union = pred.sum(-1) + target.sum(-1) - overlap
+    union = torch.maximum(pred, target).sum(-1)
     return _safe_ratio(overlap, union, 1.0)
+
+
+class _CrossIoU(torch.autograd.Function):
+    """Fast path of :func:`cross_iou` for a prediction against a constant target.
+
+    Forward as :func:`cross_iou_autograd`; backward written by hand, which saves most of the
+    element-wise passes autograd makes through ``minimum``/``maximum``. With ``I = Σ min(p, q)``,
+    ``U = Σ max(p, q)`` and ``c = I / U``, for component ``i``:
+
+        p_i < q_i:  dI/dp_i = 1, dU/dp_i = 0   ->  dc/dp_i = 1 / U
+        p_i ≥ q_i:  dI/dp_i = 0, dU/dp_i = 1   ->  dc/dp_i = −I / U²
+
+    (a tie counts as ``p_i ≥ q_i``: the one-sided derivative for increasing ``p_i``). Where
+    ``U = 0`` (both vectors zero, c := 1) the gradient is 0.
+    """
+
+    @staticmethod
+    def forward(ctx, pred: Tensor, target: Tensor) -> Tensor:
+        overlap = _sum_components(torch.minimum(pred, target))
+        union = _sum_components(torch.maximum(pred, target))
+        nonzero = union > 0
+        union = torch.where(nonzero, union, torch.ones_like(union))
+        ctx.save_for_backward(pred < target, overlap, union, nonzero)
+        return torch.where(nonzero, overlap / union, torch.ones_like(union))
+
+    @staticmethod
+    def backward(ctx, grad_ciou: Tensor) -> tuple[Tensor, None]:
+        below, overlap, union, nonzero = ctx.saved_tensors
+        grad_below = torch.where(nonzero, grad_ciou / union, torch.zeros_like(union))  # dc/dp_i · grad
+        grad_above = -grad_below * overlap / union
+        return torch.where(below, grad_below.unsqueeze(-1), grad_above.unsqueeze(-1)), None
+
+
+def cross_iou(pred: Tensor, target: Tensor) -> Tensor:
+    """cIOU of cross-coordinate vectors (paper §3.3): ``‖min(q, q*)‖₁ / ‖max(q, q*)‖₁``.
+
+    Uses the hand-derived backward of :class:`_CrossIoU` when only ``pred`` needs a gradient (the
+    training case), else :func:`cross_iou_autograd`. Two zero-length vectors give 1.
+
+    Args:
+        pred, target: (..., 4) non-negative components.
+    Returns:
+        (...) cIOU in [0, 1].
+    """
+    if target.requires_grad or torch.is_autocast_enabled(pred.device.type):
+        return cross_iou_autograd(pred, target)
+    return _CrossIoU.apply(pred, target)
 
 
 def cross_iou_loss(

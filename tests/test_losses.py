@@ -12,6 +12,7 @@ from lsnet.coding import encode_offsets, soften_targets
 from lsnet.losses import (
     VectorLossConfig,
     cross_iou,
+    cross_iou_autograd,
     cross_iou_loss,
     cross_iou_loss_reference,
     focal_loss,
@@ -211,6 +212,27 @@ def test_four_component_prediction_gradients_on_opposite_sides():
         assert pred.grad[0, 0, 3].item() == pytest.approx(expected_right, rel=1e-5)
     # So the true statement for alpha = 0 is: the opposite-side component receives exactly zero
     # gradient; alpha > 0 is what gives it one.
+
+
+def test_fast_path_matches_the_autograd_definition():
+    # cross_iou uses a hand-written backward when the target is constant; it must agree with plain
+    # autograd through min/max (inputs without ties, where both are differentiable), including
+    # zero-length vectors (both zero: cIOU 1, gradient 0).
+    target, _ = _random_targets(50, 6, dtype=torch.float64)
+    target = soften_targets(target, 0.2)
+    target[:5, 0] = 0.0
+    pred = torch.rand(50, 6, 4, dtype=torch.float64) * 40 + 0.1
+    pred[:5, 0] = 0.0
+    upstream = torch.randn(50, 6, dtype=torch.float64)
+    fast_pred = pred.clone().requires_grad_()
+    slow_pred = pred.clone().requires_grad_()
+    fast, slow = cross_iou(fast_pred, target), cross_iou_autograd(slow_pred, target)
+    torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+    assert (fast[:5, 0] == 1).all()
+    (fast * upstream).sum().backward()
+    (slow * upstream).sum().backward()
+    torch.testing.assert_close(fast_pred.grad, slow_pred.grad, rtol=1e-10, atol=1e-12)
+    assert (fast_pred.grad[:5, 0] == 0).all()
 
 
 def test_gradcheck_paper_form_float64():

@@ -1,0 +1,1 @@
+"""Benchmark runners behind ``lsnet bench NAME`` (specs in ``jobs/bench/NAME.yaml``)."""
