@@ -214,6 +214,11 @@ def cross_iou_loss(
         avg_factor: normaliser for ``"mean"`` (e.g. number of positives).
     Returns:
         scalar, or (...) for ``reduction="none"``.
+
+    Note: a landmark exactly on the anchor has a zero target even after softening; any non-zero
+    prediction then has cIOU 0 and no gradient (inherent to Eq. 1, as in the reference code). Only
+    ``pred`` receives a gradient through the fast path; a target that requires grad falls back to
+    plain autograd.
     """
     _check_vectors(pred, target)
     ciou = cross_iou(pred, soften_targets(target, alpha))  # (..., N)

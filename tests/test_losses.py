@@ -409,3 +409,19 @@ def test_vector_loss_config_validation():
         VectorLossConfig(alpha=1.5)
     with pytest.raises(ValueError, match="form"):
         vector_loss(torch.rand(1, 4, 4), torch.rand(1, 4, 4), form="ciou")
+
+
+def test_losses_benchmark_runner_smoke():
+    # Runs the benchmark code path on a tiny problem; asserts structure only, never timings.
+    from lsnet.benchmarks.losses import run
+
+    threads = torch.get_num_threads()
+    result = run(num_objects=[64], warmup=0, repeats=1, num_threads=1)
+    assert torch.get_num_threads() == threads
+    assert {row["loss"] for row in result.rows} >= {
+        "cross_iou (paper)",
+        "giou (torchvision)",
+        "smooth_l1 (boxes)",
+    }
+    assert set(result.checks) == {"cross_iou_vs_giou_per_object_64"}
+    assert all(row["median_ms"] > 0 for row in result.rows)

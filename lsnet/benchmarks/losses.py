@@ -80,21 +80,8 @@ def _time_once(leaf: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tenso
     return time.perf_counter() - start
 
 
-def run(
-    num_objects: list[int] = (10_000, 100_000),
-    warmup: int = 3,
-    repeats: int = 25,
-    num_threads: int | None = 1,
-    seed: int = 0,
-    target_ratio: float = 1.5,
-) -> BenchResult:
-    """Median forward + backward time per object of each loss, per problem size.
-
-    ``num_threads``: torch intra-op threads (1 = a stable per-core figure on a shared machine;
-    None keeps torch's default).
-    """
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
+def _measure(num_objects, warmup: int, repeats: int, seed: int, target_ratio: float):
+    """Rows and checks of :func:`run`."""
     generator = torch.Generator().manual_seed(seed)
     rows, checks = [], {}
     for n in num_objects:
@@ -124,8 +111,32 @@ def run(
             "target": f"<= {target_ratio}",
             "ok": ratio <= target_ratio,
         }
+    return rows, checks
+
+
+def run(
+    num_objects: list[int] = (10_000, 100_000),
+    warmup: int = 3,
+    repeats: int = 25,
+    num_threads: int | None = 1,
+    seed: int = 0,
+    target_ratio: float = 1.5,
+) -> BenchResult:
+    """Median forward + backward time per object of each loss, per problem size.
+
+    ``num_threads``: torch intra-op threads (1 = a stable per-core figure on a shared machine;
+    None keeps torch's default).
+    """
+    previous_threads = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        rows, checks = _measure(num_objects, warmup, repeats, seed, target_ratio)
+        threads_used = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous_threads)
     notes = [
-        f"CPU, torch threads = {torch.get_num_threads()}, warm-up {warmup}, median of {repeats} repeats, "
+        f"CPU, torch threads = {threads_used}, warm-up {warmup}, median of {repeats} repeats, "
         + "losses timed round-robin within each repeat.",
         "cross_iou (paper) uses the hand-written backward of lsnet.losses._CrossIoU; the 'plain autograd' "
         + "row is the same loss differentiated by autograd through min/max, for comparison.",
