@@ -95,8 +95,7 @@ def _level_ranges(num_points_per_level: Sequence[int]) -> list[tuple[int, int]]:
 def _points_inside(points: Tensor, boxes: Tensor, eps: float) -> Tensor:
     """(P, M) bool: point ``p`` lies inside box ``m`` with a margin ``eps`` (``eps < 0`` includes edges)."""
     x, y = points[:, 0:1], points[:, 1:2]
-    margin = torch.stack([x - boxes[:, 0], y - boxes[:, 1], boxes[:, 2] - x, boxes[:, 3] - y], dim=-1)
-    return margin.amin(dim=-1) > eps
+    return (x - boxes[:, 0] > eps) & (y - boxes[:, 1] > eps) & (boxes[:, 2] - x > eps) & (boxes[:, 3] - y > eps)
 
 
 def _mark_ignored(labels: Tensor, points: Tensor, ignore_boxes: Tensor) -> Tensor:
@@ -215,11 +214,12 @@ def assign_centroid(
         on_level = torch.nonzero(levels == level).squeeze(1)
         if end == start or on_level.numel() == 0:
             continue
-        # (P_l, M_l) normalised distances; argmin returns the first (lowest-index) minimum.
-        d = ((points[start:end, None, :] - centres[None, on_level]) / wh[None, on_level]).norm(dim=2)
-        dist, idx = d.min(dim=0)
+        # (P_l, M_l) squared normalised distances; min returns the first (lowest-index) minimum.
+        dx = (points[start:end, 0:1] - centres[on_level, 0]) / wh[on_level, 0]
+        dy = (points[start:end, 1:2] - centres[on_level, 1]) / wh[on_level, 1]
+        dist2, idx = (dx * dx + dy * dy).min(dim=0)
         best_point[on_level] = idx + start
-        best_dist[on_level] = dist
+        best_dist[on_level] = dist2.sqrt()
 
     has_point = best_point >= 0
     labels = _resolve_conflicts(num_points, best_point[has_point], active[has_point], best_dist[has_point],
@@ -251,12 +251,13 @@ def atss_candidates(
     """The ATSS candidate set and IoU threshold of every object (exposed for tests and debugging).
 
     Per object and per level the ``min(topk, P_l)`` points nearest (Euclidean) the box centre are
-    candidates; exact distance ties go to the lower point index (stable sort, so CPU and CUDA agree).
+    candidates; exact distance ties go to the lower point index (so CPU and CUDA agree).
     The threshold is ``mean + std`` of the candidates' IoU with the object, ``std`` with Bessel's
     correction (``torch.std``, as in the ATSS and mmdet code); a single candidate gives ``std = 0``.
 
     Returns:
-        candidate_index (K, M) int64 point indices, K = Σ_l min(topk, P_l);
+        candidate_index (K, M) int64 point indices, K = Σ_l min(topk, P_l), levels in order and
+        increasing point index within a level;
         candidate_iou (K, M); threshold (M,).
     """
     num_gt = gt_boxes.shape[0]
@@ -267,9 +268,10 @@ def atss_candidates(
         k = min(topk, end - start)
         if k <= 0:
             continue
-        d2 = (points[start:end, None, :] - centres[None]).pow(2).sum(-1)  # (P_l, M)
-        order = torch.sort(d2, dim=0, stable=True).indices[:k]
-        cand.append(order + start)
+        # (M, P_l): objects as rows so that the selection below runs along contiguous memory.
+        dx = points[start:end, 0] - centres[:, 0:1]
+        dy = points[start:end, 1] - centres[:, 1:2]
+        cand.append(_k_smallest_lowest_index(dx * dx + dy * dy, k).T + start)
     if not cand:
         empty = torch.zeros(0, num_gt, dtype=torch.int64, device=points.device)
         return empty, empty.to(points.dtype), torch.full((num_gt,), math.inf, device=points.device)
@@ -278,6 +280,20 @@ def atss_candidates(
     mean = candidate_iou.mean(dim=0)
     std = candidate_iou.std(dim=0) if candidate_iou.shape[0] > 1 else torch.zeros_like(mean)
     return candidate_index, candidate_iou, mean + std
+
+
+def _k_smallest_lowest_index(values: Tensor, k: int) -> Tensor:
+    """(M, N) -> (M, k) column indices of the ``k`` smallest values of each row, in increasing
+    order, exact ties broken towards the lower index (what a stable sort gives, without sorting;
+    ``torch.topk`` alone leaves the choice among ties unspecified, so CPU and CUDA could differ)."""
+    kth = torch.topk(values, k, dim=1, largest=False).values[:, -1:]  # (M, 1) the k-th smallest
+    below = values < kth
+    at = values == kth
+    # Of the values equal to the k-th smallest, keep the first (k - #below) by index.
+    keep = below | (at & (at.cumsum(dim=1) <= k - below.sum(dim=1, keepdim=True)))
+    cols = torch.arange(values.shape[1], device=values.device)
+    key = torch.where(keep, cols, values.shape[1])  # exactly k distinct small keys per row
+    return torch.topk(key, k, dim=1, largest=False).indices
 
 
 def _anchor_boxes(points: Tensor, num_points_per_level: Sequence[int], strides: Sequence[int],

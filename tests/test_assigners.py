@@ -232,9 +232,10 @@ def test_atss_candidates_pool_across_levels(points):
     """
     gt = boxes([12, 16, 44, 40])
     cand, iou, thr = atss_candidates(points, COUNTS, STRIDES, gt, topk=2, anchor_scale=2)
-    assert cand.flatten().tolist() == [grid_index(28, 28), grid_index(28, 20),
+    # Within a level, candidates are listed by increasing point index.
+    assert cand.flatten().tolist() == [grid_index(28, 20), grid_index(28, 28),
                                        grid_index(24, 24, 1), grid_index(40, 24, 1)]
-    hand = [Fraction(1, 3), Fraction(3, 13), Fraction(3, 5), Fraction(15, 41)]
+    hand = [Fraction(3, 13), Fraction(1, 3), Fraction(3, 5), Fraction(15, 41)]
     assert iou.flatten().tolist() == pytest.approx([float(v) for v in hand])
     expected_thr = float(sum(hand) / 4) + statistics.stdev([float(v) for v in hand])
     assert thr.item() == pytest.approx(expected_thr, abs=1e-6)
