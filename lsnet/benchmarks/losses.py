@@ -7,6 +7,7 @@ machine hits all of them alike; the reported time is the median over repeats aft
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -106,10 +107,13 @@ def _measure(num_objects, warmup: int, repeats: int, seed: int, target_ratio: fl
                 }
             )
         ratio = medians["cross_iou (paper)"] / medians["giou (torchvision)"]
+        # The fastest repeat is less sensitive to other processes on a shared machine; kept for reference.
+        ratio_of_minima = min(times["cross_iou (paper)"]) / min(times["giou (torchvision)"])
         checks[f"cross_iou_vs_giou_per_object_{n}"] = {
             "value": round(ratio, 3),
             "target": f"<= {target_ratio}",
             "ok": ratio <= target_ratio,
+            "ratio_of_minima": round(ratio_of_minima, 3),
         }
     return rows, checks
 
@@ -117,7 +121,7 @@ def _measure(num_objects, warmup: int, repeats: int, seed: int, target_ratio: fl
 def run(
     num_objects: list[int] = (10_000, 100_000),
     warmup: int = 3,
-    repeats: int = 25,
+    repeats: int = 40,
     num_threads: int | None = 1,
     seed: int = 0,
     target_ratio: float = 1.5,
@@ -127,6 +131,7 @@ def run(
     ``num_threads``: torch intra-op threads (1 = a stable per-core figure on a shared machine;
     None keeps torch's default).
     """
+    load_before = os.getloadavg()
     previous_threads = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(num_threads)
@@ -140,6 +145,8 @@ def run(
         + "losses timed round-robin within each repeat.",
         "cross_iou (paper) uses the hand-written backward of lsnet.losses._CrossIoU; the 'plain autograd' "
         + "row is the same loss differentiated by autograd through min/max, for comparison.",
+        f"1-min load average before/after: {load_before[0]:.2f}/{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs "
+        + "(other processes inflate medians; min_ms and ratio_of_minima are less sensitive to them).",
         "cross_iou: (n, 4, 4) extreme-point vectors, softened targets, reduction mean; giou/smooth_l1: (n, 4) boxes.",
     ]
     return BenchResult(
