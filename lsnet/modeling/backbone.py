@@ -1,0 +1,179 @@
+"""ResNet / ResNeXt backbones from torchvision, returning C3, C4, C5 (strides 8, 16, 32).
+
+Options used by the paper's training recipe (mmdetection defaults, DESIGN.md §1):
+
+- ``frozen_stages``: the stem (and stages 1..k) get no gradient and keep their BatchNorm in eval mode.
+- ``norm_eval``: every BatchNorm is a :class:`torchvision.ops.FrozenBatchNorm2d` — statistics and
+  affine parameters are fixed, the usual choice with detection batch sizes of 1–2 images per GPU.
+- ``dcn_stages``: the 3x3 convolution of every residual block of stages c3–c5 becomes a deformable
+  convolution (:class:`torchvision.ops.DeformConv2d`) whose offsets come from a zero-initialised 3x3
+  conv, so at initialisation it equals the original (possibly pretrained) convolution.
+- ``pretrained``: a torchvision weights enum name (``"ResNet50_Weights.IMAGENET1K_V1"``), resolved with
+  :func:`torchvision.models.get_weight` (download or torch hub cache), or a local checkpoint file
+  loaded with ``torch.load(weights_only=True)``; ``None`` = random initialisation.
+"""
+from __future__ import annotations
+
+import pickle
+import urllib.error
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torchvision.ops import DeformConv2d, FrozenBatchNorm2d
+
+#: name -> torchvision constructor
+_CONSTRUCTORS = {
+    "resnet18": torchvision.models.resnet18,
+    "resnet34": torchvision.models.resnet34,
+    "resnet50": torchvision.models.resnet50,
+    "resnet101": torchvision.models.resnet101,
+    "resnext101_64x4d": torchvision.models.resnext101_64x4d,
+}
+
+
+class PretrainedWeightsError(RuntimeError):
+    """Pretrained weights were asked for but cannot be loaded."""
+
+
+class DeformableConv(nn.Module):
+    """A deformable replacement of a (3x3) convolution: offsets from a zero-initialised conv.
+
+    The deformable convolution takes over the weights of ``conv`` (so pretrained weights are kept) and
+    starts as exactly that convolution because all offsets are 0 at initialisation.
+    """
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        kh, kw = conv.kernel_size
+        self.offset = nn.Conv2d(conv.in_channels, 2 * kh * kw, conv.kernel_size, stride=conv.stride,
+                                padding=conv.padding, dilation=conv.dilation, bias=True)
+        nn.init.zeros_(self.offset.weight)
+        nn.init.zeros_(self.offset.bias)
+        self.conv = DeformConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                                 padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                                 bias=conv.bias is not None)
+        with torch.no_grad():
+            self.conv.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                self.conv.bias.copy_(conv.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x, self.offset(x))
+
+
+def _is_path(pretrained: str) -> bool:
+    return Path(pretrained).suffix in (".pth", ".pt", ".bin", ".ckpt") or "/" in pretrained or "\\" in pretrained
+
+
+def _unwrap_state_dict(state: dict, source: str) -> dict[str, Tensor]:
+    """Accept a bare backbone state dict or a training checkpoint ({"model"|"state_dict": ...})."""
+    for key in ("state_dict", "model"):
+        if isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise PretrainedWeightsError(f"pretrained checkpoint {source}: not a state dict of tensors")
+    out = {}
+    for name, value in state.items():
+        for prefix in ("module.", "backbone.body.", "backbone."):
+            name = name.removeprefix(prefix)
+        out[name] = value
+    return out
+
+
+def load_pretrained_state_dict(pretrained: str) -> dict[str, Tensor]:
+    """The backbone state dict named by ``pretrained`` (weights enum name or local path).
+
+    Raises :class:`PretrainedWeightsError` with the weight's URL and how to supply a local file when
+    the weights cannot be downloaded (no network) and are not in the torch hub cache.
+    """
+    if _is_path(pretrained):
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise PretrainedWeightsError(f"pretrained checkpoint {path} does not exist (model.pretrained)")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError) as err:  # corrupt or unsafe file
+            raise PretrainedWeightsError(f"pretrained checkpoint {path} cannot be loaded: {err}") from None
+        return _unwrap_state_dict(state, str(path))
+    try:
+        weights = torchvision.models.get_weight(pretrained)
+    except (ValueError, KeyError, AttributeError):
+        raise PretrainedWeightsError(
+            f"model.pretrained={pretrained!r} is neither a torchvision weights name "
+            f"(e.g. 'ResNet50_Weights.IMAGENET1K_V1') nor a path to a checkpoint file (.pth)") from None
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True)
+    except (urllib.error.URLError, OSError, RuntimeError) as err:
+        hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
+        raise PretrainedWeightsError(
+            f"pretrained weights {pretrained} are not available: downloading {weights.url} failed ({err}). "
+            f"Without network access, download that file elsewhere and either put it in {hub_dir}/ "
+            f"or set model.pretrained to its local path (e.g. model.pretrained=/data/{Path(weights.url).name}); "
+            f"model.pretrained=null trains from random initialisation.") from None
+
+
+class ResNetBackbone(nn.Module):
+    """torchvision ResNet/ResNeXt without the classifier; ``forward`` returns ``[C3, C4, C5]``."""
+
+    def __init__(self, name: str = "resnet50", pretrained: str | None = None, frozen_stages: int = 1,
+                 norm_eval: bool = True, dcn_stages: list[int] | tuple[int, ...] = ()):
+        super().__init__()
+        if name not in _CONSTRUCTORS:
+            raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(_CONSTRUCTORS)}")
+        norm_layer = FrozenBatchNorm2d if norm_eval else nn.BatchNorm2d
+        net = _CONSTRUCTORS[name](weights=None, norm_layer=norm_layer)
+        if pretrained is not None:
+            state = load_pretrained_state_dict(pretrained)
+            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+            try:
+                missing, unexpected = net.load_state_dict(state, strict=False)
+            except RuntimeError as err:  # shape mismatch: weights of another architecture
+                raise PretrainedWeightsError(f"pretrained weights {pretrained} do not fit {name}: {err}") from None
+            missing = [k for k in missing if not k.startswith("fc.") and not k.endswith("num_batches_tracked")]
+            # keys of another ResNet depth (e.g. layer1.2.* of a resnet34); other modules of a
+            # detection checkpoint (fpn.*, head.*) are ignored
+            unexpected = [k for k in unexpected if k.startswith(("conv1.", "bn1.", "layer"))]
+            if missing or unexpected:
+                raise PretrainedWeightsError(
+                    f"pretrained weights {pretrained} do not fit {name}: {len(missing)} missing keys "
+                    f"(e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        for stage in dcn_stages:  # stage 3 = layer2 (c3), 4 = layer3, 5 = layer4
+            for block in getattr(self, f"layer{stage - 1}"):
+                # the 3x3 conv is conv2 in both BasicBlock and Bottleneck
+                block.conv2 = DeformableConv(block.conv2)
+        self.out_channels = [self._stage_channels(getattr(self, f"layer{i}")) for i in (2, 3, 4)]
+        self.frozen_stages = frozen_stages
+        self._freeze()
+
+    @staticmethod
+    def _stage_channels(layer: nn.Sequential) -> int:
+        last = layer[-1]
+        return (last.bn3 if hasattr(last, "bn3") else last.bn2).weight.shape[0]
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        if self.frozen_stages < 0:
+            return []
+        return [self.stem] + [getattr(self, f"layer{i}") for i in range(1, self.frozen_stages + 1)]
+
+    def _freeze(self) -> None:
+        for module in self._frozen_modules():
+            module.eval()
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> ResNetBackbone:
+        super().train(mode)
+        for module in self._frozen_modules():  # frozen stages also keep their BN statistics
+            module.eval()
+        return self
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        x = self.layer1(self.stem(x))
+        c3 = self.layer2(x)
+        c4 = self.layer3(c3)
+        c5 = self.layer4(c4)
+        return [c3, c4, c5]

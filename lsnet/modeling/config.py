@@ -1,0 +1,123 @@
+"""Configuration of the LSNet model: backbone, FPN, head, loss and test-time settings.
+
+Loaded from YAML with :func:`lsnet.config.from_dict` (``model:`` section of an experiment config),
+e.g.::
+
+    model:
+      task: segm
+      num_classes: 80
+      backbone: resnet50
+      pretrained: ResNet50_Weights.IMAGENET1K_V1    # or /path/to/resnet50.pth, or null
+      feature_mode: PP
+      loss: {beta: 1.0, gamma: 2.0}
+      test: {score_thr: 0.05, nms_iou: 0.6}
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from lsnet.structures import TASK_NUM_POINTS
+
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext101_64x4d")
+#: Strides of P3..P7 (paper §3.1: FPN P3–P7, strides 8…128).
+FPN_STRIDES = (8, 16, 32, 64, 128)
+
+
+@dataclass
+class LossConfig:
+    """L = L_cls + beta · L_vec1 + gamma · L_vec2 (paper §3.2), each normalised by its positives."""
+
+    beta: float = 1.0  # weight of the stage-1 (initial) vector loss
+    gamma: float = 2.0  # weight of the stage-2 (refined) vector loss
+    alpha: float = 0.2  # softening of the cross-IOU targets (Appendix A)
+    vector_loss_form: Literal["paper", "reference"] = "paper"  # lsnet.losses.vector_loss(form=...)
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    centroid_scale: float = 4.0  # stage-1 assigner: object side ~ scale × stride on its level
+    atss_topk: int = 9  # stage-2 assigner (ATSS)
+    atss_anchor_scale: float = 8.0
+
+
+@dataclass
+class TestConfig:
+    """Post-processing (paper §4: NMS IoU 0.6)."""
+
+    score_thr: float = 0.05
+    pre_nms_topk: int = 1000  # per FPN level, per image
+    nms_iou: float = 0.6
+    max_dets: int = 100
+
+
+@dataclass
+class ModelConfig:
+    task: Literal["bbox", "segm", "pose"] = "bbox"
+    num_classes: int = 80
+    #: landmarks per object; None -> the task's default (4 extreme points / 36 contour points / 17 keypoints).
+    num_points: int | None = None
+
+    # --- backbone (lsnet.modeling.backbone) ---
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext101_64x4d"] = "resnet50"
+    #: torchvision weights enum name ("ResNet50_Weights.IMAGENET1K_V1"), a local checkpoint path, or None.
+    pretrained: str | None = None
+    #: -1: nothing frozen; 0: the stem; k >= 1: the stem and stages 1..k (paper/mmdet: 1).
+    frozen_stages: int = 1
+    #: BatchNorm statistics and affine parameters frozen (FrozenBatchNorm2d), as for detection fine-tuning.
+    norm_eval: bool = True
+    #: ResNet stages (3, 4, 5 = c3..c5) whose 3x3 convs become deformable convolutions.
+    dcn_stages: list[int] = field(default_factory=list)
+
+    # --- FPN (lsnet.modeling.fpn) ---
+    fpn_channels: int = 256
+    #: P6 is computed from P5 ("p5", torchvision FCOS/ATSS) or from C5 ("c5", RetinaNet).
+    fpn_extra_source: Literal["p5", "c5"] = "p5"
+    strides: tuple[int, ...] = FPN_STRIDES
+
+    # --- head (lsnet.modeling.head) ---
+    head_channels: int = 256
+    head_convs: int = 3  # 3x3 conv + GroupNorm + ReLU layers in each shared tower
+    norm_groups: int = 32  # GroupNorm groups (reduced automatically when channels are not divisible)
+    #: Table 3 ablation: "PA" anchor-point features only, "PE" + landmark features (DCN) on the
+    #: object's level, "PP" + the same landmarks on the adjacent FPN levels (pyramid DCN, §3.4).
+    feature_mode: Literal["PA", "PE", "PP"] = "PP"
+    #: how the pyramid DCN fuses the 2–3 sampled levels.
+    pyramid_fuse: Literal["mean", "sum"] = "mean"
+    #: gradient reaching the stage-1 vectors through the DCN sampling positions is scaled by this.
+    dcn_offset_grad_scale: float = 0.1
+    #: which 9 landmarks drive the DCN kernel for N != 4 (None: sampled uniformly, see head.py).
+    dcn_point_indices: list[int] | None = None
+    #: pose only, consumed by the data side (record_to_targets): assign samples by the box of the
+    #: labelled keypoints ("kps") or by the object box ("obj"). Predicted boxes are always the box
+    #: of the predicted keypoints.
+    pose_box: Literal["kps", "obj"] = "kps"
+
+    loss: LossConfig = field(default_factory=LossConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+
+    def __post_init__(self) -> None:
+        if self.num_points is None:
+            self.num_points = TASK_NUM_POINTS[self.task]
+        if self.task == "bbox" and self.num_points != 4:
+            raise ValueError(f"model.num_points: the bbox task uses the 4 extreme points, got {self.num_points}")
+        if self.task == "pose" and self.num_points != 17:
+            raise ValueError(f"model.num_points: the pose task uses the 17 COCO keypoints, got {self.num_points}")
+        if self.num_points < 4:
+            raise ValueError(f"model.num_points must be >= 4, got {self.num_points}")
+        if self.num_classes < 1:
+            raise ValueError(f"model.num_classes must be >= 1, got {self.num_classes}")
+        if tuple(self.strides) != FPN_STRIDES:
+            raise ValueError(f"model.strides: LSNet uses P3–P7 with strides {FPN_STRIDES}, got {tuple(self.strides)}")
+        self.strides = tuple(self.strides)
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"model.backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        bad = [s for s in self.dcn_stages if s not in (3, 4, 5)]
+        if bad:
+            raise ValueError(f"model.dcn_stages: stages are 3, 4, 5 (c3..c5), got {list(self.dcn_stages)}")
+        if not -1 <= self.frozen_stages <= 4:
+            raise ValueError(f"model.frozen_stages must be in -1..4, got {self.frozen_stages}")
+        if self.dcn_point_indices is not None:
+            idx = list(self.dcn_point_indices)
+            if len(idx) != 9 or not all(0 <= i < self.num_points for i in idx):
+                raise ValueError(f"model.dcn_point_indices: need 9 indices in [0, {self.num_points}), got {idx}")
+        if self.head_convs < 0 or self.head_channels < 1 or self.fpn_channels < 1:
+            raise ValueError("model.head_convs must be >= 0 and channel counts >= 1")

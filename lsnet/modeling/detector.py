@@ -1,0 +1,148 @@
+"""LSNet = ResNet backbone + FPN P3–P7 + the two-stage landmark head, and its training loss.
+
+``LSNet.forward(images, targets)`` returns the losses; ``LSNet.forward(images)`` the detections
+(:mod:`lsnet.inference`). Loss (paper §3.2)::
+
+    L = L_cls + beta · L_vec1 + gamma · L_vec2          (beta = 1, gamma = 2)
+
+- ``L_cls``: sigmoid focal loss (gamma 2, alpha 0.25) of the stage-2 class logits, positives from
+  ATSS (:func:`lsnet.assigners.assign_atss`), summed over all non-ignored points and divided by the
+  number of ATSS positives.
+- ``L_vec1``: cross-IOU loss (:func:`lsnet.losses.vector_loss`) of the stage-1 vectors at the
+  centroid-assigned positives (one per object, :func:`lsnet.assigners.assign_centroid`), divided by
+  their number.
+- ``L_vec2``: cross-IOU loss of the refined vectors at the ATSS positives, divided by their number.
+
+Targets are the vectors from each positive's anchor point to its object's landmarks
+(:func:`lsnet.coding.encode_offsets`; softened inside the loss), with the landmarks' visibility
+(keypoints with v = 0 carry no loss). The numbers of positives are averaged over workers when
+``torch.distributed`` is initialised (every worker then divides by the same number, so summing the
+workers' gradients is the gradient of the global mean) and clamped to ≥ 1, which also keeps batches
+without any object finite.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torchvision.ops import sigmoid_focal_loss
+
+from lsnet.assigners import assign_atss, assign_centroid
+from lsnet.coding import encode_offsets
+from lsnet.losses import vector_loss
+from lsnet.modeling.backbone import ResNetBackbone
+from lsnet.modeling.config import ModelConfig
+from lsnet.modeling.fpn import FPN
+from lsnet.modeling.head import HeadOutputs, LSNetHead
+from lsnet.structures import Detections, LandmarkTargets
+
+
+def mean_over_workers(value: float, device: torch.device) -> Tensor:
+    """``value`` averaged over the workers of the default process group (if any), clamped to ≥ 1."""
+    t = torch.tensor(float(value), device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+        t = t / dist.get_world_size()
+    return t.clamp(min=1.0)
+
+
+def _gather_positives(labels: Tensor, target: LandmarkTargets, anchors: Tensor):
+    """Indices of the positive points and the encoded targets of their objects."""
+    pos = torch.nonzero(labels >= 0).squeeze(1)
+    gt = labels[pos]
+    vectors = encode_offsets(target.points[gt], anchors[pos])  # (n, N, 4) unsoftened
+    return pos, gt, vectors
+
+
+def compute_losses(out: HeadOutputs, targets: list[LandmarkTargets], cfg: ModelConfig) -> dict[str, Tensor]:
+    """The LSNet losses of one batch (see the module docstring).
+
+    Args:
+        out: head outputs for B images.
+        targets: B targets in the pixel frame of the images.
+    Returns:
+        ``{"loss_cls", "loss_vec_init", "loss_vec_refine", "loss"}``; the first three are the
+        normalised, *unweighted* terms, ``loss`` the weighted total to backpropagate.
+    """
+    lc = cfg.loss
+    logits = out.cls_logits
+    device = logits.device
+    b, p, _ = logits.shape
+    if len(targets) != b:
+        raise ValueError(f"{len(targets)} targets for a batch of {b} images")
+    anchors, npl, strides = out.anchors, out.num_points_per_level, out.strides
+
+    cls_targets = torch.zeros_like(logits)
+    valid = torch.ones(b, p, dtype=torch.bool, device=device)
+    stage = {1: ([], [], [], [], [], []), 2: ([], [], [], [], [], [])}  # pred, target, visible, boxes, anchors, count
+    for i, t in enumerate(targets):
+        t = t.to(device)
+        if t.num_points != out.vec_init.shape[2]:
+            raise ValueError(f"targets of image {i} have {t.num_points} landmarks, the model predicts "
+                             f"{out.vec_init.shape[2]}")
+        ignore = t.iscrowd
+        labels1 = assign_centroid(anchors, npl, strides, t.boxes, ignore, scale=lc.centroid_scale)
+        labels2 = assign_atss(anchors, npl, strides, t.boxes, ignore, topk=lc.atss_topk,
+                              anchor_scale=lc.atss_anchor_scale)
+        valid[i] = labels2 != -2
+        for k, labels, pred in ((1, labels1, out.vec_init[i]), (2, labels2, out.vec_refine[i])):
+            pos, gt, vectors = _gather_positives(labels, t, anchors)
+            bucket = stage[k]
+            bucket[0].append(pred[pos])
+            bucket[1].append(vectors)
+            bucket[2].append(t.visible[gt])
+            bucket[3].append(t.boxes[gt])
+            bucket[4].append(anchors[pos])
+            bucket[5].append(pos.numel())
+            if k == 2 and pos.numel():
+                cls_targets[i, pos, t.labels[gt]] = 1.0
+
+    losses = {}
+    norm = {k: mean_over_workers(sum(stage[k][5]), device) for k in (1, 2)}
+    losses["loss_cls"] = sigmoid_focal_loss(logits[valid], cls_targets[valid], alpha=lc.focal_alpha,
+                                            gamma=lc.focal_gamma, reduction="sum") / norm[2]
+    for k, name in ((1, "loss_vec_init"), (2, "loss_vec_refine")):
+        pred, target, visible, boxes, pos_anchors = (torch.cat(x, dim=0) for x in stage[k][:5])
+        losses[name] = vector_loss(
+            pred, target, visible if cfg.task == "pose" else None,
+            form=lc.vector_loss_form, alpha=lc.alpha, reduction="mean", avg_factor=norm[k],
+            anchors=pos_anchors, gt_boxes=boxes, task=cfg.task)
+    losses["loss"] = losses["loss_cls"] + lc.beta * losses["loss_vec_init"] + lc.gamma * losses["loss_vec_refine"]
+    return losses
+
+
+class LSNet(nn.Module):
+    """The LSNet detector for one task (``cfg.task``: bbox / segm / pose)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = ResNetBackbone(cfg.backbone, cfg.pretrained, cfg.frozen_stages, cfg.norm_eval,
+                                       cfg.dcn_stages)
+        self.fpn = FPN(self.backbone.out_channels, cfg.fpn_channels, cfg.fpn_extra_source)
+        self.head = LSNetHead(
+            cfg.fpn_channels, cfg.num_classes, cfg.num_points, cfg.strides, cfg.head_channels, cfg.head_convs,
+            cfg.norm_groups, cfg.feature_mode, cfg.pyramid_fuse, cfg.dcn_offset_grad_scale,
+            cfg.dcn_point_indices, cfg.task)
+
+    def forward_raw(self, images: Tensor) -> HeadOutputs:
+        """Head outputs for a (B, 3, H, W) normalised image batch."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+        return self.head(self.fpn(self.backbone(images)))
+
+    def forward(self, images: Tensor, targets: list[LandmarkTargets] | None = None,
+                image_sizes: list[tuple[int, int]] | None = None) -> dict[str, Tensor] | list[Detections]:
+        """With ``targets``: the loss dict of :func:`compute_losses`. Without: B × Detections in the
+        pixel frame of ``images``, landmarks clipped to each image's valid region ``image_sizes``
+        ((h, w) per image, default the whole tensor)."""
+        from lsnet.inference import postprocess  # inference imports this module for TTA
+
+        out = self.forward_raw(images)
+        if targets is not None:
+            return compute_losses(out, targets, self.cfg)
+        return postprocess(out, image_sizes, self.cfg, image_shape=tuple(images.shape[-2:]))
+
+
+def build_model(cfg: ModelConfig) -> LSNet:
+    return LSNet(cfg)

@@ -1,0 +1,293 @@
+"""The two-stage LSNet head with landmark (pyramid) deformable features (paper §3.2, §3.4, Fig. 2).
+
+Per FPN level ``l`` (stride ``s_l``), shared across levels:
+
+1. Two towers (``head_convs`` × [3x3 conv, GroupNorm, ReLU]) on P_l: a classification tower and a
+   regression tower, as in FCOS/ATSS/RepPoints.
+2. **Stage 1** — initial vectors from the anchor-point feature of the regression tower::
+
+       v1 = s_l · exp(scale_l · conv1x1(ReLU(conv3x3(reg_tower))))          (B, N, 4) per point
+
+   The four components of a cross-coordinate vector are non-negative magnitudes (Appendix A). We
+   use ``exp`` rather than ReLU: it is always positive, so no component is ever stuck at 0 (where
+   the cIOU ratio of a pair would have no gradient), and since the cross-IOU loss is a ratio of
+   magnitudes, predicting in log space makes the gradient the same at every object size. The
+   stride factor and a learnable per-level scale (FCOS) put every level's output in the same range.
+3. **Landmark features** — the 9 sampling points of a 3x3 deformable convolution are moved to the
+   landmarks decoded from ``v1`` (:func:`kernel_points`); the towers' features are sampled there
+   bilinearly and multiplied with a (C_out, C, 3, 3) kernel, i.e. a DCN whose offsets are
+   ``landmark / stride − regular-grid position``. The gradient reaching ``v1`` through the sampling
+   positions is scaled by ``dcn_offset_grad_scale`` (0.1, as the reference code) with the
+   ``x·0.1 + x.detach()·0.9`` trick, so the offsets follow the landmarks but the stage-1 regression
+   is driven mainly by its own loss.
+4. **Pyramid DCN** (§3.4) — the same landmark positions (image pixels, hence "offsets rescaled by
+   the stride ratio" in each level's cell units) also sample the adjacent levels ``l−1`` and
+   ``l+1``; the sampled features of the 2–3 levels are fused by their mean (``pyramid_fuse="sum"``
+   adds them) before the shared kernel, which is the same as averaging the three DCN outputs
+   because the convolution is linear. The mean keeps the border levels (P3, P7, two sources) on
+   the scale of the inner ones (three sources).
+5. **Stage 2** — class logits ``conv1x1(ReLU(landmark_feature_cls))`` and refined vectors, a
+   multiplicative (log-space residual) refinement of stage 1::
+
+       v2 = v1.detach() · exp(conv1x1(ReLU(landmark_feature_reg)))
+
+   ``v1`` is detached so stage 1 learns only from its own (centroid-assigned) loss, as RepPoints.
+
+Table 3 switches (``feature_mode``): ``"PA"`` — anchor-point features only: step 3 is replaced by a
+plain 3x3 convolution with the *same* kernel (a DCN with zero offsets); ``"PE"`` — landmark features
+on level ``l`` only; ``"PP"`` — pyramid landmark features (default).
+
+Implementation note: the deformable sampling uses :func:`torch.nn.functional.grid_sample` (bilinear,
+zeros outside, the same interpolation as ``torchvision.ops.deform_conv2d``; tests check equality)
+followed by one matrix product. Unlike ``deform_conv2d`` this samples a level of *any* resolution at
+the anchor grid of level ``l`` exactly, which the pyramid DCN needs, and it is vectorised on CPU.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lsnet.assigners import anchor_points
+from lsnet.coding import decode_offsets
+
+#: Upper bound of the exponent of the vector parameterisation (exp(8) ≈ 3000 strides), for stability.
+MAX_LOG_SCALE = 8.0
+
+
+@dataclass
+class HeadOutputs:
+    """Raw head outputs for all levels, concatenated level by level (row-major within a level).
+
+    - ``cls_logits`` (B, P, C) stage-2 class logits.
+    - ``vec_init``   (B, P, N, 4) stage-1 vectors ``[top, bottom, left, right]`` in pixels.
+    - ``vec_refine`` (B, P, N, 4) stage-2 (refined) vectors in pixels.
+    - ``anchors``    (P, 2) anchor points ``x, y`` (cell centres, :func:`lsnet.assigners.anchor_points`).
+    - ``num_points_per_level`` list of ``H_l * W_l``; ``strides`` per level.
+    """
+
+    cls_logits: Tensor
+    vec_init: Tensor
+    vec_refine: Tensor
+    anchors: Tensor
+    num_points_per_level: list[int]
+    strides: tuple[int, ...]
+
+
+def group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    """GroupNorm with the largest group count ≤ ``groups`` dividing ``channels`` (small test heads)."""
+    g = max(d for d in range(1, min(groups, channels) + 1) if channels % d == 0)
+    return nn.GroupNorm(g, channels)
+
+
+def default_dcn_point_indices(task: str, num_points: int) -> list[int] | None:
+    """Which landmarks drive the 9 DCN kernel points.
+
+    - bbox (N=4): ``None`` — the kernel is built from the extreme points (:func:`kernel_points`).
+    - segm (closed contour): every (N/9)-th point, ``round(k·N/9)``, k = 0..8 (uniform along the
+      contour; N=36 -> 0, 4, 8, …, 32).
+    - pose: 9 keypoints evenly spaced in the COCO order, ``round(k·(N−1)/8)`` (N=17 -> nose and the
+      even indices: right eye/ear/shoulder/elbow/wrist/hip/knee/ankle). Because horizontal-flip
+      augmentation swaps left and right, the model sees right-side kernel points on both sides.
+    """
+    if task == "bbox" and num_points == 4:
+        return None
+    if task == "pose":
+        return [round(k * (num_points - 1) / 8) for k in range(9)]
+    return [round(k * num_points / 9) % num_points for k in range(9)]
+
+
+def kernel_points(landmarks: Tensor, anchors: Tensor, indices: list[int] | None) -> Tensor:
+    """The 9 sampling positions of the landmark DCN, in 3x3 kernel order (row-major).
+
+    For the 4 extreme points (top, left, bottom, right) the kernel keeps its geometry::
+
+        (x_left, y_top)     top       (x_right, y_top)
+        left                anchor    right
+        (x_left, y_bottom)  bottom    (x_right, y_bottom)
+
+    i.e. the extreme points, the anchor point and the four corners of the box they imply, so the
+    kernel weight of each position keeps the meaning it has in the plain 3x3 conv ("PA" mode).
+    Otherwise the landmarks ``indices`` (9 of them) in that order.
+
+    Args:
+        landmarks: (B, P, N, 2) absolute ``x, y``.
+        anchors: (P, 2).
+        indices: 9 landmark indices, or None for the extreme-point kernel (N must be 4).
+    Returns:
+        (B, P, 9, 2) absolute ``x, y``.
+    """
+    if indices is not None:
+        return landmarks[:, :, indices]
+    if landmarks.shape[2] != 4:
+        raise ValueError(f"the extreme-point kernel needs N=4 landmarks, got {landmarks.shape[2]}")
+    top, left, bottom, right = landmarks.unbind(2)
+    anchor = anchors.expand_as(top)
+
+    def xy(x_from: Tensor, y_from: Tensor) -> Tensor:
+        return torch.stack([x_from[..., 0], y_from[..., 1]], dim=-1)
+
+    return torch.stack([xy(left, top), top, xy(right, top),
+                        left, anchor, right,
+                        xy(left, bottom), bottom, xy(right, bottom)], dim=2)
+
+
+def sample_features(feature: Tensor, positions: Tensor, stride: int, out_hw: tuple[int, int]) -> Tensor:
+    """Bilinearly sample ``feature`` at absolute image positions (zeros outside the map).
+
+    A cell ``j`` of a level of stride ``s`` is centred at pixel ``(j + 0.5)·s``, which is exactly the
+    ``align_corners=False`` convention of ``grid_sample`` after dividing by ``s · W``.
+
+    Args:
+        feature: (B, C, H_m, W_m) the level to sample (any stride).
+        positions: (B, H·W, K, 2) absolute ``x, y`` for each of the ``H·W`` output cells.
+        stride: stride of ``feature``.
+        out_hw: ``(H, W)`` of the output grid.
+    Returns:
+        (B, C·K, H·W) sampled features, channel-major (index ``c·K + k``), ready for a matmul with a
+        (C_out, C, K) kernel flattened to (C_out, C·K).
+    """
+    b, c, hm, wm = feature.shape
+    h, w = out_hw
+    k = positions.shape[2]
+    size = positions.new_tensor([wm * stride, hm * stride])
+    grid = positions / size * 2 - 1  # (B, HW, K, 2)
+    grid = grid.permute(0, 2, 1, 3).reshape(b, k * h, w, 2)
+    out = F.grid_sample(feature, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.reshape(b, c * k, h * w)
+
+
+class LSNetHead(nn.Module):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        num_points: int,
+        strides: tuple[int, ...] = (8, 16, 32, 64, 128),
+        channels: int = 256,
+        num_convs: int = 3,
+        norm_groups: int = 32,
+        feature_mode: str = "PP",
+        pyramid_fuse: str = "mean",
+        offset_grad_scale: float = 0.1,
+        dcn_point_indices: list[int] | None = None,
+        task: str = "bbox",
+        prior_prob: float = 0.01,
+    ):
+        super().__init__()
+        if feature_mode not in ("PA", "PE", "PP"):
+            raise ValueError(f"feature_mode must be 'PA', 'PE' or 'PP', got {feature_mode!r}")
+        if pyramid_fuse not in ("mean", "sum"):
+            raise ValueError(f"pyramid_fuse must be 'mean' or 'sum', got {pyramid_fuse!r}")
+        self.num_classes = num_classes
+        self.num_points = num_points
+        self.strides = tuple(strides)
+        self.feature_mode = feature_mode
+        self.pyramid_fuse = pyramid_fuse
+        self.offset_grad_scale = offset_grad_scale
+        self.point_indices = (list(dcn_point_indices) if dcn_point_indices is not None
+                              else default_dcn_point_indices(task, num_points))
+        if self.point_indices is None and num_points != 4:
+            raise ValueError("the extreme-point DCN kernel needs num_points=4; give dcn_point_indices")
+
+        def tower() -> nn.Sequential:
+            layers: list[nn.Module] = []
+            for i in range(num_convs):
+                layers += [nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1),
+                           group_norm(channels, norm_groups), nn.ReLU(inplace=True)]
+            return nn.Sequential(*layers)
+
+        if num_convs == 0 and in_channels != channels:
+            raise ValueError("head_convs=0 needs head_channels == fpn_channels")
+        self.cls_tower = tower()
+        self.reg_tower = tower()
+        # stage 1
+        self.init_conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.init_out = nn.Conv2d(channels, num_points * 4, 1)
+        self.scales = nn.Parameter(torch.ones(len(self.strides)))
+        # stage 2: the 3x3 kernels of the landmark DCNs (no bias, as a DCN), then 1x1 outputs
+        self.landmark_weight_cls = nn.Parameter(torch.empty(channels, channels, 3, 3))
+        self.landmark_weight_reg = nn.Parameter(torch.empty(channels, channels, 3, 3))
+        self.cls_out = nn.Conv2d(channels, num_classes, 1)
+        self.refine_out = nn.Conv2d(channels, num_points * 4, 1)
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.landmark_weight_cls, std=0.01)
+        nn.init.normal_(self.landmark_weight_reg, std=0.01)
+        # Focal-loss prior (RetinaNet): every location starts as background with probability 1 - prior.
+        nn.init.constant_(self.cls_out.bias, -math.log((1 - prior_prob) / prior_prob))
+
+    def _landmark_features(self, towers: list[Tensor], level: int, positions: Tensor,
+                           out_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """(cls, reg) landmark features (B, C, H·W) of level ``level`` (steps 3–4 of the module doc)."""
+        if self.feature_mode == "PP":
+            sources = [m for m in (level - 1, level, level + 1) if 0 <= m < len(towers)]
+        else:
+            sources = [level]
+        sampled = None
+        for m in sources:
+            s = sample_features(towers[m], positions, self.strides[m], out_hw)
+            sampled = s if sampled is None else sampled + s
+        if self.pyramid_fuse == "mean" and len(sources) > 1:
+            sampled = sampled / len(sources)
+        c = self.landmark_weight_cls.shape[1]
+        k = 9 * c
+        cls_feat = torch.matmul(self.landmark_weight_cls.reshape(-1, k), sampled[:, :k])
+        reg_feat = torch.matmul(self.landmark_weight_reg.reshape(-1, k), sampled[:, k:])
+        return cls_feat, reg_feat
+
+    def forward(self, feats: list[Tensor]) -> HeadOutputs:
+        if len(feats) != len(self.strides):
+            raise ValueError(f"head: {len(feats)} feature levels but {len(self.strides)} strides")
+        sizes = [tuple(f.shape[-2:]) for f in feats]
+        anchors = anchor_points(sizes, self.strides, device=feats[0].device, dtype=feats[0].dtype)
+        cls_towers = [self.cls_tower(f) for f in feats]
+        reg_towers = [self.reg_tower(f) for f in feats]
+        # cls and reg features are sampled at the same positions: concatenate once, sample once.
+        towers = [torch.cat([c, r], dim=1) for c, r in zip(cls_towers, reg_towers)] \
+            if self.feature_mode != "PA" else []
+
+        b = feats[0].shape[0]
+        n = self.num_points
+        cls_all, init_all, refine_all = [], [], []
+        for level, (reg_t, cls_t) in enumerate(zip(reg_towers, cls_towers)):
+            stride = self.strides[level]
+            h, w = sizes[level]
+            raw = self.init_out(F.relu(self.init_conv(reg_t)))  # (B, 4N, H, W)
+            raw = raw.permute(0, 2, 3, 1).reshape(b, h * w, n, 4)
+            vec_init = stride * torch.exp((self.scales[level] * raw).clamp(max=MAX_LOG_SCALE))
+
+            if self.feature_mode == "PA":
+                cls_feat = F.conv2d(cls_t, self.landmark_weight_cls, padding=1).flatten(2)
+                reg_feat = F.conv2d(reg_t, self.landmark_weight_reg, padding=1).flatten(2)
+            else:
+                landmarks = decode_offsets(vec_init, anchors[level])  # (B, HW, N, 2)
+                g = self.offset_grad_scale
+                landmarks = landmarks * g + landmarks.detach() * (1 - g)
+                positions = kernel_points(landmarks, anchors[level], self.point_indices)
+                cls_feat, reg_feat = self._landmark_features(towers, level, positions, (h, w))
+
+            # 1x1 convs as matmuls on the (B, C, HW) layout
+            cls_logits = F.conv1d(F.relu(cls_feat), self.cls_out.weight.squeeze(-1), self.cls_out.bias)
+            refine = F.conv1d(F.relu(reg_feat), self.refine_out.weight.squeeze(-1), self.refine_out.bias)
+            refine = refine.permute(0, 2, 1).reshape(b, h * w, n, 4)
+            vec_refine = vec_init.detach() * torch.exp(refine.clamp(-MAX_LOG_SCALE, MAX_LOG_SCALE))
+
+            cls_all.append(cls_logits.permute(0, 2, 1))
+            init_all.append(vec_init)
+            refine_all.append(vec_refine)
+
+        return HeadOutputs(
+            cls_logits=torch.cat(cls_all, dim=1),
+            vec_init=torch.cat(init_all, dim=1),
+            vec_refine=torch.cat(refine_all, dim=1),
+            anchors=torch.cat(anchors, dim=0),
+            num_points_per_level=[h * w for h, w in sizes],
+            strides=self.strides,
+        )
