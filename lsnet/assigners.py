@@ -327,7 +327,7 @@ def assign_atss(
        squares — the reference's refine stage passes the detached stage-1 predicted boxes there.
     2. Candidates and the per-object IoU threshold ``mean + std``: :func:`atss_candidates`.
     3. A candidate is positive if its IoU ≥ threshold **and** its point lies strictly inside the
-       object box (≥ :data:`INSIDE_EPS` from every edge). The point, not the anchor-box centre, is
+       object box (more than :data:`INSIDE_EPS` from every edge). The point, not the anchor-box centre, is
        used for distances and the inside test — they coincide for the default squares; with
        predicted ``anchor_boxes`` mmdet uses the box centres instead.
     4. A point positive for several objects goes to the one with the highest IoU (ties: lowest
