@@ -41,9 +41,10 @@ def soften_targets(vectors: Tensor, alpha: float) -> Tensor:
     """
     if alpha == 0:
         return vectors
-    top, bottom, left, right = vectors.unbind(-1)
-    # For each pair one side is 0, so (other side) * alpha fills exactly the empty component.
-    return torch.stack([top + alpha * bottom, bottom + alpha * top, left + alpha * right, right + alpha * left], -1)
+    # For each (top, bottom) / (left, right) pair one side is 0, so adding alpha × the partner
+    # component fills exactly the empty side: [t + a·b, b + a·t, l + a·r, r + a·l].
+    partners = vectors.unflatten(-1, (2, 2)).flip(-1).flatten(-2)
+    return vectors + alpha * partners
 
 
 def decode_offsets(vectors: Tensor, anchors: Tensor) -> Tensor:
