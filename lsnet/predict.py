@@ -1,0 +1,260 @@
+"""``lsnet predict``: run a trained LSNet on image files; COCO results JSON + one overlay PNG per image.
+
+    lsnet predict img1.jpg img2.png --checkpoint results/runs/x/best.pt --out preds/ \
+        [--config configs/bbox_r50_1x.yaml] [--score-thr 0.3] [--flip-tta]
+
+- Model config: the ``model:`` section of an experiment YAML, or a model-only YAML (the whole
+  mapping), read with :func:`lsnet.config.load_yaml` (``_base_`` works). Without ``--config`` the
+  ``model_config`` stored in the checkpoint's ``extra`` is used. Pretrained backbone weights are never
+  fetched here: the checkpoint has all the weights.
+- Test resize: shorter side ``data.test_scale``, longer side at most ``data.max_size`` from the same
+  YAML (paper: [800, 1333]); ``--short-side`` / ``--max-size`` override.
+- Category ids and names come from the checkpoint's ``extra`` (``category_ids``, ``class_names``,
+  written by the training pipeline through :func:`lsnet.engine.checkpoint_state`).
+- Outputs in ``--out``: ``predictions.json`` (COCO results, original pixels), ``images.json``
+  (``{"images": [{id, file_name, height, width}], "categories": [{id, name}]}``: which id is which
+  file), and ``<stem>.png`` overlays. Image ids are the file stems when every stem is a number
+  (COCO style ``000000397133.jpg``), else 1..n in the order given.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import mmcv
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lsnet.config import ConfigError, from_dict, load_yaml
+from lsnet.engine import load_checkpoint
+from lsnet.evaluation import detections_to_coco, rescale_detections
+from lsnet.structures import IMAGE_MEAN, IMAGE_STD, SIZE_DIVISOR, ImageMeta
+from lsnet.visualize import draw_detections, save_png
+
+DEFAULT_SHORT_SIDE = 800
+DEFAULT_MAX_SIZE = 1333
+
+
+# --------------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------------
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """An image file as (H, W, 3) RGB uint8; errors name the file."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image {path} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"image {path} is a directory, not an image file") from None
+    image = None
+    if data:
+        try:
+            image = mmcv.imfrombytes(data, flag="color", channel_order="rgb")
+        except cv2.error:  # mmcv converts the colour of a failed (empty) decode
+            image = None
+    if image is None:
+        raise ValueError(f"image {path} cannot be decoded (empty, corrupt or not an image)")
+    return np.ascontiguousarray(image)
+
+
+def keep_ratio_scale(height: int, width: int, short_side: int, max_size: int) -> float:
+    """Keep-ratio factor putting the shorter side at ``short_side`` unless the longer side would
+    exceed ``max_size`` (then the longer side is ``max_size``)."""
+    return min(short_side / min(height, width), max_size / max(height, width))
+
+
+def prepare_images(images: Sequence[np.ndarray], image_ids: Sequence[int], short_side: int,
+                   max_size: int) -> tuple[torch.Tensor, list[ImageMeta]]:
+    """Resize (bilinear, keep ratio), normalise with IMAGE_MEAN/STD and zero-pad into one batch whose
+    sides are multiples of SIZE_DIVISOR — the test pipeline of the data readers."""
+    tensors, metas = [], []
+    mean = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGE_STD).view(3, 1, 1)
+    for image, image_id in zip(images, image_ids):
+        h, w = image.shape[:2]
+        scale = keep_ratio_scale(h, w, short_side, max_size)
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        resized = mmcv.imresize(image, (nw, nh), interpolation="bilinear")
+        tensors.append((torch.from_numpy(resized).permute(2, 0, 1).float() - mean) / std)
+        metas.append(ImageMeta(image_id=int(image_id), orig_size=(h, w), size=(nh, nw), scale=(nw / w, nh / h)))
+    height = max(t.shape[1] for t in tensors)
+    width = max(t.shape[2] for t in tensors)
+    height += (-height) % SIZE_DIVISOR
+    width += (-width) % SIZE_DIVISOR
+    batch = torch.stack([F.pad(t, (0, width - t.shape[2], 0, height - t.shape[1])) for t in tensors])
+    return batch, metas
+
+
+def image_ids_for(paths: Sequence[str | Path]) -> list[int]:
+    """File stems as ids when all are distinct numbers (COCO file names), else 1..n."""
+    stems = [Path(p).stem for p in paths]
+    if all(s.isdigit() for s in stems) and len(set(map(int, stems))) == len(stems):
+        return [int(s) for s in stems]
+    return list(range(1, len(paths) + 1))
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    task: str
+    category_ids: list[int]
+    class_names: list[str]
+    short_side: int
+    max_size: int
+
+
+def _model_section(config: dict) -> dict:
+    return dict(config["model"]) if isinstance(config.get("model"), dict) else dict(config)
+
+
+def load_model(checkpoint: str | Path, config: str | Path | None = None, device: str | torch.device = "cpu",
+               short_side: int | None = None, max_size: int | None = None) -> LoadedModel:
+    """Build the model from ``config`` (or the checkpoint's stored config) and load the weights."""
+    from lsnet.modeling import ModelConfig, build_model
+
+    ckpt = load_checkpoint(checkpoint, map_location="cpu")
+    extra: dict[str, Any] = ckpt.get("extra") or {}
+    data_section: dict = {}
+    if config is not None:
+        raw = load_yaml(config)
+        section = _model_section(raw)
+        data_section = raw["data"] if isinstance(raw.get("data"), dict) else {}
+        source = str(config)
+    elif isinstance(extra.get("model_config"), dict):
+        section = dict(extra["model_config"])
+        data_section = extra.get("data_config") or {}
+        source = f"{checkpoint} (stored model_config)"
+    else:
+        raise ValueError(f"checkpoint {checkpoint} stores no model_config: pass --config CONFIG.yaml")
+    section["pretrained"] = None  # every weight comes from the checkpoint; never download
+    try:
+        model_cfg = from_dict(ModelConfig, section, prefix="model")
+    except (ConfigError, ValueError) as err:
+        raise ConfigError(f"{source}: {err}") from None
+    model = build_model(model_cfg)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise ValueError(f"checkpoint {checkpoint} does not fit the model of {source} "
+                         f"(task {model_cfg.task}, {model_cfg.num_classes} classes, {model_cfg.backbone}): "
+                         f"{str(err).splitlines()[0]}") from None
+    model.to(device).eval()
+
+    num_classes = model_cfg.num_classes
+    category_ids = [int(c) for c in extra.get("category_ids", range(1, num_classes + 1))]
+    class_names = [str(n) for n in extra.get("class_names", [str(c) for c in category_ids])]
+    if len(category_ids) != num_classes or len(class_names) != num_classes:
+        raise ValueError(f"checkpoint {checkpoint}: {len(category_ids)} category ids / {len(class_names)} "
+                         f"class names for a model with {num_classes} classes")
+    return LoadedModel(
+        model=model, task=model_cfg.task, category_ids=category_ids, class_names=class_names,
+        short_side=int(short_side or data_section.get("test_scale", DEFAULT_SHORT_SIDE)),
+        max_size=int(max_size or data_section.get("max_size", DEFAULT_MAX_SIZE)),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Prediction
+# --------------------------------------------------------------------------------------------------
+
+
+def predict_files(
+    loaded: LoadedModel,
+    paths: Sequence[str | Path],
+    out_dir: str | Path,
+    score_thr: float = 0.3,
+    flip_tta: bool = False,
+    batch_size: int = 1,
+    device: str | torch.device = "cpu",
+) -> list[dict]:
+    """Predict every image, write predictions.json, images.json and overlays; return the records.
+
+    ``score_thr`` is the overlay threshold; the JSON keeps every detection the model returns (its
+    ``test.score_thr``, 0.05 by default, as for COCO evaluation). A ``score_thr`` below the model's
+    own threshold lowers the model's threshold to it, so those detections exist.
+    """
+    from lsnet.inference import predict_with_tta
+
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ValueError("no image paths given")
+    images = [load_image(p) for p in paths]  # fail early, naming the bad file, before any compute
+    image_ids = image_ids_for(paths)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = loaded.model
+    model.cfg.test.score_thr = min(model.cfg.test.score_thr, score_thr)
+
+    records: list[dict] = []
+    used_names: set[str] = set()
+    for start in range(0, len(paths), batch_size):
+        chunk = slice(start, start + batch_size)
+        batch, metas = prepare_images(images[chunk], image_ids[chunk], loaded.short_side, loaded.max_size)
+        batch = batch.to(device)
+        with torch.no_grad():
+            if flip_tta:
+                dets = predict_with_tta(model, batch, metas, flip=True)
+            else:
+                dets = model(batch, image_sizes=[m.size for m in metas])
+        dets = [d.to("cpu") for d in dets]
+        records += detections_to_coco(dets, metas, loaded.category_ids, loaded.task)
+        for det, meta, image, path in zip(dets, metas, images[chunk], paths[chunk]):
+            overlay = draw_detections(image, rescale_detections(det, meta), loaded.task, loaded.class_names,
+                                      score_thr=score_thr)
+            name = path.stem
+            while name in used_names:
+                name += "_"
+            used_names.add(name)
+            save_png(out_dir / f"{name}.png", overlay)
+
+    (out_dir / "predictions.json").write_text(json.dumps(records))
+    index = {
+        "images": [{"id": i, "file_name": str(p), "height": int(im.shape[0]), "width": int(im.shape[1])}
+                   for i, p, im in zip(image_ids, paths, images)],
+        "categories": [{"id": c, "name": n} for c, n in zip(loaded.category_ids, loaded.class_names)],
+    }
+    (out_dir / "images.json").write_text(json.dumps(index, indent=1))
+    return records
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", nargs="+", help="image files (jpg/png/...)")
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by lsnet train / lsnet.engine")
+    parser.add_argument("--config", default=None,
+                        help="experiment or model YAML (default: the model config stored in the checkpoint)")
+    parser.add_argument("--out", required=True, help="output folder for predictions.json and overlay PNGs")
+    parser.add_argument("--score-thr", type=float, default=0.3, help="minimum score drawn on the overlays")
+    parser.add_argument("--flip-tta", action="store_true", help="horizontal-flip test-time augmentation")
+    parser.add_argument("--short-side", type=int, default=None, help="test resize: shorter side (default: config)")
+    parser.add_argument("--max-size", type=int, default=None, help="test resize: longer side at most (default: config)")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+
+
+def run(args: argparse.Namespace) -> int:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        loaded = load_model(args.checkpoint, args.config, device, args.short_side, args.max_size)
+        records = predict_files(loaded, args.images, args.out, args.score_thr, args.flip_tta, args.batch_size, device)
+    except (FileNotFoundError, ValueError, ConfigError) as err:
+        print(f"lsnet predict: error: {err}", file=sys.stderr)
+        return 2
+    shown = sum(r["score"] >= args.score_thr for r in records)
+    print(f"{len(args.images)} images, {len(records)} detections ({shown} with score >= {args.score_thr}) "
+          f"-> {Path(args.out) / 'predictions.json'} and {len(args.images)} overlay PNGs in {args.out}")
+    return 0
