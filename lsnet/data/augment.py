@@ -1,0 +1,132 @@
+"""Training augmentations and batching (paper §4: single-scale [800, 1333] or multi-scale
+[400–960, 1333] resize with random horizontal flip).
+
+Per sample (uint8 in, uint8 out, so the expensive float work is done once per batch):
+
+1. resize keeping the aspect ratio so the short side is ``S`` (drawn uniformly from
+   ``scale_range`` in training, ``test_short_side`` otherwise) unless the long side would exceed
+   ``max_size``; targets follow with :func:`lsnet.transforms.resize_targets`;
+2. horizontal flip with probability ``flip_prob``; landmarks follow with
+   :func:`lsnet.transforms.hflip_targets` (left/right extreme points and keypoints swap, contours
+   stay clockwise with a consistent start point).
+
+The random draws depend only on ``(seed, epoch, index)`` -- not on worker, rank, or order -- so every
+reader (map-style, Ray Data streaming, any number of workers) produces the same sample.
+:func:`collate_batch` then converts to float, normalises with the ImageNet statistics and zero-pads
+to a multiple of :data:`lsnet.structures.SIZE_DIVISOR`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from torch import Tensor
+from torchvision.io import ImageReadMode
+from torchvision.io import decode_jpeg as _tv_decode_jpeg
+
+from lsnet.structures import IMAGE_MEAN, IMAGE_STD, SIZE_DIVISOR, Batch, ImageMeta, LandmarkTargets
+from lsnet.transforms import hflip_targets, resize_targets
+
+
+@dataclass
+class AugmentConfig:
+    """``scale_range``: (min, max) short side in pixels, or None to keep the stored size.
+    ``max_size``: cap on the long side. ``test_short_side``: short side when not training
+    (default: ``scale_range[1]``)."""
+
+    scale_range: tuple[int, int] | None = (800, 800)
+    max_size: int = 1333
+    flip_prob: float = 0.5
+    test_short_side: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.scale_range is not None:
+            lo, hi = self.scale_range
+            if not 0 < lo <= hi:
+                raise ValueError(f"scale_range must be 0 < min <= max, got {self.scale_range}")
+        if not 0.0 <= self.flip_prob <= 1.0:
+            raise ValueError(f"flip_prob must be in [0, 1], got {self.flip_prob}")
+
+
+def decode_jpeg(data) -> Tensor:
+    """JPEG bytes (bytes / pyarrow Buffer / memoryview) -> uint8 (3, H, W) RGB."""
+    raw = torch.frombuffer(bytearray(memoryview(data)), dtype=torch.uint8)
+    return _tv_decode_jpeg(raw, mode=ImageReadMode.RGB)
+
+
+def resized_shape(height: int, width: int, short_side: int | None, max_size: int | None) -> tuple[int, int]:
+    """(h, w) with the short side ``short_side`` and the long side at most ``max_size``, aspect kept.
+
+    ``short_side=None`` keeps the size (only ``max_size`` applies).
+    """
+    scale = 1.0 if short_side is None else short_side / min(height, width)
+    if max_size is not None:
+        scale = min(scale, max_size / max(height, width))
+    if scale == 1.0:
+        return height, width
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def sample_params(cfg: AugmentConfig, train: bool, seed: int, epoch: int, index: int) -> tuple[int | None, bool]:
+    """``(short_side, flip)`` of sample ``index``: a pure function of ``(seed, epoch, index)``."""
+    if not train:
+        short = cfg.test_short_side or (cfg.scale_range[1] if cfg.scale_range else None)
+        return short, False
+    rng = np.random.default_rng([seed, epoch, index])
+    draw_short, draw_flip = rng.random(2)  # always two draws: params stay stable if a setting changes
+    short = None
+    if cfg.scale_range is not None:
+        lo, hi = cfg.scale_range
+        short = lo + min(int(draw_short * (hi - lo + 1)), hi - lo)
+    return short, bool(draw_flip < cfg.flip_prob)
+
+
+def augment_sample(image: Tensor, targets: LandmarkTargets, meta: ImageMeta, cfg: AugmentConfig, *,
+                   task: str, train: bool, seed: int = 0, epoch: int = 0, index: int = 0,
+                   ) -> tuple[Tensor, LandmarkTargets, ImageMeta]:
+    """Resize (+ flip in training) one uint8 (3, H, W) image with its targets and meta."""
+    short, flip = sample_params(cfg, train, seed, epoch, index)
+    h, w = image.shape[-2:]
+    nh, nw = resized_shape(h, w, short, cfg.max_size)
+    if (nh, nw) != (h, w):
+        # uint8 bilinear with antialias has a fast SIMD path in torch and matches float results to
+        # +-1 grey level; down-scaling without antialias would alias thin structures.
+        image = TF.resize(image, [nh, nw], antialias=True)
+        targets = resize_targets(targets, nw / w, nh / h)
+        meta = replace(meta, size=(nh, nw), scale=(meta.scale[0] * nw / w, meta.scale[1] * nh / h))
+    if flip:
+        image = image.flip(-1)
+        targets = hflip_targets(targets, nw, task)
+        meta = replace(meta, flipped=not meta.flipped)
+    return image, targets, meta
+
+
+_MEAN = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
+_STD = torch.tensor(IMAGE_STD).view(3, 1, 1)
+
+
+def normalize_image(image: Tensor) -> Tensor:
+    """uint8 (3, H, W) -> float32 normalised with ImageNet mean/std (RGB, 0..255 scale)."""
+    return (image.float() - _MEAN) / _STD
+
+
+def collate_batch(items: list[tuple[Tensor, LandmarkTargets, ImageMeta]],
+                  size_divisor: int = SIZE_DIVISOR) -> Batch:
+    """Samples -> :class:`lsnet.structures.Batch`: float, normalised, zero-padded (bottom/right) to a
+    multiple of ``size_divisor``. Padding needs no change of coordinates."""
+    if not items:
+        raise ValueError("collate_batch needs at least one sample")
+    h = max(img.shape[-2] for img, _, _ in items)
+    w = max(img.shape[-1] for img, _, _ in items)
+    h = int(math.ceil(h / size_divisor) * size_divisor)
+    w = int(math.ceil(w / size_divisor) * size_divisor)
+    images = torch.zeros(len(items), 3, h, w)
+    for i, (img, _, _) in enumerate(items):
+        ih, iw = img.shape[-2:]
+        region = images[i, :, :ih, :iw]
+        region.copy_(img)
+        region.sub_(_MEAN).div_(_STD)
+    return Batch(images=images, targets=[t for _, t, _ in items], metas=[m for _, _, m in items])
