@@ -32,18 +32,19 @@ Multi-part objects (``TargetConfig.multipart``):
 
 * ``"largest"``: only the part with the largest area is used.
 * ``"per_part"`` (default): parts smaller than ``min_part_area`` px² are dropped (unless all are),
-  the N points are split among the parts proportionally to their perimeters (largest remainder),
-  parts that would get fewer than ``min_points_per_part`` points are dropped (smallest share first).
-  The largest-area part ("main part") gets an odd number of points centred on sample 0 (its point
-  nearest the object box's top-centre); the other parts follow as blocks ordered by the x of their
-  box centre (left to right), each block centred on its own point nearest the top-centre of *its*
-  box, sampled clockwise at offsets ``(j - (n-1)/2) * perimeter / n``. This layout is chosen so
-  that the horizontal flip of the whole point sequence, ``new[k] = mirror(old[-k mod N])``, is
-  exactly the layout computed on the mirrored image (see :func:`lsnet.transforms.hflip_points`);
-  read as one polygon it walks the main part and jumps to each other part once (the jump edges add
-  a thin sliver for two parts; with three or more parts they enclose some background -- a
-  limitation of representing a multi-part object by one N-point polygon, measured by the §4.4
-  study in :mod:`lsnet.mask_study`).
+  every part other than the largest-area one ("main part") costs 3 bridge points (below), the rest
+  of the N points is split among the parts proportionally to their perimeters (largest remainder),
+  and parts that would get fewer than ``min_points_per_part`` points are dropped (smallest area
+  first). The main part is sampled as a single object would be (sample 0 nearest the object box's
+  top-centre). Each other part is attached by a *zero-width bridge* between the closest points
+  ``p`` (on the main outline) and ``q`` (on the part): the block ``[p, q, q + step, ...,
+  q + (n-1) step, q, p]`` (clockwise around the part) is inserted into the main sequence where
+  ``p`` lies. Read as one polygon -- which is what the detector outputs -- the sequence walks
+  around the main part, out along each bridge, around that part and back, so the bridges enclose
+  no area and the polygon's mask is the union of the parts (measured by the §4.4 study in
+  :mod:`lsnet.mask_study`). The construction commutes with mirroring, so the horizontal flip of the
+  whole sequence, ``new[k] = mirror(old[-k mod N])``, equals the contour computed on the mirrored
+  image (:func:`lsnet.transforms.hflip_points`); exact ties (mirror-symmetric shapes) excepted.
 
 Holes are ignored (COCO polygons have none; for RLE masks only outer borders are traced). RLE
 masks (non-crowd) are traced with OpenCV through the centres of their border pixels, i.e. up to
@@ -71,6 +72,8 @@ from .structures import TASK_NUM_POINTS, LandmarkTargets
 
 #: All coordinates written by this module are multiples of this (see the module docstring).
 COORD_GRID: float = 1.0 / 256.0
+#: "per_part" contours: points spent on the bridge to each extra part (p, duplicate q, duplicate p).
+BRIDGE_POINTS: int = 3
 NUM_KEYPOINTS: int = 17
 
 
@@ -268,6 +271,27 @@ def _largest_remainder(shares: np.ndarray, total: int) -> np.ndarray:
     return counts
 
 
+def _closest_arc_positions(ring_a: np.ndarray, ring_b: np.ndarray) -> tuple[float, float]:
+    """Arc positions ``(s_a, s_b)`` of the closest pair of points of two closed rings' outlines.
+
+    The closest pair always has a vertex of one ring at one end, so vertex-to-edge distances both
+    ways suffice.
+    """
+    best = (np.inf, 0.0, 0.0)
+    for src, dst, src_is_a in ((ring_b, ring_a, False), (ring_a, ring_b, True)):
+        edges, starts, _ = _ring_arclength(dst)
+        sq = np.sum(edges * edges, axis=1)
+        rel = src[:, None, :] - dst[None, :, :]  # (V, E, 2)
+        t = np.clip(np.sum(rel * edges[None], axis=-1) / np.maximum(sq, 1e-300), 0.0, 1.0)
+        d2 = np.sum((dst[None] + t[..., None] * edges[None] - src[:, None, :]) ** 2, axis=-1)
+        v, e = np.unravel_index(int(np.argmin(d2)), d2.shape)
+        if d2[v, e] < best[0]:
+            s_dst = float(starts[e] + t[v, e] * math.sqrt(sq[e]))
+            s_src = float(_ring_arclength(src)[1][v])
+            best = (float(d2[v, e]), s_src, s_dst) if src_is_a else (float(d2[v, e]), s_dst, s_src)
+    return best[1], best[2]
+
+
 def contour_points(rings: list[np.ndarray], num_points: int, box: np.ndarray, multipart: str,
                    min_part_area: float = 5.0, min_points_per_part: int = 3) -> np.ndarray:
     """Contour landmarks (num_points, 2) of an object made of closed rings (see module docstring).
@@ -278,14 +302,14 @@ def contour_points(rings: list[np.ndarray], num_points: int, box: np.ndarray, mu
         box: (4,) object box ``x1, y1, x2, y2``; sample 0 is the outline point nearest its top-centre.
         multipart: "per_part" or "largest".
     """
-    areas = np.array([abs(ring_signed_area(r)) for r in rings])
+    rings = [r if ring_signed_area(r) > 0 else r[::-1] for r in rings]  # clockwise on screen
+    areas = np.array([ring_signed_area(r) for r in rings])
     order = np.argsort(-areas, kind="stable")
     rings = [rings[i] for i in order]
     areas = areas[order]
     big = areas >= min_part_area
     if big.any():  # tiny parts go, unless the object is only tiny parts
         rings = [r for r, keep in zip(rings, big) if keep]
-        areas = areas[big]
     top_centre = np.array([(box[0] + box[2]) / 2.0, box[1]])
     if multipart == "largest" or len(rings) == 1:
         return resample_ring(rings[0], num_points, top_centre)
@@ -294,29 +318,59 @@ def contour_points(rings: list[np.ndarray], num_points: int, box: np.ndarray, mu
     keep = np.ones(len(rings), dtype=bool)
     while True:  # drop the smallest parts until every kept part gets enough points
         counts = np.zeros(len(rings), dtype=np.int64)
-        counts[keep] = _largest_remainder(perimeters[keep], num_points)
+        # every extra part costs BRIDGE_POINTS points (see below) besides its own samples
+        budget = num_points - BRIDGE_POINTS * (int(keep.sum()) - 1)
+        if budget > 0:
+            counts[keep] = _largest_remainder(perimeters[keep], budget)
         starving = keep & (counts < min_points_per_part)
         if not starving.any() or keep.sum() == 1:
             break
         keep[np.flatnonzero(starving)[-1]] = False  # parts are sorted by area: drop the smallest
     if keep.sum() == 1:
         return resample_ring(rings[0], num_points, top_centre)
-    # The main part's block must be symmetric about sample 0 (odd size) for the flip rule to hold.
-    if counts[0] % 2 == 0:
-        counts[0] -= 1
-        others = np.flatnonzero(keep)[1:]
-        counts[others[np.argmin(counts[others])]] += 1
-    main = resample_ring(rings[0], int(counts[0]), top_centre, centred=True)
-    blocks = [main]
-    others = [i for i in np.flatnonzero(keep)[1:]]
-    centres_x = [float(rings[i][:, 0].min() + rings[i][:, 0].max()) / 2.0 for i in others]
-    for i in [others[j] for j in np.argsort(centres_x, kind="stable")]:
-        r = rings[i]
-        part_top_centre = np.array([(r[:, 0].min() + r[:, 0].max()) / 2.0, r[:, 1].min()])
-        blocks.append(resample_ring(r, int(counts[i]), part_top_centre, centred=True))
-    points = np.concatenate(blocks)
-    # Rotate so that the main part's anchor sample (the middle of its block) is sample 0.
-    return np.roll(points, -(int(counts[0]) - 1) // 2, axis=0)
+
+    # Main part: n_A samples at offsets k * step from its point nearest the box's top-centre.
+    main = rings[0]
+    n_main = int(counts[0])
+    perimeter_main = perimeters[0]
+    step_main = perimeter_main / n_main
+    s0 = nearest_arc_position(main, top_centre)
+    main_points = sample_ring(main, s0 + step_main * np.arange(n_main))
+    # Every other part hangs off the main part by a zero-width bridge between their closest points
+    # p (on the main part) and q (on the part): its block [p, q, n samples clockwise from q ..., q, p]
+    # is inserted into the main sequence where p lies, so as one polygon the bridge encloses nothing.
+    inserts: list[tuple[int, float, float, np.ndarray]] = []
+    for i in np.flatnonzero(keep)[1:]:
+        s_main, s_part = _closest_arc_positions(main, rings[i])
+        rel = float(np.mod(s_main - s0, perimeter_main))
+        centre = (rings[i].min(axis=0) + rings[i].max(axis=0)) / 2.0
+        k = rel / step_main
+        g = round(k)
+        if abs(k - g) < 1e-9 * n_main:
+            # The bridge starts exactly at main sample g (often sample 0: the anchor and the bridge
+            # are the same vertex). Put the block on the side of a_g where the part lies along the
+            # direction of travel; mirroring flips both, so the flip rule still holds.
+            tangent = main_points[(g + 1) % n_main] - main_points[(g - 1) % n_main]
+            ahead = float(np.dot(centre - main_points[g % n_main], tangent)) >= 0
+            gap = g % n_main if ahead else (g - 1) % n_main
+        else:
+            gap = min(int(k), n_main - 1)  # the block goes after main sample `gap`
+        if rel < gap * step_main - 1e-9 * perimeter_main:
+            rel += perimeter_main  # before sample 0 = at the very end of the sequence
+        n = int(counts[i])
+        bridge_main = sample_ring(main, np.array([s_main]))
+        ring_samples = sample_ring(rings[i], s_part + perimeters[i] / n * np.arange(n))
+        block = np.concatenate([bridge_main, ring_samples, ring_samples[:1], bridge_main])
+        inserts.append((gap, rel, float(centre[0]), block))
+    # Several blocks in one gap: in the order of their bridge along the main outline, then by x.
+    inserts.sort(key=lambda item: (item[0], item[1], item[2]))
+    pieces, start = [], 0
+    for gap, _, _, block in inserts:
+        pieces.append(main_points[start: gap + 1])
+        pieces.append(block)
+        start = gap + 1
+    pieces.append(main_points[start:])
+    return np.concatenate(pieces)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -348,7 +402,7 @@ def _decode_rle(seg: dict, height: int, width: int) -> np.ndarray:
         else:
             rle = {"size": [height, width], "counts": counts.encode() if isinstance(counts, str) else counts}
         return mask_utils.decode(rle).astype(bool)
-    except Exception as err:  # pycocotools raises assorted errors for corrupt counts
+    except Exception as err:  # noqa: BLE001 -- pycocotools raises assorted errors for corrupt counts
         raise _Reject(f"undecodable RLE segmentation ({type(err).__name__})") from None
 
 

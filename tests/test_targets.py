@@ -126,14 +126,28 @@ def test_multipart_per_part_splits_points_by_perimeter():
     small = [100.0, 50.0, 110.0, 50.0, 110.0, 60.0, 100.0, 60.0]  # perimeter 40, area 100
     rec, _ = targets_of([make_ann([small, big])], config=TargetConfig(contour_points=(36,)))
     pts = rec["contour_36"][0]
-    on_big = (pts[:, 0] <= 30).sum()
-    # 36 * 80/120 = 24 -> made odd (the main part is centred on sample 0) -> 23 + 13
-    assert on_big == 23 and len(pts) - on_big == 13
+    # one extra part costs 3 bridge points: 33 left, split 80 : 40 -> 22 on the big square, 11 on the small
+    # one; the block [p, q, 11 samples from q, q, p] bridges the closest points p = (30, 30), q = (100, 50)
+    part = pts[:, 0] > 30
+    assert part.sum() == 12 and (pts[~part] == [30, 30]).all(axis=1).sum() == 2
     # sample 0 is the point nearest the object box's top-centre (60, 10): the big square's corner (30, 10)
     np.testing.assert_array_equal(pts[0], [30.0, 10.0])
-    # each part's block is contiguous (cyclically): exactly two transitions between parts
-    part = pts[:, 0] > 30
-    assert (part != np.roll(part, 1)).sum() == 2
+    assert (part != np.roll(part, 1)).sum() == 2  # the block is contiguous
+    first = int(np.flatnonzero(part)[0])
+    # p lies 20 px down the big square's outline from sample 0: between samples 5 and 6 (step 80/22)
+    np.testing.assert_allclose(pts[first - 2], [30, 10 + 5 * 80 / 22], atol=GRID)
+    np.testing.assert_allclose(pts[first - 1], [30, 30], atol=GRID)
+    np.testing.assert_allclose(pts[first], [100, 50], atol=GRID)
+    np.testing.assert_allclose(pts[first + 1], [100 + 40 / 11, 50], atol=GRID)  # clockwise around the part
+    np.testing.assert_allclose(pts[first + 11], [100, 50], atol=GRID)
+    np.testing.assert_allclose(pts[first + 12], [30, 30], atol=GRID)
+    np.testing.assert_allclose(pts[first + 13], [30 - (6 * 80 / 22 - 20), 30], atol=GRID)  # past the corner
+    # as one polygon the bridge encloses nothing: its area is the sum of the two parts' areas
+    poly = pts.astype(np.float64)
+    main_ring = np.concatenate([poly[:first], poly[first + 12:]])  # p twice: a zero-length edge
+    part_ring = poly[first:first + 11]
+    assert ring_signed_area(poly) == pytest.approx(ring_signed_area(main_ring) + ring_signed_area(part_ring))
+    assert ring_signed_area(part_ring) > 90 and ring_signed_area(main_ring) > 390
     rec_l, _ = targets_of([make_ann([small, big])], config=TargetConfig(contour_points=(36,), multipart="largest"))
     assert (rec_l["contour_36"][0][:, 0] <= 30).all()
 
