@@ -333,3 +333,36 @@ def test_evaluate_gathers_across_workers_and_counts_each_image_once():
     assert metrics["bbox_AP"] == pytest.approx(1.0)
     # Only the images predicted are evaluated: half of them -> still AP 1 on that half.
     assert evaluate(model, [batch([1, 2, 3])], gt, [5], "bbox")["bbox_AP"] == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_engine_drives_the_real_lsnet():
+    modeling = pytest.importorskip("lsnet.modeling")
+    cfg_model = modeling.ModelConfig(task="bbox", num_classes=2, backbone="resnet18", pretrained=None, frozen_stages=-1,
+                                     norm_eval=False, fpn_channels=32, head_channels=32, head_convs=1, norm_groups=8)
+    model = modeling.build_model(cfg_model)
+    gen = torch.Generator().manual_seed(0)
+    boxes = [torch.tensor([[8.0, 10.0, 40.0, 50.0]]), torch.tensor([[20.0, 4.0, 60.0, 30.0]])]
+    targets = []
+    for b in boxes:
+        x1, y1, x2, y2 = b[0].tolist()
+        extreme = torch.tensor([[[(x1 + x2) / 2, y1], [x1, (y1 + y2) / 2], [(x1 + x2) / 2, y2], [x2, (y1 + y2) / 2]]])
+        targets.append(LandmarkTargets(b, torch.tensor([1]), extreme, torch.ones(1, 4, dtype=torch.bool),
+                                       torch.zeros(1, dtype=torch.bool)))
+    metas = [ImageMeta(i + 1, (64, 64), (64, 64), (1.0, 1.0)) for i in range(2)]
+    batch = Batch(torch.randn(2, 3, 64, 64, generator=gen), targets, metas)
+    cfg = TrainConfig(warmup_iters=0, log_every=1)
+    opt = build_optimizer(model, cfg, 2)
+    logs = []
+    out = train_one_epoch(model, [batch, batch], opt, build_scheduler(opt, cfg, 2), build_grad_scaler(cfg, "cpu"),
+                          TrainState(), lambda s, v: logs.append(v), cfg=cfg)
+    assert {"loss", "loss_cls", "loss_vec_init", "loss_vec_refine"} <= set(out) and np.isfinite(out["loss"])
+    assert len(logs) == 2
+    gt = {"images": [{"id": i + 1, "height": 64, "width": 64} for i in range(2)],
+          "annotations": [{"id": i + 1, "image_id": i + 1, "category_id": 7, "iscrowd": 0, "area": 100.0,
+                           "bbox": [b[0, 0].item(), b[0, 1].item(), (b[0, 2] - b[0, 0]).item(), (b[0, 3] - b[0, 1]).item()]}
+                          for i, b in enumerate(boxes)],
+          "categories": [{"id": 3, "name": "a"}, {"id": 7, "name": "b"}]}
+    model.cfg.test.score_thr = 0.0  # a barely trained model: keep whatever it finds
+    metrics = evaluate(model, [batch], gt, [3, 7], "bbox")
+    assert set(metrics) >= {"bbox_AP", "bbox_AP50"} and 0.0 <= metrics["bbox_AP"] <= 1.0
