@@ -58,6 +58,14 @@ Keypoints: the 17 COCO keypoints with their ``v`` flag (0 = not labelled, 1 = la
 2 = visible); unlabelled ones are stored at (0, 0) as in COCO. ``kps_box`` is the box of the
 labelled (v > 0) keypoints -- a zero-size box when only one is labelled -- and equals ``box`` when
 none is labelled.
+
+Validation: :func:`compute_image_targets` never raises for a bad annotation; it returns a
+:class:`Rejection` with the reason instead: ``missing bbox``, ``malformed bbox``, ``non-finite
+coordinates in ...``, ``degenerate box (w<=0 or h<=0)``, ``box outside the image`` (empty after
+clipping), ``unknown category_id``, ``no valid polygon`` (no part with >= 3 distinct vertices and
+non-zero area, or no segmentation), ``malformed polygon``, ``empty mask``, ``RLE size ... does not
+match the image size``, ``undecodable RLE``, ``malformed keypoints``. It raises only for programmer
+errors (a non-positive image size, an invalid :class:`TargetConfig`).
 """
 from __future__ import annotations
 
@@ -171,15 +179,14 @@ def sample_ring(ring: np.ndarray, positions: np.ndarray) -> np.ndarray:
     return ring[idx] + t[:, None] * edges[idx]
 
 
-def resample_ring(ring: np.ndarray, num_points: int, anchor: np.ndarray, centred: bool = False) -> np.ndarray:
-    """Resample a closed ring at ``num_points`` uniform arc-length steps, clockwise.
+def resample_ring(ring: np.ndarray, num_points: int, anchor: np.ndarray) -> np.ndarray:
+    """Resample a closed ring at ``num_points`` uniform arc-length steps, clockwise on screen.
 
     Args:
-        ring: (K, 2) vertices (any orientation; made clockwise on screen here).
+        ring: (K, 2) vertices (any orientation; made clockwise here).
         num_points: number of samples ``n``.
-        anchor: (2,) the sample positions are anchored at the ring point nearest to it.
-        centred: False -> sample ``k`` is at offset ``k * step`` from the anchor point (sample 0 is the
-            anchor point); True -> offsets ``(k - (n-1)/2) * step``, a block centred on the anchor.
+        anchor: (2,) sample 0 is the ring point nearest to it; sample ``k`` lies ``k * perimeter / n``
+            further along the ring.
     Returns:
         (num_points, 2) points.
     """
@@ -187,10 +194,7 @@ def resample_ring(ring: np.ndarray, num_points: int, anchor: np.ndarray, centred
         ring = ring[::-1]
     s0 = nearest_arc_position(ring, anchor)
     _, _, perimeter = _ring_arclength(ring)
-    offsets = np.arange(num_points, dtype=np.float64)
-    if centred:
-        offsets = offsets - (num_points - 1) / 2.0
-    return sample_ring(ring, s0 + offsets * (perimeter / num_points))
+    return sample_ring(ring, s0 + np.arange(num_points, dtype=np.float64) * (perimeter / num_points))
 
 
 def box_ring(box: np.ndarray) -> np.ndarray:
