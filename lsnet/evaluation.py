@@ -182,20 +182,33 @@ def _load_json(path: str | Path, what: str) -> Any:
         raise ValueError(f"{what} file {path} is not valid JSON: {err}") from None
 
 
-def _gt_dataset(gt: str | Path | dict | COCO) -> dict:
-    """The ground-truth COCO dict of any accepted form."""
+def _gt_coco(gt: str | Path | dict | COCO, coco_cls) -> COCO:
+    """A ``coco_cls`` index of the ground truth.
+
+    A COCO object of the backend's class is used as is (evaluating it converts its segmentation
+    polygons to RLE and sets 'ignore' flags in place, as pycocotools always does; reusing one object
+    across evaluations saves re-indexing a large ground truth). A dict, or a COCO object of the other
+    backend, is deep-copied so the caller's data never changes; a path is read fresh.
+    """
+    if isinstance(gt, coco_cls):
+        return gt
     if isinstance(gt, (str, Path)):
-        data = _load_json(gt, "ground-truth")
+        data, where = _load_json(gt, "ground-truth"), f"ground truth {gt}"
     elif isinstance(gt, dict):
-        data = gt
-    elif hasattr(gt, "dataset"):  # pycocotools or faster_coco_eval COCO object
-        data = gt.dataset
+        data, where = copy.deepcopy(gt), "ground truth"
+    elif hasattr(gt, "dataset"):  # the other backend's COCO object
+        data, where = copy.deepcopy(gt.dataset), "ground truth"
     else:
         raise TypeError(f"gt must be a path, a dict or a COCO object, got {type(gt).__name__}")
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} is not a COCO mapping")  # noqa: TRY004 (bad file content)
     for key in ("images", "annotations", "categories"):
         if key not in data:
-            raise ValueError(f"ground truth {gt if isinstance(gt, (str, Path)) else ''} has no {key!r} list")
-    return data
+            raise ValueError(f"{where} has no {key!r} list")
+    coco = coco_cls()
+    coco.dataset = data
+    coco.createIndex()
+    return coco
 
 
 def _backend(backend: str):
@@ -273,16 +286,12 @@ def evaluate_coco_detailed(
         raise TypeError("results must be a list of COCO result records")
 
     coco_cls, eval_cls, backend_name = _backend(backend)
-    gt_data = _gt_dataset(gt)
     sink = io.StringIO()
     redirect = contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext()
     metrics: dict[str, float] = {}
     per_category: dict[str, list[dict]] = {}
     with redirect:
-        gt_coco = coco_cls()
-        # A copy: pycocotools keeps references, and the caller's dict must not change under it.
-        gt_coco.dataset = copy.deepcopy(gt_data)
-        gt_coco.createIndex()
+        gt_coco = _gt_coco(gt, coco_cls)
         known_ids = set(gt_coco.getImgIds())
         unknown = sorted({r.get("image_id") for r in results} - known_ids, key=str)
         if unknown:
@@ -332,7 +341,8 @@ def evaluate_coco(
     """COCO metrics of ``results`` against ``gt``.
 
     Args:
-        gt: ground truth as a JSON path, a COCO dict or a ``COCO`` object (not modified).
+        gt: ground truth as a JSON path, a COCO dict (not modified) or a ``COCO`` object (reused as
+            is, so repeated evaluations do not re-index it).
         results: COCO result records (e.g. from :func:`detections_to_coco`) or a results JSON path.
             Records are not modified. An empty list is fine: AP 0 where there is ground truth.
         iou_types: any of ``"bbox"``, ``"segm"``, ``"keypoints"``.

@@ -162,10 +162,17 @@ def test_in_memory_results_equal_results_json(tmp_path):
     gt_path = tmp_path / "gt.json"
     gt_path.write_text(json.dumps(_synthetic_gt()))
     before = json.dumps(results)
-    in_memory = evaluate_coco(_synthetic_gt(), results, iou_types=("bbox", "segm"))
+    gt = _synthetic_gt()
+    in_memory = evaluate_coco(gt, results, iou_types=("bbox", "segm"))
     from_files = evaluate_coco(gt_path, path, iou_types=("bbox", "segm"))
     assert in_memory == from_files
     assert json.dumps(results) == before  # the caller's records are not modified
+    assert gt == _synthetic_gt()  # nor the ground-truth dict
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(gt_path))
+    # A COCO object is reused as is: evaluating it twice gives the same numbers.
+    assert evaluate_coco(coco, results, ("bbox", "segm")) == in_memory
+    assert evaluate_coco(coco, results, ("segm", "bbox")) == in_memory
     assert in_memory["bbox_AP"] < 1.0
 
 
