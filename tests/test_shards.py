@@ -241,6 +241,20 @@ def test_dataloader_workers_match_main_process(shard_dir):
     for x, y in zip(a, b):
         assert torch.equal(x.images, y.images) and x.metas == y.metas
         assert all(torch.equal(s.points, t.points) for s, t in zip(x.targets, y.targets))
+    # Persistent workers keep their dataset copy across epochs: set_epoch must still reach them.
+    loader = DataLoader(ds, batch_size=3, sampler=sampler, collate_fn=collate_batch, num_workers=2,
+                        persistent_workers=True)
+    per_epoch = {}
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        per_epoch[epoch] = list(loader)
+    ds.set_epoch(1)
+    expected = [collate_batch([ds[i] for i in idx]) for idx in
+                [list(sampler)[k:k + 3] for k in range(0, len(ds), 3)]]
+    assert [x.metas for x in per_epoch[1]] == [x.metas for x in expected]
+    assert all(torch.equal(x.images, y.images) for x, y in zip(per_epoch[1], expected))
+    assert [x.metas for x in per_epoch[0]] == [x.metas for x in a]
 
 
 def test_constant_open_shards(shard_dir):

@@ -283,7 +283,10 @@ class ShardDataset(Dataset):
             raise ValueError(f"verify must be 'sha256', 'size' or 'none', got {verify!r}")
         self.shard_dir = str(shard_dir)
         self.task, self.num_points, self.pose_box = task, num_points, pose_box
-        self.train, self.seed, self.epoch = train, seed, 0
+        self.train, self.seed = train, seed
+        # The epoch lives in shared memory so that DataLoader workers -- persistent ones included,
+        # which keep their own copy of the dataset -- see set_epoch() calls made in the main process.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.augment = AugmentConfig(scale_range=tuple(scale_range) if scale_range else None, max_size=max_size,
                                      flip_prob=flip_prob if train else 0.0, test_short_side=test_short_side)
         self.manifest = load_manifest(shard_dir)
@@ -329,9 +332,14 @@ class ShardDataset(Dataset):
     def gt_path(self) -> str:
         return posixpath.join(self.shard_dir, GT_NAME)
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        """Augmentations of sample ``i`` depend on ``(seed, epoch, i)``; call before each epoch."""
-        self.epoch = int(epoch)
+        """Augmentations of sample ``i`` depend on ``(seed, epoch, i)``; call before each epoch, before
+        ``iter(loader)`` (works with persistent DataLoader workers: the value is in shared memory)."""
+        self._epoch.fill_(int(epoch))
 
     def __len__(self) -> int:
         return self._len
