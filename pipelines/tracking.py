@@ -69,6 +69,30 @@ def resolve_tracking_uri(run_dir: str | Path, uri: str | None = None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(run_dir)
 
 
+def prepare_sqlite_store(tracking_uri: str) -> None:
+    """Create an embedded SQLite store atomically: MLflow builds a new database with dozens of
+    schema migrations, and a process killed half-way (a Ray worker whose group is restarted) would
+    leave a database that MLflow can neither use nor re-create. So the schema is built in a temporary
+    file and renamed into place. A no-op for other URIs and for existing files."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return
+    path = Path(tracking_uri.removeprefix("sqlite:///"))
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments(max_results=1)  # runs the migrations
+    try:
+        os.link(tmp, path)  # fails if another process got there first: keep theirs
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def ui_command(tracking_uri: str) -> str:
     """The command that opens the MLflow UI on a local store (or the URL of a server)."""
     if tracking_uri.startswith(("http://", "https://")):
@@ -189,6 +213,7 @@ class _Uploader:
         if state.get("run_id"):
             return state["run_id"]
         uri = state["tracking_uri"]
+        prepare_sqlite_store(uri)
         experiment = client.get_experiment_by_name(state["experiment_name"])
         if experiment is None:
             artifact_location = None
@@ -226,6 +251,7 @@ class _Uploader:
         already uploaded stay acknowledged in state.json)."""
         from mlflow.entities import Metric, Param, RunTag
 
+        prepare_sqlite_store(self.journal.state["tracking_uri"])
         client = self._client()
         run_id = self._ensure_run(client)
         done = 0

@@ -1,0 +1,221 @@
+"""Distributed training on Ray Train, end to end on synthetic shards (issue 5).
+
+- a 2-worker CPU run: losses/lr/throughput per step and COCO metrics per evaluation appear in MLflow
+  under the documented names, with params, tags and artifacts;
+- a worker killed mid-run (``os._exit`` after a given step, once): Ray restarts the worker group from
+  the latest checkpoint and the final weights equal the uninterrupted run's exactly;
+- two simulated nodes (``ray.cluster_utils.Cluster``, in a subprocess with its own Ray): one worker on
+  each;
+- config errors from ``lsnet train``.
+
+Tiny model (ResNet-18, 64 channels), 128-px images, 8 training images, 2 epochs of 2 steps per worker.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines.config import load_config
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
+
+STEP_METRICS = {"loss", "loss_cls", "loss_vec_init", "loss_vec_refine", "lr", "images_per_s"}
+BBOX_METRICS = {f"bbox_{k}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl",
+                                      "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, ray_session):
+    """Synthetic train (8 images) and val (4 images) sets, 128 px, preprocessed with Ray Data."""
+    from lsnet.data.synthetic import write_synthetic_coco
+    from pipelines.preprocess import preprocess
+
+    root = tmp_path_factory.mktemp("train_pipeline")
+    train = write_synthetic_coco(root / "synth_train", num_images=8, image_size=(128, 128), seed=0)
+    val = write_synthetic_coco(root / "synth_val", num_images=4, image_size=(128, 128), seed=1,
+                               split="val", first_image_id=5000)
+    preprocess(train.instances_json, train.image_dir, root / "shards" / "train", max_size=128,
+               contour_points=(18,), verbose=False)
+    preprocess(val.instances_json, val.image_dir, root / "shards" / "val", max_size=128,
+               contour_points=(18,), verbose=False)
+    return root
+
+
+def tiny_config(root: Path, *extra: str):
+    return load_config(REPO_ROOT / "configs" / "tiny_bbox.yaml", [
+        f"data.train_shards={root / 'shards' / 'train'}", f"data.val_shards={root / 'shards' / 'val'}",
+        f"run.storage_path={root / 'runs'}", "train.epochs=2", "train.lr_steps=[1]", "train.eval_every=2",
+        "train.log_every=1", "train.warmup_iters=2", "eval.num_overlays=2", "data.verify=sha256",
+        "tracking.flush_interval_s=0.5", *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shards, monkeypatch_module):
+    from pipelines.train import run_training
+
+    monkeypatch_module.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return run_training(tiny_config(shards), run_name="uninterrupted", verbose=False)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def test_two_worker_run_logs_to_mlflow(uninterrupted):
+    from mlflow.tracking import MlflowClient
+
+    out = uninterrupted
+    run_dir = out.run_dir
+    assert out.tracking_uri == f"sqlite:///{run_dir / 'mlflow.db'}"
+    assert out.metrics["epoch"] == 2 and out.metrics["global_step"] == 4  # 8 images / 2 workers / batch 2
+    workers = [json.loads((run_dir / "workers" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [w["world_size"] for w in workers] == [2, 2] and workers[0]["pid"] != workers[1]["pid"]
+    assert workers[0]["resumed_from"] is None
+
+    client = MlflowClient(out.tracking_uri)
+    run = client.get_run(out.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    metrics = set(run.data.metrics)
+    assert STEP_METRICS <= metrics and BBOX_METRICS <= metrics
+    for key in STEP_METRICS:  # one value per optimiser step, each step once
+        assert [m.step for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)] \
+            == [1, 2, 3, 4], key
+    ap = client.get_metric_history(run.info.run_id, "bbox_AP")
+    assert [m.step for m in ap] == [4] and 0.0 <= ap[0].value <= 1.0
+    lr = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "lr")}
+    # global batch 4 -> 0.08 * 4 / 16 = 0.02; warmup 2 steps from 0.1x, x0.1 after epoch 1 (step 2)
+    assert lr[1] == pytest.approx(0.02 * (0.1 + 0.9 * 1 / 2))
+    assert lr[3] == pytest.approx(0.002) and lr[4] == pytest.approx(0.002)
+    params = run.data.params
+    assert params["model.backbone"] == "resnet18" and params["train.epochs"] == "2"
+    assert params["run.num_workers"] == "2" and params["name"] == "tiny_bbox"
+    tags = run.data.tags
+    for tag in ("git_commit", "config_name", "dataset_manifest_sha256", "ray_job_id"):
+        assert tags.get(tag), tag
+    assert tags["config_name"] == "tiny_bbox" and len(tags["dataset_manifest_sha256"]) == 64
+
+    def files(path=None):
+        out = []
+        for item in client.list_artifacts(run.info.run_id, path):
+            out += files(item.path) if item.is_dir else [item.path]
+        return out
+
+    artifacts = set(files())
+    assert {"config/config.yaml", "checkpoints/model_final.pt", "checkpoints/model_best.pt",
+            "eval/per_category_bbox_epoch0002.txt"} <= artifacts
+    assert len([a for a in artifacts if a.startswith("overlays/epoch_0002/") and a.endswith(".png")]) == 2
+    # Ray kept the latest checkpoint (which is also the only evaluated, hence best, one)
+    ckpts = sorted(p.name for p in run_dir.glob("checkpoint_epoch_*"))
+    assert ckpts[-1] == "checkpoint_epoch_0002" and len(ckpts) <= 2
+    state = torch.load(run_dir / "checkpoint_epoch_0002" / "state.pt", weights_only=True)
+    assert state["train_state"]["global_step"] == 4
+    assert (run_dir / "checkpoint_epoch_0002" / "rng_rank1.pt").exists()
+    # the final weights file is the last checkpoint's model
+    final = _weights(run_dir / "model_final.pt")
+    assert all(torch.equal(final[k], state["model"][k]) for k in final)
+
+
+def test_killed_worker_resumes_to_identical_weights(shards, uninterrupted):
+    """Worker 1 exits abruptly after step 3 (epoch 2); Ray restarts the group from the epoch-1
+    checkpoint; the final weights equal the uninterrupted run's bit for bit (CPU)."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.train import FAULT_MARKER, run_training
+
+    out = run_training(tiny_config(shards, "run.fail_at_step=3", "run.fail_rank=1", "run.max_failures=2"),
+                       run_name="killed", verbose=False)
+    assert (out.run_dir / FAULT_MARKER).exists()  # the fault really fired
+    # the restarted workers continued from the epoch-1 checkpoint (not from scratch)
+    for rank in (0, 1):
+        info = json.loads((out.run_dir / "workers" / f"rank{rank}.json").read_text())
+        assert info["resumed_from"] == {"epoch": 1, "step": 2}
+    assert out.metrics["global_step"] == 4
+    resumed = _weights(out.run_dir / "model_final.pt")
+    reference = _weights(uninterrupted.run_dir / "model_final.pt")
+    assert resumed.keys() == reference.keys()
+    different = [k for k in reference if not torch.equal(resumed[k], reference[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    # ... and the fault changed nothing else: one MLflow run, each step logged once
+    client = MlflowClient(out.tracking_uri)
+    runs = client.search_runs([client.get_run(out.mlflow_run_id).info.experiment_id],
+                              filter_string="attributes.run_name = 'killed'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(out.mlflow_run_id, "loss")) == [1, 2, 3, 4]
+
+
+MULTINODE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import ray
+    from ray.cluster_utils import Cluster
+    from pipelines.config import load_config
+    from pipelines.train import run_training
+
+    root = sys.argv[1]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+    cfg = load_config("configs/tiny_bbox.yaml", [
+        f"data.train_shards={root}/shards/train", f"data.val_shards=null", f"run.storage_path={root}/runs",
+        "train.epochs=1", "train.lr_steps=[]", "tracking.enabled=false", "run.resources_per_worker={CPU: 1}",
+        "data.max_train_images=4"])
+    out = run_training(cfg, run_name="multinode", verbose=False)
+    workers = [json.load(open(f"{out.run_dir}/workers/rank{r}.json")) for r in range(2)]
+    print("RESULT " + json.dumps({"nodes": nodes, "workers": [w["node_id"] for w in workers],
+                                  "step": out.metrics["global_step"]}))
+    ray.shutdown()
+    cluster.shutdown()
+""")
+
+
+def test_two_simulated_nodes_one_worker_each(shards, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", MULTINODE_SCRIPT, str(shards)], cwd=REPO_ROOT, env=env,
+                          check=False, capture_output=True, text=True, timeout=400)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    assert len(result["nodes"]) == 2
+    # one worker on each node: the two workers report the two different nodes of the cluster
+    assert sorted(result["workers"]) == result["nodes"]
+    assert result["step"] == 1  # 4 images / 2 workers / batch 2
+
+
+def test_cli_config_errors(tmp_path, capsys):
+    from pipelines.cli import main
+
+    assert main(["train", str(REPO_ROOT / "configs" / "tiny_bbox.yaml"), "--set", "train.epocs=3"]) == 2
+    assert "unknown config key train.epocs" in capsys.readouterr().err
+    assert main(["train", str(REPO_ROOT / "configs" / "tiny_bbox.yaml"), "--set", "run.num_workers=two"]) == 2
+    assert "run.num_workers" in capsys.readouterr().err
+    assert main(["train", str(REPO_ROOT / "configs" / "tiny_bbox.yaml"), "--num-workers", "3",
+                 "--set", "train.epochs=5", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "num_workers: 3" in printed and "epochs: 5" in printed
+
+
+def test_missing_shards_is_a_clear_error(tmp_path, ray_session):
+    from lsnet.config import ConfigError
+    from pipelines.train import run_training
+
+    cfg = load_config(REPO_ROOT / "configs" / "tiny_bbox.yaml",
+                      [f"data.train_shards={tmp_path / 'nope'}", f"run.storage_path={tmp_path / 'runs'}"])
+    with pytest.raises(ConfigError, match="nope.*manifest.json"):
+        run_training(cfg, run_name="missing", verbose=False)
