@@ -1,0 +1,150 @@
+"""``lsnet bench model``: LSNet R-50 (bbox) beside torchvision's FCOS R-50-FPN, CPU, same run.
+
+Measures, at the same input size and batch (default 512×512, batch 2):
+
+- the time of one training step (forward with targets, backward, SGD step) and of one inference
+  forward (eval mode, ``torch.inference_mode``, post-processing included) of both models;
+- parameter counts of both and of the three task models (bbox N=4 / segm N=36 with 80 classes,
+  pose N=17 with 1 class).
+
+Both models start from random weights (``fcos_resnet50_fpn(weights=None, weights_backbone=None)``,
+which then uses trainable BatchNorm in every stage). LSNet is timed twice: with the same backbone
+treatment as that FCOS (nothing frozen, BatchNorm training — the like-for-like row used by the
+checks) and with the paper's fine-tuning recipe (stem+stage 1 frozen, frozen BN). FCOS's internal
+transform is set to ``min_size = max_size = image_size`` so it does not resize the input. Timings
+alternate between the models (median of ``repeats``) so that load on the machine hits both alike.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torchvision
+
+from lsnet.bench import BenchResult
+from lsnet.modeling import ModelConfig, build_model
+from lsnet.structures import LandmarkTargets
+
+
+def _random_objects(batch: int, size: int, num_objects: int, num_classes: int, seed: int):
+    """Boxes with their extreme points (on the box edges) for both models."""
+    g = torch.Generator().manual_seed(seed)
+    lsnet_targets, fcos_targets = [], []
+    for _ in range(batch):
+        wh = torch.rand(num_objects, 2, generator=g) * size * 0.45 + size * 0.05
+        xy = torch.rand(num_objects, 2, generator=g) * (size - wh)
+        boxes = torch.cat([xy, xy + wh], dim=1)
+        labels = torch.randint(0, num_classes, (num_objects,), generator=g)
+        x1, y1, x2, y2 = boxes.unbind(1)
+        t = torch.rand(num_objects, 4, generator=g)  # where on each edge the extreme point lies
+        points = torch.stack([
+            torch.stack([x1 + t[:, 0] * wh[:, 0], y1], 1), torch.stack([x1, y1 + t[:, 1] * wh[:, 1]], 1),
+            torch.stack([x1 + t[:, 2] * wh[:, 0], y2], 1), torch.stack([x2, y1 + t[:, 3] * wh[:, 1]], 1),
+        ], dim=1)
+        lsnet_targets.append(LandmarkTargets(boxes, labels, points, torch.ones(num_objects, 4, dtype=torch.bool),
+                                             torch.zeros(num_objects, dtype=torch.bool)))
+        fcos_targets.append({"boxes": boxes, "labels": labels + 1})  # torchvision: 0 = background
+    return lsnet_targets, fcos_targets
+
+
+def _num_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _lsnet_task_params() -> list[dict]:
+    rows = []
+    for task, classes in (("bbox", 80), ("segm", 80), ("pose", 1)):
+        # norm_eval=False: BatchNorm affine weights count as parameters, as in the FCOS count
+        model = build_model(ModelConfig(task=task, num_classes=classes, norm_eval=False))
+        rows.append({"model": f"lsnet_r50_{task}", "classes": classes, "num_points": model.cfg.num_points,
+                     "params_M": _num_params(model) / 1e6})
+    return rows
+
+
+def run(image_size: int = 512, batch_size: int = 2, num_objects: int = 5, warmup: int = 1, repeats: int = 3,
+        num_threads: int | None = None, seed: int = 0, train_target: float = 1.5,
+        infer_target: float = 1.4) -> BenchResult:
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    torch.manual_seed(seed)
+    images = torch.randn(batch_size, 3, image_size, image_size)
+    lsnet_targets, fcos_targets = _random_objects(batch_size, image_size, num_objects, 80, seed)
+
+    fcos = torchvision.models.detection.fcos_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=91, min_size=image_size, max_size=image_size)
+    models = {
+        "lsnet_r50_bbox": build_model(ModelConfig(task="bbox", num_classes=80, frozen_stages=-1, norm_eval=False)),
+        "lsnet_r50_bbox_frozen": build_model(ModelConfig(task="bbox", num_classes=80)),
+        "fcos_r50_fpn": fcos,
+    }
+    fcos_images = list(images)  # FCOS takes a list of (3, H, W) images
+
+    def train_step(name: str) -> float:
+        model = models[name]
+        model.train()
+        opt = optimizers[name]
+        start = time.perf_counter()
+        if name.startswith("lsnet"):
+            losses = model(images, lsnet_targets)["loss"]
+        else:
+            losses = sum(model(fcos_images, fcos_targets).values())
+        opt.zero_grad(set_to_none=True)
+        losses.backward()
+        opt.step()
+        return time.perf_counter() - start
+
+    def infer(name: str) -> float:
+        model = models[name]
+        model.eval()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model(images) if name.startswith("lsnet") else model(fcos_images)
+        return time.perf_counter() - start
+
+    optimizers = {name: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+                  for name, m in models.items()}
+    times = {(name, kind): [] for name in models for kind in ("train", "infer")}
+    for i in range(warmup + repeats):
+        for name in models:  # alternate so that machine load hits every model alike
+            t_train = train_step(name)
+            t_infer = infer(name)
+            if i >= warmup:
+                times[(name, "train")].append(t_train)
+                times[(name, "infer")].append(t_infer)
+
+    med = {key: statistics.median(v) for key, v in times.items()}
+    rows = []
+    for name, model in models.items():
+        rows.append({
+            "model": name,
+            "params_M": _num_params(model) / 1e6,
+            "trainable_M": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
+            "train_step_s": med[(name, "train")],
+            "infer_s": med[(name, "infer")],
+            "train_vs_fcos": med[(name, "train")] / med[("fcos_r50_fpn", "train")],
+            "infer_vs_fcos": med[(name, "infer")] / med[("fcos_r50_fpn", "infer")],
+            "train_all_s": [round(t, 4) for t in times[(name, "train")]],
+            "infer_all_s": [round(t, 4) for t in times[(name, "infer")]],
+        })
+    rows += _lsnet_task_params()
+
+    train_ratio = med[("lsnet_r50_bbox", "train")] / med[("fcos_r50_fpn", "train")]
+    infer_ratio = med[("lsnet_r50_bbox", "infer")] / med[("fcos_r50_fpn", "infer")]
+    checks = {
+        "train_step_vs_fcos": {"value": round(train_ratio, 3), "target": f"<= {train_target}",
+                               "ok": train_ratio <= train_target},
+        "inference_vs_fcos": {"value": round(infer_ratio, 3), "target": f"<= {infer_target}",
+                              "ok": infer_ratio <= infer_target},
+    }
+    notes = [
+        f"CPU, {torch.get_num_threads()} threads, input {batch_size}x3x{image_size}x{image_size}, "
+        f"{num_objects} objects per image, median of {repeats} after {warmup} warm-up",
+        "lsnet_r50_bbox: nothing frozen, BatchNorm trained (like fcos_resnet50_fpn without weights); "
+        "lsnet_r50_bbox_frozen: the paper's recipe (stem + stage 1 frozen, FrozenBatchNorm2d)",
+        "params_M of the task rows count BatchNorm affine weights (norm_eval=False) like FCOS; "
+        "FrozenBatchNorm2d keeps them as buffers",
+    ]
+    columns = ["model", "params_M", "trainable_M", "train_step_s", "infer_s", "train_vs_fcos", "infer_vs_fcos",
+               "classes", "num_points"]
+    return BenchResult(rows=rows, columns=columns, checks=checks, notes=notes)
