@@ -133,7 +133,8 @@ def cross_iou_autograd(pred: Tensor, target: Tensor) -> Tensor:
     vectors coincide, so their cIOU is 1.
 
     Args:
-        pred, target: (..., 4) non-negative components.
+        pred, target: (..., K) non-negative components: K = 4 for one vector; the reference form
+            pools several vectors into one overlap with K = 4V.
     Returns:
         (...) cIOU in [0, 1].
     """
@@ -303,6 +304,7 @@ def cross_iou_loss_reference(
     visible: Tensor | None = None,
     last_is_centre: bool = True,
     group_stride: int = 9,
+    penalty: bool = True,
     eps: float = 1e-6,
 ) -> Tensor:
     """The authors' form of the cross-IOU loss (unweighted, per object), DESIGN.md §2.
@@ -329,6 +331,10 @@ def cross_iou_loss_reference(
         task: ``"bbox"`` | ``"polygon"`` | ``"keypoint"`` (or ``"segm"`` | ``"pose"``).
         anchors: (n, 2) anchor ``x, y`` (needed to place the decoded box, unused for keypoints).
         visible: (n, V) bool, keypoint task only (None = all visible).
+        group_stride: polygon task: number of groups (9 in the reference).
+        penalty: add the CIoU-style penalty (bbox and polygon). ``False`` isolates the reference's
+            overlap term, so an ablation can compare the two differences from Eq. (1) separately;
+            anchors and ``bbox_gt_xyxy`` are then not needed.
     Returns:
         (n,) loss per object.
     """
@@ -365,24 +371,26 @@ def cross_iou_loss_reference(
             per_axis = per_axis * visible.to(per_axis.dtype).repeat_interleave(2, dim=1)
         return 1.0 - per_axis.sum(-1) / per_axis.shape[1]
 
+    if task == "bbox":
+        if num_vectors < 4:
+            raise ValueError(f"bbox task needs the 4 extreme-point vectors, got V={num_vectors}")
+        overlaps = cross_iou_autograd(pred, target_v.flatten(1))
+    else:
+        groups = [
+            cross_iou_autograd(pred_v[:, start::group_stride].flatten(1), target_v[:, start::group_stride].flatten(1))
+            for start in range(group_stride)
+        ]
+        overlaps = torch.stack(groups, dim=-1).mean(-1)
+    if not penalty:
+        return 1.0 - overlaps
+
     if anchors is None or bbox_gt_xyxy is None:
         raise ValueError(f"task {task!r} needs anchors (n, 2) and bbox_gt_xyxy (n, 4) for its penalty term")
     points = anchors[:, None, :] + _decode_signed(pred_v)  # (n, V, 2) x, y
     if task == "bbox":
-        if num_vectors < 4:
-            raise ValueError(f"bbox task needs the 4 extreme-point vectors, got V={num_vectors}")
-        target_flat = target_v.flatten(1)
-        overlaps = _safe_ratio(
-            torch.minimum(pred, target_flat).sum(-1), torch.maximum(pred, target_flat).sum(-1), 1.0
-        )
         # Extreme points in (top, left, bottom, right) order give x1 = left.x, y1 = top.y, ...
         pred_boxes = torch.stack([points[:, 1, 0], points[:, 0, 1], points[:, 3, 0], points[:, 2, 1]], dim=-1)
     else:
-        groups = []
-        for start in range(group_stride):
-            p, t = pred_v[:, start::group_stride].flatten(1), target_v[:, start::group_stride].flatten(1)
-            groups.append(_safe_ratio(torch.minimum(p, t).sum(-1), torch.maximum(p, t).sum(-1), 1.0))
-        overlaps = torch.stack(groups, dim=-1).mean(-1)
         contour = points[:, :-1] if last_is_centre else points
         pred_boxes = torch.cat([contour.amin(dim=1), contour.amax(dim=1)], dim=-1)
     return 1.0 - overlaps + _reference_penalty(pred_boxes, bbox_gt_xyxy, overlaps, eps)
@@ -405,6 +413,7 @@ def vector_loss(
     gt_boxes: Tensor | None = None,
     task: str = "bbox",
     last_is_centre: bool = False,
+    reference_penalty: bool = True,
 ) -> Tensor:
     """Cross-IOU loss of predicted vectors, in the paper's or the reference code's form.
 
@@ -420,6 +429,8 @@ def vector_loss(
         reduction, avg_factor: as in :func:`cross_iou_loss`.
         task: ``"bbox"`` | ``"segm"`` | ``"pose"``; only the reference form depends on it.
         last_is_centre: reference form: the last vector is the box centre (authors' head layout).
+        reference_penalty: reference form: add the CIoU-style penalty (``penalty`` of
+            :func:`cross_iou_loss_reference`); ``False`` keeps only its overlap term.
     Returns:
         scalar, or (P,) for ``reduction="none"``.
     """
@@ -446,6 +457,7 @@ def vector_loss(
         anchors=anchors,
         visible=visible,
         last_is_centre=last_is_centre,
+        penalty=reference_penalty,
     )
     return _reduce(per_object, weight, reduction, avg_factor, num)
 

@@ -425,3 +425,38 @@ def test_losses_benchmark_runner_smoke():
     }
     assert set(result.checks) == {"cross_iou_vs_giou_per_object_64"}
     assert all(row["median_ms"] > 0 for row in result.rows)
+
+
+def test_reference_penalty_switch_bbox_hand_values():
+    # Anchor (0, 0), extreme points 2 px away on each side: target vectors (alpha = 0, unsoftened)
+    # top [2,0,0,0], left [0,0,2,0], bottom [0,2,0,0], right [0,0,0,2]. Prediction: top only 1 up,
+    # right 4 to the right. Reference overlap pools all 16 components: min 1+2+2+2 = 7,
+    # max 2+2+2+4 = 10 -> 1 - 0.7 = 0.3. (The paper's per-vector mean: 1 - (0.5+1+1+0.5)/4 = 0.25.)
+    target = torch.tensor([[[2.0, 0, 0, 0], [0, 0, 2, 0], [0, 2, 0, 0], [0, 0, 0, 2]]])
+    pred = torch.tensor([[[1.0, 0, 0, 0], [0, 0, 2, 0], [0, 2, 0, 0], [0, 0, 0, 4]]])
+    anchors, gt_boxes = torch.zeros(1, 2), torch.tensor([[-2.0, -2.0, 2.0, 2.0]])
+    kwargs = {"form": "reference", "task": "bbox", "alpha": 0.0, "anchors": anchors, "gt_boxes": gt_boxes}
+    assert vector_loss(pred, target, **kwargs, reference_penalty=False).item() == pytest.approx(0.3, abs=1e-6)
+    assert vector_loss(pred, target, form="paper", alpha=0.0).item() == pytest.approx(0.25, abs=1e-6)
+    # Penalty: decoded box [-2, -1, 4, 2] vs gt [-2, -2, 2, 2]; centres (1, 0.5) and (0, 0): rho^2 = 1.25;
+    # enclosing box 6 x 4: c^2 = 52; v = 4/pi^2 (atan(4/4) - atan(6/3))^2; term v^2 / (1 - 0.7 + v).
+    v = 4 / math.pi**2 * (math.atan(1.0) - math.atan(2.0)) ** 2
+    expected = 0.3 + 1.25 / 52 + v**2 / (0.3 + v)
+    assert vector_loss(pred, target, **kwargs).item() == pytest.approx(expected, abs=1e-5)
+    # Without the penalty no box is needed.
+    assert cross_iou_loss_reference(
+        pred.flatten(1), target.flatten(1), target.flatten(1) > 0, None, "bbox", 0.0, penalty=False
+    ).item() == pytest.approx(0.3, abs=1e-6)
+
+
+def test_reference_polygon_groups_pool_every_ninth_vector():
+    # 18 vectors -> 9 groups {i, i + 9}. Halving vector 0 only lowers group 0:
+    # overlap_0 = (|q0|/2 + |q9|) / (|q0| + |q9|) with softened |.|_1 norms; the others are 1.
+    target, _ = _random_targets(1, 18, dtype=torch.float64)
+    soft = soften_targets(target, 0.2)
+    pred = soft.clone()
+    pred[0, 0] *= 0.5
+    n0, n9 = soft[0, 0].sum().item(), soft[0, 9].sum().item()
+    expected = 1 - (8 + (n0 / 2 + n9) / (n0 + n9)) / 9
+    loss = vector_loss(pred, target, form="reference", task="segm", reference_penalty=False, reduction="none")
+    assert loss.item() == pytest.approx(expected, abs=1e-12)
