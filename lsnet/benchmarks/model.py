@@ -57,7 +57,7 @@ def _lsnet_task_params() -> list[dict]:
     for task, classes in (("bbox", 80), ("segm", 80), ("pose", 1)):
         # norm_eval=False: BatchNorm affine weights count as parameters, as in the FCOS count
         model = build_model(ModelConfig(task=task, num_classes=classes, norm_eval=False))
-        rows.append({"model": f"lsnet_r50_{task}", "classes": classes, "num_points": model.cfg.num_points,
+        rows.append({"model": f"lsnet_r50_{task} (params)", "classes": classes, "num_points": model.cfg.num_points,
                      "params_M": _num_params(model) / 1e6})
     return rows
 
@@ -138,12 +138,12 @@ def run(image_size: int = 512, batch_size: int = 2, num_objects: int = 5, warmup
                               "ok": infer_ratio <= infer_target},
     }
     notes = [
-        f"CPU, {torch.get_num_threads()} threads, input {batch_size}x3x{image_size}x{image_size}, "
-        f"{num_objects} objects per image, median of {repeats} after {warmup} warm-up",
-        "lsnet_r50_bbox: nothing frozen, BatchNorm trained (like fcos_resnet50_fpn without weights); "
-        "lsnet_r50_bbox_frozen: the paper's recipe (stem + stage 1 frozen, FrozenBatchNorm2d)",
-        "params_M of the task rows count BatchNorm affine weights (norm_eval=False) like FCOS; "
-        "FrozenBatchNorm2d keeps them as buffers",
+        (f"CPU, {torch.get_num_threads()} threads, input {batch_size}x3x{image_size}x{image_size}, "
+        f"{num_objects} objects per image, median of {repeats} after {warmup} warm-up"),
+        ("lsnet_r50_bbox: nothing frozen, BatchNorm trained (like fcos_resnet50_fpn without weights); "
+        "lsnet_r50_bbox_frozen: the paper's recipe (stem + stage 1 frozen, FrozenBatchNorm2d)"),
+        ("params_M of the task rows count BatchNorm affine weights (norm_eval=False) like FCOS; "
+        "FrozenBatchNorm2d keeps them as buffers"),
     ]
     columns = ["model", "params_M", "trainable_M", "train_step_s", "infer_s", "train_vs_fcos", "infer_vs_fcos",
                "classes", "num_points"]
