@@ -93,16 +93,17 @@ def _level_ranges(num_points_per_level: Sequence[int]) -> list[tuple[int, int]]:
 
 
 def _points_inside(points: Tensor, boxes: Tensor, eps: float) -> Tensor:
-    """(P, M) bool: point ``p`` lies inside box ``m`` with a margin ``eps`` (``eps < 0`` includes edges)."""
-    x, y = points[:, 0:1], points[:, 1:2]
-    return (x - boxes[:, 0] > eps) & (y - boxes[:, 1] > eps) & (boxes[:, 2] - x > eps) & (boxes[:, 3] - y > eps)
+    """Whether points (..., 2) lie inside boxes (..., 4) (shapes broadcast) with a margin ``eps``
+    from every edge (``eps < 0`` includes the edges). Returns the broadcast (...) bool."""
+    x, y = points[..., 0], points[..., 1]
+    return (x - boxes[..., 0] > eps) & (y - boxes[..., 1] > eps) & (boxes[..., 2] - x > eps) & (boxes[..., 3] - y > eps)
 
 
 def _mark_ignored(labels: Tensor, points: Tensor, ignore_boxes: Tensor) -> Tensor:
     """Points inside (edges included) any ignore box that are not positive become :data:`IGNORED`."""
     if ignore_boxes.shape[0] == 0 or points.shape[0] == 0:
         return labels
-    inside_any = _points_inside(points, ignore_boxes, eps=-INSIDE_EPS).any(dim=1)
+    inside_any = _points_inside(points[:, None], ignore_boxes, eps=-INSIDE_EPS).any(dim=1)  # (P, G) -> (P,)
     return torch.where(inside_any & (labels < 0), torch.full_like(labels, IGNORED), labels)
 
 
@@ -361,10 +362,8 @@ def assign_atss(
         cand_index, cand_iou, threshold = atss_candidates(points, num_points_per_level, strides, boxes,
                                                           topk, anchor_scale, anchor_boxes)
         # (K, M) centre-inside test, evaluated only for the candidates.
-        cand_points = points[cand_index]  # (K, M, 2)
-        margin = torch.stack([cand_points[..., 0] - boxes[:, 0], cand_points[..., 1] - boxes[:, 1],
-                              boxes[:, 2] - cand_points[..., 0], boxes[:, 3] - cand_points[..., 1]], -1)
-        positive = (cand_iou >= threshold[None]) & (margin.amin(-1) > INSIDE_EPS)
+        inside = _points_inside(points[cand_index], boxes, eps=INSIDE_EPS)
+        positive = (cand_iou >= threshold[None]) & inside
         gt_of_cand = active[None].expand_as(cand_index)
         labels = _resolve_conflicts(num_points, cand_index[positive], gt_of_cand[positive], cand_iou[positive],
                                     higher_is_better=True)
