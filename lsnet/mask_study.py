@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +127,3 @@ def mask_study(coco_json_path: str | Path, num_points: tuple[int, ...] | list[in
     for name, dets in predictions.items():
         results[name] = {**_evaluate_segm(coco_gt, dets), "mean_iou": float(np.mean(ious[name]))}
     return {"num_images": len(coco_gt.getImgIds()), "num_instances": num_instances, "results": results}
-
-
-def write_json(result: dict, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(result, indent=2))

@@ -23,7 +23,6 @@ def test_polar_points_take_the_farthest_crossing_and_misses_give_the_centre():
     # the ray to the right crosses the right arm twice (x = 60 and x = 100) -> the farther one.
     u = np.array([[20.0, 30.0], [40.0, 30.0], [40.0, 80.0], [60.0, 80.0], [60.0, 30.0], [100.0, 30.0],
                   [100.0, 100.0], [20.0, 100.0]])
-    u[4:6, 0] = [60.0, 100.0]
     centre = np.array([50.0, 60.0])
     pts = polar_points([u], centre, 4)
     np.testing.assert_allclose(pts[0], [100, 60])
