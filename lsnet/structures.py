@@ -83,7 +83,7 @@ class LandmarkTargets:
         return (self.boxes[:, :2] + self.boxes[:, 2:]) / 2
 
     @classmethod
-    def empty(cls, num_points: int) -> "LandmarkTargets":
+    def empty(cls, num_points: int) -> LandmarkTargets:
         return cls(
             boxes=torch.zeros(0, 4),
             labels=torch.zeros(0, dtype=torch.int64),
@@ -92,10 +92,10 @@ class LandmarkTargets:
             iscrowd=torch.zeros(0, dtype=torch.bool),
         )
 
-    def to(self, device: torch.device | str) -> "LandmarkTargets":
+    def to(self, device: torch.device | str) -> LandmarkTargets:
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
-    def __getitem__(self, index) -> "LandmarkTargets":
+    def __getitem__(self, index) -> LandmarkTargets:
         return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
 
@@ -134,7 +134,7 @@ class Batch:
     targets: list[LandmarkTargets]
     metas: list[ImageMeta]
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         return Batch(self.images.to(device, non_blocking=True), [t.to(device) for t in self.targets], self.metas)
 
     def __len__(self) -> int:
@@ -158,7 +158,7 @@ class Detections:
     def __len__(self) -> int:
         return self.boxes.shape[0]
 
-    def to(self, device: torch.device | str) -> "Detections":
+    def to(self, device: torch.device | str) -> Detections:
         ps = None if self.point_scores is None else self.point_scores.to(device)
         return Detections(self.boxes.to(device), self.scores.to(device), self.labels.to(device),
                           self.points.to(device), ps)
