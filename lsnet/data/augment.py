@@ -17,10 +17,10 @@ to a multiple of :data:`lsnet.structures.SIZE_DIVISOR`.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
@@ -70,13 +70,22 @@ def resized_shape(height: int, width: int, short_side: int | None, max_size: int
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
+def uniforms(seed: int, epoch: int, index: int) -> tuple[float, float]:
+    """Two uniform numbers in [0, 1) that are a pure, portable function of ``(seed, epoch, index)``.
+
+    A keyed hash rather than a seeded generator: ~1 µs instead of ~10 µs per sample, and identical on
+    every platform, process and reader.
+    """
+    digest = hashlib.blake2b(b"%d,%d,%d" % (seed, epoch, index), digest_size=16).digest()
+    return int.from_bytes(digest[:8], "little") / 2.0**64, int.from_bytes(digest[8:], "little") / 2.0**64
+
+
 def sample_params(cfg: AugmentConfig, train: bool, seed: int, epoch: int, index: int) -> tuple[int | None, bool]:
     """``(short_side, flip)`` of sample ``index``: a pure function of ``(seed, epoch, index)``."""
     if not train:
         short = cfg.test_short_side or (cfg.scale_range[1] if cfg.scale_range else None)
         return short, False
-    rng = np.random.default_rng([seed, epoch, index])
-    draw_short, draw_flip = rng.random(2)  # always two draws: params stay stable if a setting changes
+    draw_short, draw_flip = uniforms(seed, epoch, index)  # both always drawn: stable if a setting changes
     short = None
     if cfg.scale_range is not None:
         lo, hi = cfg.scale_range

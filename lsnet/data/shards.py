@@ -65,6 +65,9 @@ META_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
     ("num_objects", pa.int32()),
 )
 
+#: Shards start with the META_FIELDS columns, in this order.
+_IMAGE_COLUMN = [name for name, _ in META_FIELDS].index("image")
+
 
 class ShardError(RuntimeError):
     """A shard directory is missing, inconsistent or corrupted (the message names the file)."""
@@ -134,9 +137,8 @@ def record_from_batch(batch: pa.RecordBatch, row: int = 0,
     m = int(batch.column("num_objects")[row].as_py())
     record = {}
     for name, (_dtype, shape) in columns.items():
-        values = batch.column(name)[row].values  # respects list offsets
-        arr = values.to_numpy(zero_copy_only=False)
-        record[name] = arr.reshape((m, *shape))
+        values = batch.column(name)[row].values  # this row's slice of the flat values (zero-copy)
+        record[name] = values.to_numpy(zero_copy_only=False).reshape((m, *shape))
     return record
 
 
@@ -302,6 +304,10 @@ class ShardDataset(Dataset):
         paths = [posixpath.join(root, s["file"]) for s in self.manifest["shards"]]
         self._readers = _ShardReaders(fs, paths, max_open_shards)
         self._columns = record_columns(tuple(self.manifest["config"]["target"]["contour_points"]))
+        # __getitem__ converts only what record_to_targets reads for this task (fewer Arrow calls).
+        task_columns = {"bbox": ["extreme"], "segm": [f"contour_{num_points or TASK_NUM_POINTS['segm']}"],
+                        "pose": ["keypoints", "keypoint_vis", "kps_box"]}[task]
+        self._task_columns = {n: self._columns[n] for n in ["box", "label", "iscrowd", *task_columns]}
         # Global index -> (shard, row): cumulative row counts, O(#shards) memory.
         rows = [int(s["rows"]) for s in self.manifest["shards"]]
         if skip_empty:
@@ -353,17 +359,21 @@ class ShardDataset(Dataset):
         shard = bisect.bisect_right(self._starts, index) - 1
         return shard, int(index - self._starts[shard])
 
-    def raw(self, index: int) -> tuple[bytes | pa.Buffer, dict[str, np.ndarray], dict[str, Any]]:
-        """(JPEG bytes buffer, record in the stored frame, row metadata) of sample ``index``."""
+    def raw(self, index: int, all_columns: bool = True) -> tuple[pa.Buffer, dict[str, np.ndarray], dict[str, Any]]:
+        """(JPEG bytes buffer, record in the stored frame, row metadata) of sample ``index``.
+
+        ``all_columns=False`` returns only the record columns the task needs.
+        """
         shard, row = self.locate(index)
         batch = self._readers.get(shard).get_batch(row)
-        meta = {n: batch.column(n)[0].as_py() for n, _ in META_FIELDS if n != "image"}
-        image = batch.column("image")[0].as_buffer()
-        return image, record_from_batch(batch, 0, self._columns), meta
+        meta = {name: batch.column(i)[0].as_py() for i, (name, _) in enumerate(META_FIELDS) if name != "image"}
+        image = batch.column(_IMAGE_COLUMN)[0].as_buffer()
+        record = record_from_batch(batch, 0, self._columns if all_columns else self._task_columns)
+        return image, record, meta
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, LandmarkTargets, ImageMeta]:
         index = int(index)
-        data, record, meta = self.raw(index)
+        data, record, meta = self.raw(index, all_columns=False)
         image = decode_jpeg(data)
         targets = record_to_targets(record, self.task, self.num_points, self.pose_box)
         image_meta = ImageMeta(
