@@ -254,11 +254,13 @@ def extreme_points_from_mask(mask: np.ndarray, tolerance: float) -> np.ndarray:
     def middle_of(pixels: np.ndarray) -> float:  # extent of the unit squares at these indices
         return 0.5 * (float(pixels.min()) + float(pixels.max()) + 1.0)
 
-    # A row r belongs to the top band when its square [r, r+1) reaches into [ymin, ymin + tol].
-    top_rows = (np.arange(mask.shape[0]) < max(ymin + tol_y, ymin + 1e-9)) & (np.arange(mask.shape[0]) >= ymin)
-    bottom_rows = (np.arange(mask.shape[0]) + 1 > min(ymax - tol_y, ymax - 1e-9)) & (np.arange(mask.shape[0]) < ymax)
-    left_cols = (np.arange(mask.shape[1]) < max(xmin + tol_x, xmin + 1e-9)) & (np.arange(mask.shape[1]) >= xmin)
-    right_cols = (np.arange(mask.shape[1]) + 1 > min(xmax - tol_x, xmax - 1e-9)) & (np.arange(mask.shape[1]) < xmax)
+    # A row r belongs to the top band when its square [r, r+1) reaches into [ymin, ymin + tol)
+    # (the first row always does, also for tol = 0); likewise for the other three sides.
+    r, c = np.arange(mask.shape[0]), np.arange(mask.shape[1])
+    top_rows = (r >= ymin) & (r < max(ymin + tol_y, ymin + 1e-9))
+    bottom_rows = (r < ymax) & (r + 1 > min(ymax - tol_y, ymax - 1e-9))
+    left_cols = (c >= xmin) & (c < max(xmin + tol_x, xmin + 1e-9))
+    right_cols = (c < xmax) & (c + 1 > min(xmax - tol_x, xmax - 1e-9))
     top = (middle_of(np.flatnonzero(mask[top_rows].any(axis=0))), ymin)
     bottom = (middle_of(np.flatnonzero(mask[bottom_rows].any(axis=0))), ymax)
     left = (xmin, middle_of(np.flatnonzero(mask[:, left_cols].any(axis=1))))
@@ -430,10 +432,7 @@ def _polygon_rings(seg: list, height: int, width: int) -> list[np.ndarray]:
         arr = _finite_array(part, "polygon")
         if arr.ndim != 1 or arr.size % 2:
             raise _Reject("malformed polygon (needs a flat list of x, y pairs)")
-        ring = arr.reshape(-1, 2).copy()
-        ring[:, 0] = np.clip(ring[:, 0], 0, width)
-        ring[:, 1] = np.clip(ring[:, 1], 0, height)
-        ring = _clean_ring(ring)
+        ring = _clean_ring(_clip_points(arr.reshape(-1, 2), height, width))
         if len(ring) >= 3 and abs(ring_signed_area(ring)) > 0:
             rings.append(ring)
     return rings
@@ -469,8 +468,7 @@ def _parse_keypoints(ann: dict, height: int, width: int, box: np.ndarray):
         raise _Reject("malformed keypoints (visibility flags must be 0, 1 or 2)")
     labelled = v > 0
     vis = v.astype(np.int8)
-    points[labelled, 0] = np.clip(arr[labelled, 0], 0, width)
-    points[labelled, 1] = np.clip(arr[labelled, 1], 0, height)
+    points[labelled] = _clip_points(arr[labelled, :2], height, width)
     if not labelled.any():
         return points, vis, box.copy()
     lp = points[labelled]
@@ -524,6 +522,7 @@ def _object_targets(ann: dict, height: int, width: int, config: TargetConfig) ->
 
 
 def _clip_points(points: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A copy of points (..., 2) ``x, y`` clipped to the image ``[0, W] x [0, H]``."""
     out = points.copy()
     out[..., 0] = np.clip(out[..., 0], 0, width)
     out[..., 1] = np.clip(out[..., 1], 0, height)

@@ -202,6 +202,23 @@ def test_uncompressed_rle_mask_gives_mask_geometry():
     assert ring_signed_area(pts.astype(np.float64)) > 0
 
 
+def test_mask_extreme_band_hand_values():
+    # Box [20, 70] x [10, 60]; the top row (y in [10, 11)) covers only x in [30, 40), the rest is full.
+    mask = np.zeros((80, 90), dtype=np.uint8)
+    mask[10, 30:40] = 1
+    mask[11:60, 20:70] = 1
+    rle = mask_utils.encode(np.asfortranarray(mask))
+    ann = make_ann({"size": [80, 90], "counts": rle["counts"].decode()}, bbox=[20.0, 10.0, 50.0, 50.0])
+    # 2 % of 50 px = 1 px: the top band is the first row only -> its middle x = 35; the left band is
+    # column 20, rows 11..59 -> y = (11 + 60) / 2 = 35.5; bottom: row 59, x in [20, 70) -> 45.
+    rec, rej = targets_of([ann], h=80, w=90)
+    assert rej == []
+    np.testing.assert_array_equal(rec["extreme"][0], [[35, 10], [20, 35.5], [45, 60], [70, 35.5]])
+    # 5 % = 2.5 px: rows 10..12 are in the top band, whose full extent is [20, 70) -> x = 45.
+    rec5, _ = targets_of([ann], h=80, w=90, config=TargetConfig(extreme_tolerance=0.05))
+    np.testing.assert_array_equal(rec5["extreme"][0, 0], [45, 10])
+
+
 def _rle_counts(mask):
     """Uncompressed COCO RLE counts (column-major runs, starting with zeros)."""
     flat = mask.flatten(order="F")
