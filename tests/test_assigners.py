@@ -307,9 +307,13 @@ def test_atss_empty_inputs(points):
     assert none.shape == (0,) and none.dtype == torch.int64
     only_crowd = assign_atss(points, COUNTS, STRIDES, boxes([0, 0, 16, 16]), flags(True))
     assert not (only_crowd >= 0).any() and int((only_crowd == IGNORED).sum()) == 5
-    # A level with fewer points than topk contributes all its points; an empty level none.
+    # An empty level contributes no candidate: the answer is that of level 0 alone (the hand case).
     labels = assign_atss(points[:64], [64, 0], STRIDES, boxes([12, 16, 44, 40]), flags(False), anchor_scale=2)
-    assert len(positives(labels)) > 0
+    assert positives(labels) == {grid_index(20, 28): 0, grid_index(28, 28): 0, grid_index(36, 28): 0}
+    # A level with fewer points than topk contributes all of them: 4 on level 1 (2x2 grid) + 9 on level 0.
+    lvl1 = torch.tensor([[8.0, 8.0], [24.0, 8.0], [8.0, 24.0], [24.0, 24.0]])
+    cand, _, _ = atss_candidates(torch.cat([points[:64], lvl1]), [64, 4], STRIDES, boxes([12, 16, 44, 40]))
+    assert cand.shape == (13, 1) and cand[9:, 0].tolist() == [64, 65, 66, 67]
 
 
 def test_atss_custom_anchor_boxes_match_squares(points):
