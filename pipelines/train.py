@@ -151,6 +151,8 @@ def _build_loaders(cfg: ExperimentConfig, rank: int, world: int, use_cuda: bool)
         raise ConfigError(f"model.num_classes is {m.num_classes} but the shards in {d.train_shards} have "
                           f"{train_ds.num_classes} categories")
     n_train = len(train_ds) if d.max_train_images is None else min(len(train_ds), d.max_train_images)
+    if d.reader == "ray_data" and n_train != len(train_ds):
+        raise ConfigError("data.max_train_images is not supported with data.reader=ray_data")
     if n_train < world:
         raise ConfigError(f"{d.train_shards}: {n_train} training images for {world} workers")
     # drop_last: every rank gets the same number of samples, so DDP ranks step in lockstep.
@@ -227,6 +229,12 @@ class _FaultInjector:
             yield batch
             # the generator resumes only when the next batch is asked for: the step is complete
             if self.armed and state.global_step == self.step and not self.marker.exists():
+                import ray.train
+
+                # Ray's controller registers reported checkpoints when it polls the workers (every
+                # few seconds); wait for that so the restart deterministically resumes from the
+                # latest one rather than from an earlier one.
+                ray.train.get_all_reported_checkpoints(timeout_s=120)
                 self.marker.write_text(f"worker exited after step {self.step}\n")
                 print(f"[fault injection] worker exits after step {self.step}", flush=True)
                 os._exit(1)
@@ -273,6 +281,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model = model.to(memory_format=torch.channels_last)
     train_ds, sampler, train_loader, val_ds, val_loader = _build_loaders(cfg, rank, world, use_cuda)
     iters_per_epoch = len(train_loader)
+
+    def epoch_batches(epoch: int):
+        """This rank's batches of ``epoch``: the DataLoader over the memory-mapped shards, or the same
+        samples streamed by Ray Data tasks (pipelines.datasets) with this rank's sampler share."""
+        if cfg.data.reader == "shards":
+            return train_loader
+        from pipelines.datasets import build_ray_dataset, iter_ray_batches
+
+        m, d = cfg.model, cfg.data
+        ds = build_ray_dataset(d.train_shards, task=m.task, num_points=m.num_points, pose_box=m.pose_box,
+                               train=True, scale_range=tuple(d.scale_range), max_size=d.max_size,
+                               flip_prob=d.flip_prob, seed=cfg.train.seed, epoch=epoch, rank=rank,
+                               world_size=world, shuffle=True, drop_last=True, verify="none")
+        return iter_ray_batches(ds, cfg.train.batch_size)
+
     optimizer = build_optimizer(model, cfg.train, global_batch=cfg.train.batch_size * world)
     scheduler = build_scheduler(optimizer, cfg.train, iters_per_epoch)
     scaler = build_grad_scaler(cfg.train, device)
@@ -330,7 +353,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             train_ds.set_epoch(epoch)
             sampler.set_epoch(epoch)
             start = time.perf_counter()
-            summary = train_one_epoch(ddp_model, injector.wrap(train_loader, state), optimizer, scheduler,
+            summary = train_one_epoch(ddp_model, injector.wrap(epoch_batches(epoch), state), optimizer, scheduler,
                                       scaler, state, log_fn, cfg=cfg.train, device=device)
             epoch_time = time.perf_counter() - start
             epoch_times.append(epoch_time)
