@@ -195,6 +195,12 @@ def test_padding_is_a_translation_only_at_left_top():
     t = random_targets(3, 17)
     p = translate_targets(t, 4.0, 6.0)
     assert torch.equal(p.points - t.points, torch.tensor([4.0, 6.0]).expand_as(t.points))
+    assert torch.equal(p.boxes - t.boxes, torch.tensor([4.0, 6.0, 4.0, 6.0]).expand_as(t.boxes))
+    assert torch.equal(p.visible, t.visible) and torch.equal(p.labels, t.labels)
+    # Padding W -> W + 4 on the left, then flipping the padded image, equals flipping first:
+    # x' = (W + 4) - (x + 4) = W - x.
+    left_padded = translate_targets(t, 4.0, 0.0)
+    assert torch.equal(hflip_targets(left_padded, W + 4, "pose").points, hflip_targets(t, W, "pose").points)
     assert torch.equal(hflip_boxes(hflip_boxes(t.boxes, W), W), t.boxes)
 
 
