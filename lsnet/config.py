@@ -26,12 +26,11 @@ def _check_value(value: Any, annotation: Any, key: str) -> Any:
     if annotation is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for arg in args:
             try:
                 return _check_value(value, arg, key)
-            except ConfigError as err:
-                errors.append(str(err))
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}: {value!r} matches none of {annotation}")
     if annotation is type(None):
         if value is not None:
