@@ -89,7 +89,10 @@ def run_benchmark(name: str, overrides: dict[str, Any] | None = None, out_dir: P
     """Run benchmark ``name`` from its spec, print the table and write ``results/bench/NAME.json``."""
     spec_path = find_spec(name)
     spec = yaml.safe_load(spec_path.read_text())
-    module_name, _, func_name = spec["runner"].partition(":")
+    runner = spec.get("runner") if isinstance(spec, dict) else None
+    if not isinstance(runner, str) or ":" not in runner:
+        raise SystemExit(f"{spec_path}: needs a mapping with runner: 'module:function', got {runner!r}")
+    module_name, _, func_name = runner.partition(":")
     func = getattr(importlib.import_module(module_name), func_name)
     params = {**(spec.get("params") or {}), **(overrides or {})}
     print(f"== bench {name}: {spec.get('description', '').strip()}")
