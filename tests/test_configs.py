@@ -123,3 +123,26 @@ def test_bad_values_and_files(tmp_path):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="override"):
         load_config(CONFIG_DIR / "tiny_bbox.yaml", ["train.epochs"])
+
+
+@pytest.mark.parametrize("spec", sorted((CONFIG_DIR.parent / "jobs").glob("train_*.yaml")), ids=lambda p: p.name)
+def test_train_job_specs_parse(spec, capsys):
+    """Each Ray Jobs spec's entrypoint is a valid `lsnet train` command line with a valid config."""
+    import os
+    import shlex
+
+    import yaml
+
+    from pipelines.cli import main
+
+    data = yaml.safe_load(spec.read_text())
+    assert set(data) == {"name", "entrypoint", "runtime_env"} and data["runtime_env"]["working_dir"] == "."
+    argv = shlex.split(data["entrypoint"])
+    assert argv[:4] == ["python", "-m", "pipelines.cli", "train"]
+    cwd = os.getcwd()
+    os.chdir(CONFIG_DIR.parent)  # entrypoints run in the uploaded working dir (the repository root)
+    try:
+        assert main(argv[3:] + ["--print-config"]) == 0
+    finally:
+        os.chdir(cwd)
+    assert "storage_path: /shared/" in capsys.readouterr().out
