@@ -26,16 +26,21 @@ Per FPN level ``l`` (stride ``s_l``), shared across levels:
    adds them) before the shared kernel, which is the same as averaging the three DCN outputs
    because the convolution is linear. The mean keeps the border levels (P3, P7, two sources) on
    the scale of the inner ones (three sources).
-5. **Stage 2** — class logits ``conv1x1(ReLU(landmark_feature_cls))`` and refined vectors, a
-   multiplicative (log-space residual) refinement of stage 1::
+5. **Stage 2** — the landmark features are *added* to the anchor-point feature (a plain 3x3 conv
+   of the tower), as the paper's Table 3 reads ("anchor-point features", "+ extreme-point
+   features", "+ pyramid ..."); the sum goes through GroupNorm and ReLU::
 
-       v2 = v1.detach() · exp(conv1x1(ReLU(landmark_feature_reg)))
+       f = ReLU(GN(conv3x3(tower) + landmark_feature(tower)))       (one f for cls, one for reg)
+       logits = conv1x1(f_cls)
+       v2 = v1.detach() · exp(conv1x1(f_reg))
 
-   ``v1`` is detached so stage 1 learns only from its own (centroid-assigned) loss, as RepPoints.
+   The refinement is multiplicative (a residual in log space, the parameterisation of stage 1), so
+   ``v2`` stays positive and starts equal to ``v1``. ``v1`` is detached so stage 1 learns only from
+   its own (centroid-assigned) loss, as in RepPoints.
 
-Table 3 switches (``feature_mode``): ``"PA"`` — anchor-point features only: step 3 is replaced by a
-plain 3x3 convolution with the *same* kernel (a DCN with zero offsets); ``"PE"`` — landmark features
-on level ``l`` only; ``"PP"`` — pyramid landmark features (default).
+Table 3 switches (``feature_mode``): ``"PA"`` — anchor-point features only (no landmark term, so a
+PA model has no landmark kernels); ``"PE"`` — + landmark features on level ``l`` only; ``"PP"`` —
++ pyramid landmark features (default). PE and PP have exactly the same parameters.
 
 Implementation note: the deformable sampling uses :func:`torch.nn.functional.grid_sample` (bilinear,
 zeros outside, the same interpolation as ``torchvision.ops.deform_conv2d``; tests check equality)
@@ -109,8 +114,8 @@ def kernel_points(landmarks: Tensor, anchors: Tensor, indices: list[int] | None)
         left                anchor    right
         (x_left, y_bottom)  bottom    (x_right, y_bottom)
 
-    i.e. the extreme points, the anchor point and the four corners of the box they imply, so the
-    kernel weight of each position keeps the meaning it has in the plain 3x3 conv ("PA" mode).
+    i.e. the extreme points, the anchor point and the four corners of the box they imply, so each
+    kernel weight keeps a fixed spatial meaning, as in a plain 3x3 conv.
     Otherwise the landmarks ``indices`` (9 of them) in that order.
 
     Args:
@@ -208,9 +213,17 @@ class LSNetHead(nn.Module):
         self.init_conv = nn.Conv2d(channels, channels, 3, padding=1)
         self.init_out = nn.Conv2d(channels, num_points * 4, 1)
         self.scales = nn.Parameter(torch.ones(len(self.strides)))
-        # stage 2: the 3x3 kernels of the landmark DCNs (no bias, as a DCN), then 1x1 outputs
-        self.landmark_weight_cls = nn.Parameter(torch.empty(channels, channels, 3, 3))
-        self.landmark_weight_reg = nn.Parameter(torch.empty(channels, channels, 3, 3))
+        # stage 2: anchor-point convs, the 3x3 kernels of the landmark DCNs (no bias, as a DCN),
+        # GroupNorm of their sum, then 1x1 outputs
+        self.anchor_conv_cls = nn.Conv2d(channels, channels, 3, padding=1)
+        self.anchor_conv_reg = nn.Conv2d(channels, channels, 3, padding=1)
+        if feature_mode != "PA":
+            self.landmark_weight_cls = nn.Parameter(torch.empty(channels, channels, 3, 3))
+            self.landmark_weight_reg = nn.Parameter(torch.empty(channels, channels, 3, 3))
+            nn.init.normal_(self.landmark_weight_cls, std=0.01)
+            nn.init.normal_(self.landmark_weight_reg, std=0.01)
+        self.norm_cls = group_norm(channels, norm_groups)
+        self.norm_reg = group_norm(channels, norm_groups)
         self.cls_out = nn.Conv2d(channels, num_classes, 1)
         self.refine_out = nn.Conv2d(channels, num_points * 4, 1)
 
@@ -218,8 +231,6 @@ class LSNetHead(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)
                 nn.init.zeros_(m.bias)
-        nn.init.normal_(self.landmark_weight_cls, std=0.01)
-        nn.init.normal_(self.landmark_weight_reg, std=0.01)
         # Focal-loss prior (RetinaNet): every location starts as background with probability 1 - prior.
         nn.init.constant_(self.cls_out.bias, -math.log((1 - prior_prob) / prior_prob))
 
@@ -263,19 +274,22 @@ class LSNetHead(nn.Module):
             raw = raw.permute(0, 2, 3, 1).reshape(b, h * w, n, 4)
             vec_init = stride * torch.exp((self.scales[level] * raw).clamp(max=MAX_LOG_SCALE))
 
-            if self.feature_mode == "PA":
-                cls_feat = F.conv2d(cls_t, self.landmark_weight_cls, padding=1).flatten(2)
-                reg_feat = F.conv2d(reg_t, self.landmark_weight_reg, padding=1).flatten(2)
-            else:
+            cls_feat = self.anchor_conv_cls(cls_t).flatten(2)  # (B, C, HW)
+            reg_feat = self.anchor_conv_reg(reg_t).flatten(2)
+            if self.feature_mode != "PA":
                 landmarks = decode_offsets(vec_init, anchors[level])  # (B, HW, N, 2)
                 g = self.offset_grad_scale
                 landmarks = landmarks * g + landmarks.detach() * (1 - g)
                 positions = kernel_points(landmarks, anchors[level], self.point_indices)
-                cls_feat, reg_feat = self._landmark_features(towers, level, positions, (h, w))
+                cls_lm, reg_lm = self._landmark_features(towers, level, positions, (h, w))
+                cls_feat = cls_feat + cls_lm
+                reg_feat = reg_feat + reg_lm
+            cls_feat = F.relu(self.norm_cls(cls_feat))
+            reg_feat = F.relu(self.norm_reg(reg_feat))
 
             # 1x1 convs as matmuls on the (B, C, HW) layout
-            cls_logits = F.conv1d(F.relu(cls_feat), self.cls_out.weight.squeeze(-1), self.cls_out.bias)
-            refine = F.conv1d(F.relu(reg_feat), self.refine_out.weight.squeeze(-1), self.refine_out.bias)
+            cls_logits = F.conv1d(cls_feat, self.cls_out.weight.squeeze(-1), self.cls_out.bias)
+            refine = F.conv1d(reg_feat, self.refine_out.weight.squeeze(-1), self.refine_out.bias)
             refine = refine.permute(0, 2, 1).reshape(b, h * w, n, 4)
             vec_refine = vec_init.detach() * torch.exp(refine.clamp(-MAX_LOG_SCALE, MAX_LOG_SCALE))
 
