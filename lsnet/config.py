@@ -94,7 +94,9 @@ def from_dict(cls: type[T], data: dict | None, prefix: str = "") -> T:
         kwargs[name] = _check_value(value, hints[name], key)
     try:
         return cls(**kwargs)
-    except TypeError as err:  # a required field without default was not given
+    except (TypeError, ValueError) as err:  # a required field is missing, or __post_init__ rejected a value
+        if isinstance(err, ConfigError):
+            raise
         raise ConfigError(f"{prefix or cls.__name__}: {err}") from None
 
 
