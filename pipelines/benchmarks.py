@@ -75,7 +75,7 @@ def preprocess_run(ann: str, images: str, out: str, cpus: int, warmup_images: in
     from lsnet.benchmarks.data import proc_status_kb
     from pipelines.preprocess import preprocess
 
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     warm_dir = Path(tempfile.mkdtemp(prefix="warm-"))
     warm_json = _subset_json(Path(ann), warm_dir / "warm.json", warmup_images)
     preprocess(warm_json, images, warm_dir / "out", verbose=False, max_rows_per_shard=1)
@@ -98,7 +98,7 @@ def preprocess_run(ann: str, images: str, out: str, cpus: int, warmup_images: in
 
 
 def _in_subprocess(args: list[str]) -> dict:
-    env = {**os.environ, "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                           check=False)
     if proc.returncode != 0:

@@ -230,7 +230,7 @@ def check_records(data: dict) -> _Plan:
                                        f"its image {image_id} was rejected: {bad_images[image_id]}", **ref))
         elif not _is_int(image_id) or image_id not in images:
             rejected.append(_rejection("annotation", "unknown_image", f"unknown image_id {image_id!r}", **ref))
-        elif ann.get("category_id") not in category_ids or isinstance(ann.get("category_id"), bool):
+        elif not _is_int(ann.get("category_id")) or ann["category_id"] not in category_ids:
             rejected.append(_rejection("annotation", "unknown_category",
                                        f"unknown category_id {ann.get('category_id')!r}", **ref))
         else:
@@ -358,9 +358,13 @@ def process_batch(batch: pa.Table, image_root: str, category_to_label: dict[int,
                "orig_width": r["width"], "shard": r["shard"], "reject_code": None, "reject_reason": None}
         try:
             data, nh, nw, sx, sy = _read_and_resize(fs, path, r["height"], r["width"], cfg)
-            record, rejections = compute_image_targets(anns, r["height"], r["width"], category_to_label, cfg.target)
-            if (sx, sy) != (1.0, 1.0):
-                record = scale_record(record, sx, sy)
+            try:
+                record, rejections = compute_image_targets(anns, r["height"], r["width"], category_to_label,
+                                                           cfg.target)
+                if (sx, sy) != (1.0, 1.0):
+                    record = scale_record(record, sx, sy)
+            except Exception as err:  # noqa: BLE001 -- a bug on one image must not kill the job
+                raise _ImageRejected("target_error", f"computing targets failed: {type(err).__name__}: {err}") from None
             ann_rej = [_rejection("annotation", "invalid_annotation", x.reason, image_id=x.image_id, ann_id=x.ann_id)
                        for x in rejections]
             out.update(height=nh, width=nw, scale_x=sx, scale_y=sy, image=data,
@@ -556,11 +560,14 @@ def _processed_tables(items: list[dict], image_root: str, category_to_label: dic
     import ray
 
     if not ray.is_initialized():
+        # --address / RAY_ADDRESS (set by `ray job submit`): that cluster. --num-cpus alone: a new
+        # local Ray of that size. Neither: Ray's default (a `ray start` cluster on this machine, else
+        # a new local one with every CPU).
         init: dict[str, Any] = {"include_dashboard": False}
         if address:
             init["address"] = address
-        elif num_cpus:
-            init["num_cpus"] = num_cpus
+        elif num_cpus and not os.environ.get("RAY_ADDRESS"):
+            init.update(address="local", num_cpus=num_cpus)
         ray.init(**init)
     ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / per_block))
     ds.context.execution_options.preserve_order = True  # shard rows must arrive in plan order
@@ -608,8 +615,8 @@ def _write_outputs(out_dir: Path, ann: str, images: str, source_sha: str, cfg: P
     kept_images = {i for info in infos for i in info["image_ids"]}
     kept_anns = {a for info in infos for a in info["ann_ids"]}
     gt = {key: data[key] for key in ("info", "licenses") if key in data}
-    gt["images"] = [im for im in data["images"] if isinstance(im, dict) and im.get("id") in kept_images
-                    and not isinstance(im.get("id"), bool)]
+    gt["images"] = [im for im in data["images"] if isinstance(im, dict) and _is_int(im.get("id"))
+                    and im["id"] in kept_images]
     seen: set[int] = set()
     unique_images = []
     for im in gt["images"]:  # a duplicate id was rejected; keep the first entry only
@@ -620,7 +627,7 @@ def _write_outputs(out_dir: Path, ann: str, images: str, source_sha: str, cfg: P
     seen_anns: set[int] = set()
     gt_anns = []
     for a in data["annotations"]:
-        if isinstance(a, dict) and a.get("id") in kept_anns and a["id"] not in seen_anns:
+        if isinstance(a, dict) and _is_int(a.get("id")) and a["id"] in kept_anns and a["id"] not in seen_anns:
             seen_anns.add(a["id"])
             gt_anns.append(a)
     gt["annotations"] = gt_anns

@@ -111,7 +111,9 @@ def _crash_run(synth, out, crash: str, address: str) -> subprocess.CompletedProc
         "contour_points=(18, 36), executor=sys.argv[4])"
     )
     executor = "ray" if address else "local"
-    env = {**os.environ, CRASH_ENV: crash, "RAY_ADDRESS": address or ""}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {CRASH_ENV: crash}
+    if address:
+        env["RAY_ADDRESS"] = address
     return subprocess.run([sys.executable, "-c", code, str(synth.instances_json), str(synth.image_dir), str(out),
                            executor], check=False, env=env, cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=300)
@@ -190,6 +192,7 @@ def _bad_dataset(root: Path) -> tuple[Path, Path, dict]:
         {"id": 908, "file_name": good["file_name"], "height": 64, "width": -80},
         {"id": "x", "file_name": good["file_name"], **base},
         {"id": good["id"], "file_name": good["file_name"], **base},  # duplicate id
+        {"id": [7], "file_name": good["file_name"], **base},  # unhashable id
     ]
     poly = [[10, 10, 30, 10, 30, 30, 10, 30]]
     ann = {"category_id": 3, "iscrowd": 0, "area": 400.0, "bbox": [10, 10, 20, 20], "segmentation": poly}
@@ -206,6 +209,8 @@ def _bad_dataset(root: Path) -> tuple[Path, Path, dict]:
         {**ann, "id": 9016, "image_id": good["id"], "bbox": [float("nan"), 10, 20, 20]},
         {**ann, "id": 9017, "image_id": good["id"], "bbox": [10, 10, -20, 20]},
         {**ann, "id": data["annotations"][0]["id"], "image_id": good["id"]},  # duplicate id
+        {**ann, "id": 9018, "image_id": good["id"], "category_id": [3]},  # unhashable category
+        {**ann, "id": [9019], "image_id": good["id"]},  # unhashable id
     ]
     ann_path = root / "bad.json"
     ann_path.write_text(json.dumps(data))  # json writes NaN, which Python's parser accepts
@@ -217,14 +222,14 @@ EXPECTED_IMAGE_CODES = {901: "missing_file", 902: "decode_error", 903: "decode_e
 EXPECTED_ANN_CODES = {9001: "image_rejected", 9005: "image_rejected", 9010: "unknown_image",
                       9011: "unknown_category", 9012: "invalid_annotation", 9013: "invalid_annotation",
                       9014: "invalid_annotation", 9015: "invalid_annotation", 9016: "invalid_annotation",
-                      9017: "invalid_annotation"}
+                      9017: "invalid_annotation", 9018: "unknown_category"}
 
 
 def test_bad_input_rejected_with_reasons_never_dropped(ray_session, tmp_path, capsys):
     ann_path, img_dir, data = _bad_dataset(tmp_path)
     manifest = preprocess(ann_path, img_dir, tmp_path / "out", max_rows_per_shard=4, contour_points=(18,))
     printed = capsys.readouterr().out
-    assert "rejected: 10 images" in printed and "path_traversal 2" in printed
+    assert "rejected: 11 images" in printed and "path_traversal 2" in printed
     rejected = manifest["rejected"]
     assert all(r["reason"] for r in rejected)
     images = {r["image_id"]: r["code"] for r in rejected if r["kind"] == "image" and r["image_id"] != data["images"][0]["id"]}
@@ -242,7 +247,9 @@ def test_bad_input_rejected_with_reasons_never_dropped(ray_session, tmp_path, ca
     assert sorted(im["id"] for im in gt["images"]) == sorted(im["id"] for im in data["images"][:3])
     kept_anns = {a["id"] for a in gt["annotations"]}
     rejected_anns = {r["ann_id"] for r in rejected if r["kind"] == "annotation"}
-    assert {a["id"] for a in data["annotations"]} == kept_anns | rejected_anns
+    source_ids = {a["id"] for a in data["annotations"] if isinstance(a["id"], int)}
+    assert source_ids == kept_anns | (rejected_anns - {None})
+    assert any(r["code"] == "invalid_id" and r["ann_id"] is None for r in rejected if r["kind"] == "annotation")
     assert len(ShardDataset(tmp_path / "out", scale_range=None)) == 3
     # the secret file outside the root was never stored
     secret = (tmp_path / "syn" / "secret.jpg").read_bytes()
