@@ -93,11 +93,11 @@ def prepare_sqlite_store(tracking_uri: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def ui_command(tracking_uri: str) -> str:
+def ui_command(tracking_uri: str, mlflow_bin: str = "mlflow") -> str:
     """The command that opens the MLflow UI on a local store (or the URL of a server)."""
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri}"
-    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+    return f"{mlflow_bin} ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
 
 
 def _atomic_write_json(path: Path, data: dict) -> None:

@@ -242,8 +242,11 @@ class _FaultInjector:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train worker entry point. ``loop_config``: {"config": plain dict, "run_dir": str, "tags": {}}."""
+    import logging
+
     import ray.train
     import ray.train.torch
+    import ray.train.v2._internal.execution.context as ray_train_context
     from torch.nn.parallel import DistributedDataParallel
 
     from lsnet.engine import (
@@ -264,6 +267,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from lsnet.evaluation import format_per_category
     from lsnet.modeling import build_model
 
+    # Ray Train logs every report and checkpoint at INFO; the epoch summary line says what matters.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)  # (Ray names it by file)
     cfg = config_from_dict(loop_config["config"])
     run_dir = Path(loop_config["run_dir"])
     ctx = ray.train.get_context()
@@ -394,6 +400,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if rank == 0:
                 print(epoch_summary_line(done, cfg.train.epochs, summary, epoch_time, eta, eval_metrics,
                                          primary, images_per_s), flush=True)
+                with (run_dir / "epochs.jsonl").open("a") as fh:  # one line per epoch (and per attempt)
+                    fh.write(json.dumps({"epoch": done, "global_step": state.global_step, "world_size": world,
+                                         "epoch_time_s": epoch_time, "images_per_s": images_per_s,
+                                         **{k: v for k, v in summary.items() if k != "images_per_s"},
+                                         **eval_metrics}) + "\n")
                 if tracker is not None:
                     epoch_metrics = {f"epoch_{k}": summary[k] for k in LOSS_KEYS if k in summary}
                     epoch_metrics.update(epoch=float(done), epoch_time_s=epoch_time,

@@ -1,0 +1,111 @@
+"""``lsnet bench train``: Ray Train throughput on CPU, 1 vs 2 workers (jobs/bench/train.yaml).
+
+Each setting runs ``pipelines.train.run_training`` in a fresh process with its own local Ray
+(``num_cpus`` = the machine's cores): the tiny LSNet on synthetic shards, no evaluation and no
+tracking, for ``epochs`` epochs; the images/s of the epochs after the first (warm-up: worker start,
+first-iteration allocations) are averaged from the run's ``epochs.jsonl``. Settings:
+
+- 1 worker x 1 CPU (one intra-op thread: Ray sets OMP_NUM_THREADS to the worker's CPUs),
+- 1 worker x 2 CPUs (the single-process baseline using both cores through intra-op threads),
+- 2 workers x 1 CPU (data parallel: DDP with gloo all-reduce).
+
+The global batch stays the same in every setting (``global_batch`` images per step), so the numbers
+compare the same optimisation; ``scaling`` = images/s(2 workers) / images/s(1 worker x 1 CPU).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from lsnet.bench import REPO_ROOT, BenchResult
+
+_CHILD = r"""
+import json, sys
+import ray
+from pipelines.config import load_config
+from pipelines.train import run_training
+args = json.loads(sys.argv[1])
+ray.init(num_cpus=args["num_cpus"], include_dashboard=False, log_to_driver=False, configure_logging=False)
+cfg = load_config(args["config"], args["overrides"])
+out = run_training(cfg, run_name=args["name"], verbose=False)
+print("RUN_DIR " + str(out.run_dir))
+"""
+
+
+def _prepare(root: Path, num_images: int, image_size: int) -> Path:
+    from lsnet.data.synthetic import write_synthetic_coco
+    from pipelines.preprocess import preprocess
+
+    ds = write_synthetic_coco(root / "synth", num_images=num_images, image_size=(image_size, image_size), seed=0)
+    shards = root / "shards"
+    # the in-process executor: no Ray in this parent process (each setting starts its own)
+    preprocess(ds.instances_json, ds.image_dir, shards, max_size=image_size, contour_points=(18,),
+               executor="local", verbose=False)
+    return shards
+
+
+def train(num_images: int = 32, image_size: int = 128, epochs: int = 4, global_batch: int = 4,
+          settings: list[list[int]] | None = None, config: str = "configs/tiny_bbox.yaml") -> BenchResult:
+    """``settings``: [[num_workers, cpus_per_worker], ...]."""
+    settings = settings or [[1, 1], [1, 2], [2, 1]]
+    cores = os.cpu_count() or 2
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lsnet-bench-train-") as tmp:
+        root = Path(tmp)
+        shards = _prepare(root, num_images, image_size)
+        for workers, cpus in settings:
+            if global_batch % workers:
+                raise ValueError(f"global_batch {global_batch} is not divisible by {workers} workers")
+            name = f"w{workers}c{cpus}"
+            overrides = [
+                f"data.train_shards={shards}", "data.val_shards=null", f"data.scale_range=[{image_size}, {image_size}]",
+                f"data.max_size={image_size}", f"train.epochs={epochs}", "train.lr_steps=[]",
+                f"train.batch_size={global_batch // workers}", "tracking.enabled=false",
+                f"run.num_workers={workers}", f"run.resources_per_worker={{CPU: {cpus}}}",
+                f"run.storage_path={root / 'runs'}",
+            ]
+            args = {"num_cpus": max(cores, workers * cpus), "config": str(REPO_ROOT / config),
+                    "overrides": overrides, "name": name}
+            started = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args)], cwd=REPO_ROOT,
+                                  capture_output=True, text=True, check=False)
+            wall = time.perf_counter() - started
+            if proc.returncode != 0:
+                raise RuntimeError(f"setting {name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+            run_dir = Path([ln for ln in proc.stdout.splitlines() if ln.startswith("RUN_DIR ")][-1][8:])
+            epochs_log = [json.loads(ln) for ln in (run_dir / "epochs.jsonl").read_text().splitlines()]
+            warm = epochs_log[1:] or epochs_log
+            images = sum(e["images"] * e["world_size"] for e in warm)
+            seconds = sum(e["epoch_time_s"] for e in warm)
+            rows.append({"workers": workers, "cpus_per_worker": cpus, "batch_per_worker": global_batch // workers,
+                         "global_batch": global_batch, "steps_per_epoch": int(epochs_log[-1]["steps"]),
+                         "images_per_s": images / seconds, "s_per_step": seconds / sum(e["steps"] for e in warm),
+                         "first_epoch_s": epochs_log[0]["epoch_time_s"], "run_wall_s": wall})
+    base = next((r for r in rows if r["workers"] == 1 and r["cpus_per_worker"] == 1), None)
+    two = next((r for r in rows if r["workers"] == 2 and r["cpus_per_worker"] == 1), None)
+    threads = next((r for r in rows if r["workers"] == 1 and r["cpus_per_worker"] == 2), None)
+    notes = [(f"tiny LSNet ({config}), {num_images} synthetic images at {image_size} px, {epochs} epochs; "
+              "images/s over epochs 2..N (epoch 1 is warm-up); global batch fixed across settings"),
+             f"{cores} cores on this machine; other processes on it share them (see machine.load)"]
+    checks = {}
+    if base and two:
+        scaling = two["images_per_s"] / base["images_per_s"]
+        for row in rows:
+            row["vs_1x1"] = row["images_per_s"] / base["images_per_s"]
+        checks["2 workers vs 1 worker (1 CPU each)"] = {"value": round(scaling, 3), "target": ">= 1.6",
+                                                       "ok": scaling >= 1.6}
+    if threads and two:
+        notes.append(f"2 DDP workers vs 1 worker with 2 intra-op threads: "
+                     f"{two['images_per_s'] / threads['images_per_s']:.2f}x")
+    try:
+        notes.append(f"load average at the end: {os.getloadavg()}")
+    except OSError:
+        pass
+    columns = ["workers", "cpus_per_worker", "batch_per_worker", "global_batch", "steps_per_epoch",
+               "images_per_s", "s_per_step", "vs_1x1", "first_epoch_s", "run_wall_s"]
+    return BenchResult(rows=rows, columns=columns, checks=checks, notes=notes)

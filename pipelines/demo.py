@@ -1,0 +1,151 @@
+"""``lsnet demo`` (what ``make demo`` runs): the whole pipeline on embedded defaults, on this machine.
+
+1. writes a seeded synthetic COCO-format dataset (``lsnet synth``): a training and a held-out
+   validation split — or, with ``--dataset tiny_coco``, uses the 50 real images of
+   ``../shared/data/tiny_coco`` (train and evaluate on the same images: there is no val split);
+2. preprocesses both to Arrow shards with Ray Data on a local Ray (``lsnet preprocess``);
+3. trains a tiny LSNet (``configs/tiny_<task>.yaml``: ResNet-18, 64 channels, 128-px images) with
+   2 Ray Train workers on the CPU (``lsnet train``), evaluating COCO metrics every few epochs;
+4. logs everything to a local MLflow store (SQLite in the run directory) and writes prediction
+   overlays;
+5. prints where the run, the metrics and the pictures are, and the command that opens the MLflow UI.
+
+Re-running reuses the generated data and shards (preprocessing is idempotent) and starts a new run.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import sys
+import time
+from pathlib import Path
+
+from lsnet.config import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TINY_COCO = REPO_ROOT.parent / "shared" / "data" / "tiny_coco"
+HEADLINE = {"bbox": ("bbox_AP", "bbox_AP50", "bbox_AP75", "bbox_APs", "bbox_APm", "bbox_APl"),
+            "segm": ("bbox_AP", "segm_AP", "segm_AP50", "segm_AP75", "segm_APs", "segm_APm", "segm_APl"),
+            "pose": ("kp_AP", "kp_AP50", "kp_AP75", "kp_APm", "kp_APl")}
+
+
+def _say(message: str) -> None:
+    print(f"[demo] {message}", flush=True)
+
+
+def prepare_data(out: Path, dataset: str, task: str, num_train: int, num_val: int, image_size: int,
+                 num_cpus: int) -> tuple[Path, Path]:
+    """Generate (or locate) the dataset and preprocess it to shards; returns (train, val) shard dirs."""
+    from lsnet.data.synthetic import write_synthetic_coco
+    from pipelines.preprocess import preprocess
+
+    kind = "person_keypoints" if task == "pose" else "instances"
+    contours = (18, 36)
+    if dataset == "synthetic":
+        splits = {}
+        for split, count, seed, first_id in (("train", num_train, 0, 1000), ("val", num_val, 1, 100000)):
+            root = out / "data" / f"synthetic_{split}"
+            ann = root / "annotations" / f"{kind}_{split}.json"
+            if not ann.exists() or len(list((root / "images").glob("*.jpg"))) != count:
+                _say(f"writing {count} synthetic {split} images ({image_size} px) to {root}")
+                write_synthetic_coco(root, num_images=count, image_size=(image_size, image_size), seed=seed,
+                                     split=split, first_image_id=first_id, size_jitter=0.15)
+            splits[split] = (ann, root / "images")
+    else:
+        if not (TINY_COCO / "annotations" / f"{kind}_train2017.json").exists():
+            raise SystemExit(f"--dataset tiny_coco: {TINY_COCO} is not present (use the default synthetic data)")
+        ann = TINY_COCO / "annotations" / f"{kind}_train2017.json"
+        splits = {"train": (ann, TINY_COCO / "train2017"), "val": (ann, TINY_COCO / "train2017")}
+    shard_dirs = []
+    for split in ("train", "val"):
+        ann, images = splits[split]
+        shard_dir = out / "shards" / f"{dataset}_{kind}_{split}_{image_size}"
+        _say(f"preprocessing {ann.name} with Ray Data -> {shard_dir}")
+        preprocess(ann, images, shard_dir, max_size=image_size, contour_points=contours, num_cpus=num_cpus,
+                   verbose=False)
+        shard_dirs.append(shard_dir)
+    return shard_dirs[0], shard_dirs[1]
+
+
+def run_demo(out: Path, dataset: str = "synthetic", task: str = "bbox", num_train: int = 64, num_val: int = 16,
+             image_size: int = 128, epochs: int = 32, num_workers: int = 2, overrides: list[str] | None = None,
+             verbose: bool = False) -> dict:
+    import ray
+
+    from lsnet.data.shards import load_manifest
+    from pipelines.config import load_config
+    from pipelines.tracking import ui_command
+    from pipelines.train import run_training
+
+    started = time.perf_counter()
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    num_cpus = os.cpu_count() or 2
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # the demo always logs to its own local store
+    if not ray.is_initialized():
+        _say(f"starting a local Ray with {num_cpus} CPUs")
+        # with the dashboard, so the State API that Ray Train's placement-group cleaner polls is there
+        ray.init(num_cpus=num_cpus, configure_logging=False)
+    train_shards, val_shards = prepare_data(out, dataset, task, num_train, num_val, image_size, num_cpus)
+    num_classes = len(load_manifest(train_shards)["categories"])
+    lr_step = max(1, round(epochs * 0.75))
+    cfg = load_config(REPO_ROOT / "configs" / f"tiny_{task}.yaml", [
+        f"data.train_shards={train_shards}", f"data.val_shards={val_shards}",
+        f"data.scale_range=[{image_size}, {image_size}]", f"data.max_size={image_size}",
+        f"data.test_scale={image_size}", f"model.num_classes={num_classes}",
+        f"train.epochs={epochs}", f"train.lr_steps=[{lr_step}]", f"train.eval_every={max(1, epochs // 4)}",
+        f"run.num_workers={num_workers}", f"run.storage_path={out / 'runs'}", "run.resources_per_worker={CPU: 1}",
+        *(overrides or []),
+    ])
+    name = f"demo-{dataset}-{task}-{_dt.datetime.now(_dt.UTC).strftime('%Y%m%d-%H%M%S')}"
+    _say(f"training {cfg.model.backbone} LSNet ({task}) with {cfg.run.num_workers} Ray Train workers on CPU, "
+         f"{cfg.train.epochs} epochs; one summary line per epoch follows")
+    outcome = run_training(cfg, run_name=name, verbose=False)
+    elapsed = time.perf_counter() - started
+
+    metrics = outcome.metrics
+    overlays = sorted((outcome.run_dir / "overlays").glob("epoch_*"))
+    print()
+    _say(f"done in {elapsed / 60:.1f} min")
+    shown = [k for k in HEADLINE[task] if k in metrics]
+    _say("COCO metrics on the validation images after the last epoch: "
+         + ", ".join(f"{k} {metrics[k]:.3f}" for k in shown))
+    _say(f"run directory:     {outcome.run_dir}")
+    _say(f"final checkpoint:  {outcome.run_dir / 'model_final.pt'}")
+    if overlays:
+        _say(f"prediction images: {overlays[-1]}")
+    if outcome.tracking_uri:
+        _say(f"MLflow run {outcome.mlflow_run_id} (experiment '{cfg.tracking.experiment}')")
+        mlflow_bin = Path(sys.executable).with_name("mlflow")
+        _say("open the MLflow UI (then browse to http://127.0.0.1:5000):")
+        print(f"    {ui_command(outcome.tracking_uri, str(mlflow_bin) if mlflow_bin.exists() else 'mlflow')}")
+    return {"run_dir": str(outcome.run_dir), "metrics": metrics, "seconds": elapsed,
+            "overlays": str(overlays[-1]) if overlays else None, "tracking_uri": outcome.tracking_uri,
+            "mlflow_run_id": outcome.mlflow_run_id}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default=str(REPO_ROOT / "results" / "demo"), help="where data, shards and runs go")
+    parser.add_argument("--dataset", choices=("synthetic", "tiny_coco"), default="synthetic",
+                        help="synthetic (default, self-contained) or the 50 real images of ../shared/data/tiny_coco")
+    parser.add_argument("--task", choices=("bbox", "segm", "pose"), default="bbox")
+    parser.add_argument("--num-train", type=int, default=64, help="synthetic training images")
+    parser.add_argument("--num-val", type=int, default=16, help="synthetic validation images")
+    parser.add_argument("--image-size", type=int, default=128, help="image side in pixels")
+    parser.add_argument("--epochs", type=int, default=32)
+    parser.add_argument("--num-workers", type=int, default=2, help="Ray Train workers")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra config override (repeatable), e.g. --set train.lr_per_16_images=0.04")
+    parser.add_argument("--verbose", action="store_true", help="show all Ray worker output")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        run_demo(Path(args.out), dataset=args.dataset, task=args.task, num_train=args.num_train,
+                 num_val=args.num_val, image_size=args.image_size, epochs=args.epochs,
+                 num_workers=args.num_workers, overrides=args.overrides, verbose=args.verbose)
+    except ConfigError as err:
+        print(f"lsnet demo: {err}")
+        return 2
+    return 0
