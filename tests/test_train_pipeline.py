@@ -232,3 +232,16 @@ def test_missing_shards_is_a_clear_error(tmp_path, ray_session):
                       [f"data.train_shards={tmp_path / 'nope'}", f"run.storage_path={tmp_path / 'runs'}"])
     with pytest.raises(ConfigError, match="nope.*manifest.json"):
         run_training(cfg, run_name="missing", verbose=False)
+
+
+def test_demo_smoke(tmp_path, ray_session, capsys, monkeypatch):
+    """`lsnet demo` end to end at toy size (the real demo trains for a few minutes)."""
+    from pipelines.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # the demo must ignore it
+    assert main(["demo", "--out", str(tmp_path), "--num-train", "4", "--num-val", "2", "--epochs", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "bbox_AP" in printed and "--backend-store-uri sqlite:///" in printed and "--host 127.0.0.1" in printed
+    run_dir = next((tmp_path / "runs").glob("demo-synthetic-bbox-*"))
+    assert len(list((run_dir / "overlays" / "epoch_0001").glob("*.png"))) == 2
+    assert (run_dir / "mlflow.db").exists() and (run_dir / "model_final.pt").exists()
