@@ -42,6 +42,9 @@ from pathlib import Path
 from typing import Any
 
 JOURNAL_DIRNAME = "mlflow_journal"
+#: Server answers that mean "this record will never be accepted" (e.g. a param re-logged with another
+#: value). Such a record is set aside in rejected.jsonl instead of blocking everything behind it.
+_REJECTED_CODES = ("INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "BAD_REQUEST")
 RUN_UID_TAG = "lsnet.run_uid"
 #: MLflow's per-request limits for log_batch (metrics / params / tags).
 _MAX_METRICS, _MAX_PARAMS, _MAX_TAGS = 1000, 100, 100
@@ -249,46 +252,64 @@ class _Uploader:
     def sync(self) -> int:
         """Upload every pending record; returns how many. Raises on the first failure (the records
         already uploaded stay acknowledged in state.json)."""
-        from mlflow.entities import Metric, Param, RunTag
-
         prepare_sqlite_store(self.journal.state["tracking_uri"])
         client = self._client()
         run_id = self._ensure_run(client)
         done = 0
         for record in self.journal.records(after_seq=self.journal.synced_seq):
-            kind = record["kind"]
-            if kind == "metrics":
-                metrics = [
-                    Metric(m["key"], _decode_float(m["value"]), m["timestamp"], m["step"])
-                    for m in record["metrics"]
-                ]
-                for i in range(0, len(metrics), _MAX_METRICS):
-                    client.log_batch(run_id, metrics=metrics[i : i + _MAX_METRICS], synchronous=True)
-            elif kind == "params":
-                params = [Param(k, v) for k, v in record["params"].items()]
-                for i in range(0, len(params), _MAX_PARAMS):
-                    client.log_batch(run_id, params=params[i : i + _MAX_PARAMS], synchronous=True)
-            elif kind == "tags":
-                tags = [RunTag(k, v) for k, v in record["tags"].items()]
-                for i in range(0, len(tags), _MAX_TAGS):
-                    client.log_batch(run_id, tags=tags[i : i + _MAX_TAGS], synchronous=True)
-            elif kind == "artifact":
-                staged = self.journal.dir / record["staged"]
-                if staged.exists():
-                    if staged.is_dir():
-                        client.log_artifacts(run_id, str(staged), record.get("artifact_path"))
-                    else:
-                        client.log_artifact(run_id, str(staged), record.get("artifact_path"))
-            elif kind == "end":
-                client.set_terminated(run_id, status=record["status"], end_time=record["end_time_ms"])
-            else:
-                raise ValueError(f"{self.journal.path}: record {record['seq']} has unknown kind {kind!r}")
+            try:
+                self._upload(client, run_id, record)
+            except Exception as err:  # sorted into "rejected" vs "retry later" below
+                if _error_code(err) not in _REJECTED_CODES:
+                    raise  # unreachable / server error: retry later from this record
+                with (self.journal.dir / "rejected.jsonl").open("a") as fh:
+                    fh.write(json.dumps({"record": record, "error": str(err)[:2000]}) + "\n")
+                print(f"[mlflow] record {record['seq']} ({record['kind']}) rejected by the tracking server, "
+                      f"set aside in {self.journal.dir / 'rejected.jsonl'}: {str(err).splitlines()[0][:300]}",
+                      flush=True)
             self.journal.save_state(synced_seq=record["seq"])
-            if kind == "artifact":
+            if record["kind"] == "artifact":
                 # Only after the acknowledgement is durable: a replay never needs a deleted copy.
                 shutil.rmtree(self.journal.dir / Path(record["staged"]).parent, ignore_errors=True)
             done += 1
         return done
+
+    def _upload(self, client, run_id: str, record: dict) -> None:
+        """Send one journal record."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        kind = record["kind"]
+        if kind == "metrics":
+            metrics = [
+                Metric(m["key"], _decode_float(m["value"]), m["timestamp"], m["step"])
+                for m in record["metrics"]
+            ]
+            for i in range(0, len(metrics), _MAX_METRICS):
+                client.log_batch(run_id, metrics=metrics[i : i + _MAX_METRICS], synchronous=True)
+        elif kind == "params":
+            params = [Param(k, v) for k, v in record["params"].items()]
+            for i in range(0, len(params), _MAX_PARAMS):
+                client.log_batch(run_id, params=params[i : i + _MAX_PARAMS], synchronous=True)
+        elif kind == "tags":
+            tags = [RunTag(k, v) for k, v in record["tags"].items()]
+            for i in range(0, len(tags), _MAX_TAGS):
+                client.log_batch(run_id, tags=tags[i : i + _MAX_TAGS], synchronous=True)
+        elif kind == "artifact":
+            staged = self.journal.dir / record["staged"]
+            if staged.exists():
+                if staged.is_dir():
+                    client.log_artifacts(run_id, str(staged), record.get("artifact_path"))
+                else:
+                    client.log_artifact(run_id, str(staged), record.get("artifact_path"))
+        elif kind == "end":
+            client.set_terminated(run_id, status=record["status"], end_time=record["end_time_ms"])
+        else:
+            raise ValueError(f"{self.journal.path}: record {record['seq']} has unknown kind {kind!r}")
+
+
+def _error_code(err: Exception) -> str | None:
+    """MLflow's error code name of an exception (None for non-MLflow errors)."""
+    return getattr(err, "error_code", None)
 
 
 def _encode_float(value: float) -> float | str:

@@ -161,6 +161,24 @@ def test_lost_acknowledgement_is_replayed_without_duplicates(tmp_path, monkeypat
     assert _history(client, run_id, "lr") == [(0, 0.1), (1, 0.1), (2, 0.1)]
 
 
+def test_rejected_record_does_not_block_the_rest(tmp_path, monkeypatch):
+    """A param re-logged with another value (e.g. a re-run with a changed config) is refused by
+    MLflow forever: it is set aside in rejected.jsonl and everything after it still goes up."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "run"
+    tracker = RunTracker(run_dir, background=False, verbose=False)
+    tracker.log_params({"train.epochs": 2})
+    assert tracker.flush()
+    tracker.log_params({"train.epochs": 4})
+    tracker.log_metrics({"loss": 1.5}, step=7)
+    assert tracker.close() is True
+    client = _client(tracker.tracking_uri)
+    assert client.get_run(tracker.run_id).data.params == {"train.epochs": "2"}
+    assert _history(client, tracker.run_id, "loss") == [(7, 1.5)]
+    rejected = [json.loads(line) for line in (run_dir / "mlflow_journal" / "rejected.jsonl").read_text().splitlines()]
+    assert [r["record"]["params"] for r in rejected] == [{"train.epochs": "4"}]
+
+
 def test_torn_last_journal_line_is_ignored(tmp_path):
     journal = Journal(tmp_path)
     journal.append("tags", tags={"a": "1"})
