@@ -85,6 +85,7 @@ def build_ray_dataset(shard_dir: str | Path, *, task: str = "bbox", num_points: 
     ds = ray.data.from_items([{"index": i} for i in indices],
                              override_num_blocks=max(1, -(-len(indices) // samples_per_task)))
     ds.context.execution_options.preserve_order = True  # batches must follow the sampler order
+    ds.context.op_resource_reservation_enabled = False  # one map operator: let it use every CPU
     return ds.map_batches(_load_samples, batch_format="numpy", batch_size=samples_per_task,
                           fn_kwargs={"dataset_key": key, "epoch": epoch}, concurrency=concurrency)
 

@@ -548,10 +548,18 @@ def preprocess(ann: str | Path, images: str | Path, out: str | Path, max_size: i
     return manifest
 
 
+def images_per_task(num_images: int) -> int:
+    """Images per Ray Data task: enough tasks to balance the CPUs, few enough that the driver's
+    per-task scheduling stays small (env LSNET_PREPROCESS_IMAGES_PER_TASK overrides)."""
+    if os.environ.get("LSNET_PREPROCESS_IMAGES_PER_TASK"):
+        return max(1, int(os.environ["LSNET_PREPROCESS_IMAGES_PER_TASK"]))
+    return max(1, min(32, math.ceil(num_images / 32)))
+
+
 def _processed_tables(items: list[dict], image_root: str, category_to_label: dict[int, int],
                       cfg: PreprocessConfig, num_cpus: int | None, address: str | None, executor: str):
     """Processed rows (pyarrow tables) of ``items``, in order: Ray Data, or in-process (``"local"``)."""
-    per_block = max(1, min(16, math.ceil(len(items) / 64)))
+    per_block = images_per_task(len(items))
     kwargs = {"image_root": image_root, "category_to_label": category_to_label, "cfg": cfg}
     if executor == "local":  # serial, same function: for debugging and Ray-free tests
         for lo in range(0, len(items), per_block):
@@ -571,6 +579,9 @@ def _processed_tables(items: list[dict], image_root: str, category_to_label: dic
         ray.init(**init)
     ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / per_block))
     ds.context.execution_options.preserve_order = True  # shard rows must arrive in plan order
+    # One map operator: Ray Data's per-operator reservation (half the CPUs by default) would only
+    # cap it -- measured on 2 CPUs it ran one task at a time.
+    ds.context.op_resource_reservation_enabled = False
     ds = ds.map_batches(process_batch, batch_format="pyarrow", batch_size=per_block, fn_kwargs=kwargs,
                         concurrency=num_cpus or None)
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")

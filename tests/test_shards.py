@@ -308,3 +308,27 @@ def test_reader_from_uri(shard_dir):
     for i in (0, len(local) - 1):
         a, b = local[i], remote[i]
         assert torch.equal(a[0], b[0]) and torch.equal(a[1].points, b[1].points) and a[2] == b[2]
+
+
+def test_tiny_coco_keypoints_round_trip(tiny_coco_dir, tmp_path):
+    """Real person_keypoints JSON (crowd RLEs, v=0/1/2) through the same per-image function."""
+    ann = tiny_coco_dir / "annotations" / "person_keypoints_train2017.json"
+    manifest = preprocess(ann, tiny_coco_dir / "train2017", tmp_path, contour_points=(18,), executor="local",
+                          verbose=False)
+    data, cat_to_label, by_image = _source(ann)
+    images = {im["id"]: im for im in data["images"]}
+    cfg = TargetConfig(contour_points=(18,))
+    rejected = []
+    for batch in _all_rows(tmp_path):
+        im = images[batch.column("image_id")[0].as_py()]
+        expected, rej = compute_image_targets(by_image[im["id"]], im["height"], im["width"], cat_to_label, cfg)
+        rejected += [r.ann_id for r in rej]
+        got = record_from_batch(batch)
+        for key in expected:
+            assert np.array_equal(got[key], expected[key]), (im["id"], key)
+    assert manifest["num_images"] == len(images)
+    assert sorted(r["ann_id"] for r in manifest["rejected"]) == sorted(rejected)
+    ds = ShardDataset(tmp_path, task="pose", scale_range=None)
+    labelled = sum(int(ds[i][1].visible.any(dim=1).sum()) for i in range(len(ds)))
+    assert labelled == sum(1 for a in data["annotations"] if a.get("num_keypoints", 0) > 0 and not a["iscrowd"]
+                           and a["id"] not in rejected)
