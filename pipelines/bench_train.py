@@ -54,6 +54,7 @@ def train(num_images: int = 32, image_size: int = 128, epochs: int = 4, global_b
     """``settings``: [[num_workers, cpus_per_worker], ...]."""
     settings = settings or [[1, 1], [1, 2], [2, 1]]
     cores = os.cpu_count() or 2
+    load_start = os.getloadavg()
     rows = []
     with tempfile.TemporaryDirectory(prefix="lsnet-bench-train-") as tmp:
         root = Path(tmp)
@@ -103,7 +104,9 @@ def train(num_images: int = 32, image_size: int = 128, epochs: int = 4, global_b
         notes.append(f"2 DDP workers vs 1 worker with 2 intra-op threads: "
                      f"{two['images_per_s'] / threads['images_per_s']:.2f}x")
     try:
-        notes.append(f"load average at the end: {os.getloadavg()}")
+        notes.append(f"load average (1, 5, 15 min) at the start: {tuple(round(x, 2) for x in load_start)}, "
+                     f"at the end: {tuple(round(x, 2) for x in os.getloadavg())} -- above {cores} the cores "
+                     "were shared with other work and the numbers understate what the settings can do")
     except OSError:
         pass
     columns = ["workers", "cpus_per_worker", "batch_per_worker", "global_batch", "steps_per_epoch",
