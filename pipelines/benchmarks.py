@@ -94,6 +94,7 @@ def preprocess_run(ann: str, images: str, out: str, cpus: int, warmup_images: in
     return {"cpus": cpus, "images": manifest["num_images"], "seconds": seconds,
             "images_per_s": manifest["num_images"] / seconds, "all_seconds": times, "worker_peak_rss_mib": max(workers, default=0.0),
             "num_workers_seen": len(workers), "driver_peak_rss_mib": proc_status_kb().get("VmHWM", 0) / 1024,
+            "load_average_1min": os.getloadavg()[0],
             "shards_digest": digest}
 
 
@@ -138,7 +139,7 @@ def data(synthetic_images: int = 300, synthetic_size: tuple[int, int] = (480, 64
         rows.append({"measure": "preprocess", "dataset": name, "config": f"{k} CPU (Ray Data)",
                      "value": round(res["images_per_s"], 2), "unit": "images/s",
                      "extra": f"{res['images']} images, best of {len(res['all_seconds'])} runs "
-                              f"{res['seconds']:.2f}s; worker peak RSS "
+                              f"{res['seconds']:.2f}s, load {res['load_average_1min']:.1f}; worker peak RSS "
                               f"{res['worker_peak_rss_mib']:.0f} MiB, driver {res['driver_peak_rss_mib']:.0f} MiB"})
     lo, hi = min(cpus), max(cpus)
     for name in datasets:

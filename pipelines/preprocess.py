@@ -13,7 +13,9 @@ Stages (DESIGN §3, issue 4):
    stored pixel counts (no I/O), so the plan -- and therefore every shard -- is a pure function of
    the inputs and the config. Each shard has a *plan hash* over its input rows and the config.
 3. **Resume.** A shard whose sidecar (``shard-K-of-N.arrow.done``) has the same plan hash and whose
-   file still has the recorded SHA-256 is complete and skipped; everything else is redone.
+   file still has the recorded SHA-256 is complete and skipped; everything else is redone. The plan
+   hash covers the JSON records and the config, not the image files' bytes (hashing them up front
+   would read every image): replacing an image file under the same name is not detected.
 4. **Ray Data map** over the remaining images (parallel, streamed in order): read the file through
    ``pyarrow.fs`` (local path or any URI), decode once, resize so the long side <= ``max_size``,
    re-encode as JPEG (the original bytes are kept when the image is an RGB JPEG that needs no
