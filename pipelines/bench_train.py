@@ -37,6 +37,44 @@ print("RUN_DIR " + str(out.run_dir))
 """
 
 
+_ALLREDUCE = r"""
+import os, sys, time, torch, torch.distributed as dist, torch.multiprocessing as mp
+def run(rank, numel, port):
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    t = torch.randn(numel)
+    for _ in range(3):
+        dist.all_reduce(t)
+    start = time.perf_counter()
+    for _ in range(10):
+        dist.all_reduce(t)
+    if rank == 0:
+        print("ALLREDUCE_MS", (time.perf_counter() - start) / 10 * 1000, flush=True)
+    dist.destroy_process_group()
+if __name__ == "__main__":
+    mp.spawn(run, args=(int(sys.argv[1]), int(sys.argv[2])), nprocs=2)
+"""
+
+
+def allreduce_ms(numel: int) -> float:
+    """Time of one gloo all-reduce of ``numel`` float32 between 2 local processes (DDP's per-step
+    communication, bucketed or not, moves this much)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as fh:
+        fh.write(_ALLREDUCE)
+    try:
+        proc = subprocess.run([sys.executable, fh.name, str(numel), str(port)], capture_output=True, text=True,
+                              check=True, timeout=300)
+    finally:
+        os.unlink(fh.name)
+    return float([ln for ln in proc.stdout.splitlines() if ln.startswith("ALLREDUCE_MS")][-1].split()[1])
+
+
 def _prepare(root: Path, num_images: int, image_size: int) -> Path:
     from lsnet.data.synthetic import write_synthetic_coco
     from pipelines.preprocess import preprocess
@@ -103,6 +141,13 @@ def train(num_images: int = 32, image_size: int = 128, epochs: int = 4, global_b
     if threads and two:
         notes.append(f"2 DDP workers vs 1 worker with 2 intra-op threads: "
                      f"{two['images_per_s'] / threads['images_per_s']:.2f}x")
+    from lsnet.modeling import build_model
+    from pipelines.config import load_config
+
+    numel = sum(p.numel() for p in build_model(load_config(REPO_ROOT / config).model).parameters()
+                if p.requires_grad)
+    notes.append(f"gradient all-reduce (gloo, 2 local processes, {numel / 1e6:.1f}M float32): "
+                 f"{allreduce_ms(numel):.0f} ms per step -- the fixed cost data parallelism adds to each step")
     try:
         notes.append(f"load average (1, 5, 15 min) at the start: {tuple(round(x, 2) for x in load_start)}, "
                      f"at the end: {tuple(round(x, 2) for x in os.getloadavg())} -- above {cores} the cores "
