@@ -175,6 +175,9 @@ def data(synthetic_images: int = 300, synthetic_size: tuple[int, int] = (480, 64
                 "value": round(vs_classic, 2), "target": f">= {target_vs_classic}", "ok": vs_classic >= target_vs_classic}
             checks[f"reader slowdown vs {'bare decode' if scale is None else 'bare decode + resize'} ({name}, {config})"] = {
                 "value": round(vs_bare, 3), "target": f"<= {target_vs_bare}", "ok": vs_bare <= target_vs_bare}
+            bound = r["bare_decode"] / r["classic"] if scale is None else r["bare_decode_resize"] / r["classic"]
+            notes.append(f"{name}, {config}: a reader that cost nothing but the decode{'' if scale is None else ' + resize'} "
+                         f"would be {bound:.2f}x the classic path: the bound of the reader-vs-classic ratio here")
             if scale is not None:
                 vs_plain = r["bare_decode"] / r["reader"]
                 notes.append(f"{name}, {config}: reader is {vs_plain:.2f}x slower than bare decode *without* the "
@@ -193,6 +196,8 @@ def data(synthetic_images: int = 300, synthetic_size: tuple[int, int] = (480, 64
         "value": round(growth, 3), "target": f"<= {target_memory_growth}", "ok": growth <= target_memory_growth}
     notes.append("file-backed RSS of the reader counts memory-mapped shard pages the kernel may drop at any time; "
                  "the anonymous part is what the reader itself holds")
+    notes.append(f"{os.cpu_count()} CPU cores on this machine, shared with other processes (load average per "
+                 "preprocess run in 'extra'): the 2-CPU runs compete with the Ray driver and that load")
     notes.append(f"work dir: {work}; load average at end: {os.getloadavg()}")
     return BenchResult(rows=rows, columns=["measure", "dataset", "config", "value", "unit", "extra"],
                        checks=checks, notes=notes)
