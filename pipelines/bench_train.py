@@ -121,9 +121,12 @@ def train(num_images: int = 32, image_size: int = 128, epochs: int = 4, global_b
             warm = epochs_log[1:] or epochs_log
             images = sum(e["images"] * e["world_size"] for e in warm)
             seconds = sum(e["epoch_time_s"] for e in warm)
+            # the fastest warm epoch: the window least disturbed by other work on a shared machine
+            best = max(e["images"] * e["world_size"] / e["epoch_time_s"] for e in warm)
             rows.append({"workers": workers, "cpus_per_worker": cpus, "batch_per_worker": global_batch // workers,
                          "global_batch": global_batch, "steps_per_epoch": int(epochs_log[-1]["steps"]),
-                         "images_per_s": images / seconds, "s_per_step": seconds / sum(e["steps"] for e in warm),
+                         "images_per_s": images / seconds, "images_per_s_best_epoch": best,
+                         "s_per_step": seconds / sum(e["steps"] for e in warm),
                          "first_epoch_s": epochs_log[0]["epoch_time_s"], "run_wall_s": wall})
     base = next((r for r in rows if r["workers"] == 1 and r["cpus_per_worker"] == 1), None)
     two = next((r for r in rows if r["workers"] == 2 and r["cpus_per_worker"] == 1), None)
@@ -134,10 +137,13 @@ def train(num_images: int = 32, image_size: int = 128, epochs: int = 4, global_b
     checks = {}
     if base and two:
         scaling = two["images_per_s"] / base["images_per_s"]
+        scaling_best = two["images_per_s_best_epoch"] / base["images_per_s_best_epoch"]
         for row in rows:
             row["vs_1x1"] = row["images_per_s"] / base["images_per_s"]
-        checks["2 workers vs 1 worker (1 CPU each)"] = {"value": round(scaling, 3), "target": ">= 1.6",
-                                                       "ok": scaling >= 1.6}
+        checks["2 workers vs 1 worker (1 CPU each), mean of warm epochs"] = {
+            "value": round(scaling, 3), "target": ">= 1.6", "ok": scaling >= 1.6}
+        checks["2 workers vs 1 worker (1 CPU each), fastest epoch"] = {
+            "value": round(scaling_best, 3), "target": ">= 1.6", "ok": scaling_best >= 1.6}
     if threads and two:
         notes.append(f"2 DDP workers vs 1 worker with 2 intra-op threads: "
                      f"{two['images_per_s'] / threads['images_per_s']:.2f}x")
@@ -155,5 +161,5 @@ def train(num_images: int = 32, image_size: int = 128, epochs: int = 4, global_b
     except OSError:
         pass
     columns = ["workers", "cpus_per_worker", "batch_per_worker", "global_batch", "steps_per_epoch",
-               "images_per_s", "s_per_step", "vs_1x1", "first_epoch_s", "run_wall_s"]
+               "images_per_s", "images_per_s_best_epoch", "s_per_step", "vs_1x1", "first_epoch_s", "run_wall_s"]
     return BenchResult(rows=rows, columns=columns, checks=checks, notes=notes)
