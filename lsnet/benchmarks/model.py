@@ -8,11 +8,14 @@ Measures, at the same input size and batch (default 512×512, batch 2):
   pose N=17 with 1 class).
 
 Both models start from random weights (``fcos_resnet50_fpn(weights=None, weights_backbone=None)``,
-which then uses trainable BatchNorm in every stage). LSNet is timed twice: with the same backbone
-treatment as that FCOS (nothing frozen, BatchNorm training — the like-for-like row used by the
-checks) and with the paper's fine-tuning recipe (stem+stage 1 frozen, frozen BN). FCOS's internal
-transform is set to ``min_size = max_size = image_size`` so it does not resize the input. Timings
-alternate between the models (median of ``repeats``) so that load on the machine hits both alike.
+which then uses trainable BatchNorm in every stage). LSNet is timed with the same backbone treatment
+(nothing frozen, BatchNorm training); the paper's fine-tuning recipe (stem + stage 1 frozen, frozen
+BN) only has fewer trainable parameters and a cheaper backward. FCOS's internal transform is set to
+``min_size = max_size = image_size`` so it does not resize the input.
+
+Timings alternate between the two models, and the checks use the **minimum** over ``repeats``
+(the least disturbed run, as ``timeit`` does): on a shared machine the load comes in bursts that
+would otherwise decide the ratio. Medians are reported beside them.
 """
 from __future__ import annotations
 
@@ -75,7 +78,6 @@ def run(image_size: int = 512, batch_size: int = 2, num_objects: int = 5, warmup
         weights=None, weights_backbone=None, num_classes=91, min_size=image_size, max_size=image_size)
     models = {
         "lsnet_r50_bbox": build_model(ModelConfig(task="bbox", num_classes=80, frozen_stages=-1, norm_eval=False)),
-        "lsnet_r50_bbox_frozen": build_model(ModelConfig(task="bbox", num_classes=80)),
         "fcos_r50_fpn": fcos,
     }
     fcos_images = list(images)  # FCOS takes a list of (3, H, W) images
@@ -113,6 +115,7 @@ def run(image_size: int = 512, batch_size: int = 2, num_objects: int = 5, warmup
                 times[(name, "train")].append(t_train)
                 times[(name, "infer")].append(t_infer)
 
+    best = {key: min(v) for key, v in times.items()}
     med = {key: statistics.median(v) for key, v in times.items()}
     rows = []
     for name, model in models.items():
@@ -120,17 +123,23 @@ def run(image_size: int = 512, batch_size: int = 2, num_objects: int = 5, warmup
             "model": name,
             "params_M": _num_params(model) / 1e6,
             "trainable_M": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
-            "train_step_s": med[(name, "train")],
-            "infer_s": med[(name, "infer")],
-            "train_vs_fcos": med[(name, "train")] / med[("fcos_r50_fpn", "train")],
-            "infer_vs_fcos": med[(name, "infer")] / med[("fcos_r50_fpn", "infer")],
+            "train_step_s": best[(name, "train")],
+            "infer_s": best[(name, "infer")],
+            "train_vs_fcos": best[(name, "train")] / best[("fcos_r50_fpn", "train")],
+            "infer_vs_fcos": best[(name, "infer")] / best[("fcos_r50_fpn", "infer")],
+            "train_median_s": med[(name, "train")],
+            "infer_median_s": med[(name, "infer")],
             "train_all_s": [round(t, 4) for t in times[(name, "train")]],
             "infer_all_s": [round(t, 4) for t in times[(name, "infer")]],
         })
+    frozen = build_model(ModelConfig(task="bbox", num_classes=80))
+    rows.append({"model": "lsnet_r50_bbox (paper recipe: frozen stem+stage 1, frozen BN)",
+                 "params_M": _num_params(frozen) / 1e6,
+                 "trainable_M": sum(p.numel() for p in frozen.parameters() if p.requires_grad) / 1e6})
     rows += _lsnet_task_params()
 
-    train_ratio = med[("lsnet_r50_bbox", "train")] / med[("fcos_r50_fpn", "train")]
-    infer_ratio = med[("lsnet_r50_bbox", "infer")] / med[("fcos_r50_fpn", "infer")]
+    train_ratio = best[("lsnet_r50_bbox", "train")] / best[("fcos_r50_fpn", "train")]
+    infer_ratio = best[("lsnet_r50_bbox", "infer")] / best[("fcos_r50_fpn", "infer")]
     checks = {
         "train_step_vs_fcos": {"value": round(train_ratio, 3), "target": f"<= {train_target}",
                                "ok": train_ratio <= train_target},
@@ -139,9 +148,10 @@ def run(image_size: int = 512, batch_size: int = 2, num_objects: int = 5, warmup
     }
     notes = [
         (f"CPU, {torch.get_num_threads()} threads, input {batch_size}x3x{image_size}x{image_size}, "
-        f"{num_objects} objects per image, median of {repeats} after {warmup} warm-up"),
-        ("lsnet_r50_bbox: nothing frozen, BatchNorm trained (like fcos_resnet50_fpn without weights); "
-        "lsnet_r50_bbox_frozen: the paper's recipe (stem + stage 1 frozen, FrozenBatchNorm2d)"),
+         f"{num_objects} objects per image; times are the minimum of {repeats} alternating runs after "
+         f"{warmup} warm-up (medians in train_median_s / infer_median_s)"),
+        ("lsnet_r50_bbox: nothing frozen, BatchNorm trained, like fcos_resnet50_fpn without weights; "
+         "the paper's recipe freezes the stem + stage 1 and BN (fewer trainable parameters, cheaper backward)"),
         ("params_M of the task rows count BatchNorm affine weights (norm_eval=False) like FCOS; "
         "FrozenBatchNorm2d keeps them as buffers"),
     ]

@@ -1,0 +1,113 @@
+"""Overfit tests: a small LSNet trained on a few synthetic images must fit them (issue 3).
+
+Each task trains a ResNet-18 LSNet with small FPN/head widths on the same few images it is then
+evaluated on, with pycocotools (via :func:`lsnet.evaluation.evaluate_coco`). Data:
+:func:`lsnet.data.synthetic.write_synthetic_coco` -> :func:`lsnet.targets.compute_image_targets` ->
+``LandmarkTargets``. Fixed seeds; the thresholds are asserted, not the time.
+
+The backbone starts from random weights (no network for pretrained ones), so it trains with ordinary
+BatchNorm and nothing frozen: frozen BN would freeze random statistics. All images form one batch,
+so the BN running statistics used at evaluation converge to the training-batch statistics.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lsnet.evaluation import detections_to_coco, evaluate_coco
+from lsnet.modeling import ModelConfig, build_model
+from lsnet.structures import IMAGE_MEAN, IMAGE_STD, SIZE_DIVISOR, ImageMeta
+from lsnet.targets import TargetConfig, compute_image_targets, record_to_targets
+
+
+def load_synthetic(root: Path, task: str, num_points: int | None = None):
+    """(images (B,3,H,W) normalised+padded, targets, metas, gt json path, category ids)."""
+    gt_path = root / "annotations" / ("person_keypoints_train.json" if task == "pose" else "instances_train.json")
+    gt = json.loads(gt_path.read_text())
+    category_ids = [c["id"] for c in gt["categories"]]
+    to_label = {cid: i for i, cid in enumerate(category_ids)}
+    anns_by_image: dict[int, list[dict]] = {img["id"]: [] for img in gt["images"]}
+    for ann in gt["annotations"]:
+        anns_by_image[ann["image_id"]].append(ann)
+    tensors, targets, metas = [], [], []
+    for img in gt["images"]:
+        pixels = np.asarray(Image.open(root / "images" / img["file_name"]).convert("RGB"), dtype=np.float32)
+        h, w = pixels.shape[:2]
+        x = (torch.from_numpy(pixels) - torch.tensor(IMAGE_MEAN)) / torch.tensor(IMAGE_STD)
+        tensors.append(x.permute(2, 0, 1))
+        record, _ = compute_image_targets(anns_by_image[img["id"]], h, w, to_label,
+                                          TargetConfig(contour_points=(num_points or 36,)))
+        targets.append(record_to_targets(record, task, num_points))
+        metas.append(ImageMeta(image_id=img["id"], orig_size=(h, w), size=(h, w), scale=(1.0, 1.0)))
+    hmax = -(-max(t.shape[1] for t in tensors) // SIZE_DIVISOR) * SIZE_DIVISOR
+    wmax = -(-max(t.shape[2] for t in tensors) // SIZE_DIVISOR) * SIZE_DIVISOR
+    images = torch.zeros(len(tensors), 3, hmax, wmax)
+    for i, t in enumerate(tensors):
+        images[i, :, : t.shape[1], : t.shape[2]] = t
+    return images, targets, metas, gt_path, category_ids
+
+
+def overfit(task: str, root: Path, steps: int, lr: float = 1e-3, seed: int = 0, log_every: int = 0,
+            **model_kw) -> dict[str, float]:
+    torch.manual_seed(seed)
+    images, targets, metas, gt_path, category_ids = load_synthetic(root, task)
+    kw = {"backbone": "resnet18", "fpn_channels": 64, "head_channels": 64, "head_convs": 2, "norm_groups": 16,
+              "frozen_stages": -1, "norm_eval": False}
+    kw.update(model_kw)
+    cfg = ModelConfig(task=task, num_classes=len(category_ids), **kw)
+    model = build_model(cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    for step in range(steps):
+        losses = model(images, targets)
+        opt.zero_grad()
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(params, 35.0)
+        opt.step()
+        sched.step()
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            print(step, {k: round(float(v.detach()), 4) for k, v in losses.items()}, flush=True)
+    model.eval()
+    with torch.no_grad():
+        dets = model(images, image_sizes=[m.size for m in metas])
+    results = detections_to_coco(dets, metas, category_ids, task)
+    iou_types = {"bbox": ("bbox",), "segm": ("bbox", "segm"), "pose": ("keypoints",)}[task]
+    return evaluate_coco(gt_path, results, iou_types=iou_types)
+
+
+#: 2 images of 128x128 with 2–3 objects each (5 shapes; 3 persons for pose); 200 full-batch AdamW
+#: steps, ≈ 47 CPU-seconds per task (1 thread).
+NUM_IMAGES = 2
+IMAGE_SIZE = 128
+STEPS = 200
+LR = 2e-3
+
+
+def _dataset(tmp_path_factory, task: str) -> Path:
+    from lsnet.data.synthetic import write_synthetic_coco
+
+    root = tmp_path_factory.mktemp(f"overfit_{task}")
+    write_synthetic_coco(root, num_images=NUM_IMAGES, image_size=(IMAGE_SIZE, IMAGE_SIZE), seed=0,
+                         objects_per_image=(2, 3), person_prob=1.0 if task == "pose" else 0.0)
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task, metric, threshold", [
+    # measured on a 2-core x86_64 CPU, seed 0 (1 and 2 threads give slightly different float
+    # reductions, hence a margin of ~0.1 below the measured values)
+    ("bbox", "bbox_AP", 0.9),  # measured 1.000
+    ("segm", "segm_AP", 0.8),  # measured 0.940 (bbox_AP 0.980)
+    ("pose", "kp_AP", 0.75),  # measured 0.886
+])
+def test_overfit_synthetic(tmp_path_factory, task, metric, threshold):
+    metrics = overfit(task, _dataset(tmp_path_factory, task), STEPS, lr=LR)
+    print(f"{task}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k.endswith(("AP", "AP50", "AP75"))))
+    assert metrics[metric] >= threshold, metrics
