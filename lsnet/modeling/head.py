@@ -234,9 +234,9 @@ class LSNetHead(nn.Module):
         # Focal-loss prior (RetinaNet): every location starts as background with probability 1 - prior.
         nn.init.constant_(self.cls_out.bias, -math.log((1 - prior_prob) / prior_prob))
 
-    def _landmark_features(self, towers: list[Tensor], level: int, positions: Tensor,
-                           out_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        """(cls, reg) landmark features (B, C, H·W) of level ``level`` (steps 3–4 of the module doc)."""
+    def _landmark_feature(self, towers: list[Tensor], weight: Tensor, level: int, positions: Tensor,
+                          out_hw: tuple[int, int]) -> Tensor:
+        """Landmark feature (B, C_out, H·W) of level ``level`` (steps 3–4 of the module doc)."""
         if self.feature_mode == "PP":
             sources = [m for m in (level - 1, level, level + 1) if 0 <= m < len(towers)]
         else:
@@ -244,14 +244,11 @@ class LSNetHead(nn.Module):
         sampled = None
         for m in sources:
             s = sample_features(towers[m], positions, self.strides[m], out_hw)
-            sampled = s if sampled is None else sampled + s
+            sampled = s if sampled is None else sampled.add_(s)
         if self.pyramid_fuse == "mean" and len(sources) > 1:
-            sampled = sampled / len(sources)
-        c = self.landmark_weight_cls.shape[1]
-        k = 9 * c
-        cls_feat = torch.matmul(self.landmark_weight_cls.reshape(-1, k), sampled[:, :k])
-        reg_feat = torch.matmul(self.landmark_weight_reg.reshape(-1, k), sampled[:, k:])
-        return cls_feat, reg_feat
+            sampled = sampled.mul_(1.0 / len(sources))
+        # the convolution is linear: kernel(mean of sampled levels) = mean of the per-level DCNs
+        return torch.matmul(weight.reshape(weight.shape[0], -1), sampled)
 
     def forward(self, feats: list[Tensor]) -> HeadOutputs:
         if len(feats) != len(self.strides):
@@ -260,9 +257,6 @@ class LSNetHead(nn.Module):
         anchors = anchor_points(sizes, self.strides, device=feats[0].device, dtype=feats[0].dtype)
         cls_towers = [self.cls_tower(f) for f in feats]
         reg_towers = [self.reg_tower(f) for f in feats]
-        # cls and reg features are sampled at the same positions: concatenate once, sample once.
-        towers = [torch.cat([c, r], dim=1) for c, r in zip(cls_towers, reg_towers)] \
-            if self.feature_mode != "PA" else []
 
         b = feats[0].shape[0]
         n = self.num_points
@@ -281,9 +275,10 @@ class LSNetHead(nn.Module):
                 g = self.offset_grad_scale
                 landmarks = landmarks * g + landmarks.detach() * (1 - g)
                 positions = kernel_points(landmarks, anchors[level], self.point_indices)
-                cls_lm, reg_lm = self._landmark_features(towers, level, positions, (h, w))
-                cls_feat = cls_feat + cls_lm
-                reg_feat = reg_feat + reg_lm
+                cls_feat = cls_feat + self._landmark_feature(cls_towers, self.landmark_weight_cls, level,
+                                                             positions, (h, w))
+                reg_feat = reg_feat + self._landmark_feature(reg_towers, self.landmark_weight_reg, level,
+                                                             positions, (h, w))
             cls_feat = F.relu(self.norm_cls(cls_feat))
             reg_feat = F.relu(self.norm_reg(reg_feat))
 
