@@ -30,12 +30,12 @@ import cv2
 import mmcv
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lsnet.config import ConfigError, from_dict, load_yaml
+from lsnet.data.augment import AugmentConfig, augment_sample, collate_batch
 from lsnet.engine import load_checkpoint
 from lsnet.evaluation import detections_to_coco, rescale_detections
-from lsnet.structures import IMAGE_MEAN, IMAGE_STD, SIZE_DIVISOR, ImageMeta
+from lsnet.structures import ImageMeta, LandmarkTargets
 from lsnet.visualize import draw_detections, save_png
 
 DEFAULT_SHORT_SIDE = 800
@@ -67,32 +67,23 @@ def load_image(path: str | Path) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def keep_ratio_scale(height: int, width: int, short_side: int, max_size: int) -> float:
-    """Keep-ratio factor putting the shorter side at ``short_side`` unless the longer side would
-    exceed ``max_size`` (then the longer side is ``max_size``)."""
-    return min(short_side / min(height, width), max_size / max(height, width))
-
-
 def prepare_images(images: Sequence[np.ndarray], image_ids: Sequence[int], short_side: int,
                    max_size: int) -> tuple[torch.Tensor, list[ImageMeta]]:
-    """Resize (bilinear, keep ratio), normalise with IMAGE_MEAN/STD and zero-pad into one batch whose
-    sides are multiples of SIZE_DIVISOR — the test pipeline of the data readers."""
-    tensors, metas = [], []
-    mean = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGE_STD).view(3, 1, 1)
+    """RGB uint8 (H, W, 3) images -> one normalised, zero-padded batch and their metas.
+
+    Exactly the test pipeline of the shard reader (:func:`lsnet.data.augment.augment_sample` with
+    ``train=False``, then :func:`lsnet.data.augment.collate_batch`), so a model sees at prediction
+    time the same resize and normalisation it was evaluated with.
+    """
+    cfg = AugmentConfig(scale_range=None, max_size=max_size, test_short_side=short_side)
+    items = []
     for image, image_id in zip(images, image_ids):
         h, w = image.shape[:2]
-        scale = keep_ratio_scale(h, w, short_side, max_size)
-        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        resized = mmcv.imresize(image, (nw, nh), interpolation="bilinear")
-        tensors.append((torch.from_numpy(resized).permute(2, 0, 1).float() - mean) / std)
-        metas.append(ImageMeta(image_id=int(image_id), orig_size=(h, w), size=(nh, nw), scale=(nw / w, nh / h)))
-    height = max(t.shape[1] for t in tensors)
-    width = max(t.shape[2] for t in tensors)
-    height += (-height) % SIZE_DIVISOR
-    width += (-width) % SIZE_DIVISOR
-    batch = torch.stack([F.pad(t, (0, width - t.shape[2], 0, height - t.shape[1])) for t in tensors])
-    return batch, metas
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        meta = ImageMeta(image_id=int(image_id), orig_size=(h, w), size=(h, w), scale=(1.0, 1.0))
+        items.append(augment_sample(tensor, LandmarkTargets.empty(1), meta, cfg, task="bbox", train=False))
+    batch = collate_batch(items)
+    return batch.images, batch.metas
 
 
 def image_ids_for(paths: Sequence[str | Path]) -> list[int]:
