@@ -260,7 +260,7 @@ def test_landmark_offsets_receive_scaled_gradient():
         grads[(mode, scale)] = model.head.init_out.weight.grad.clone()
     assert torch.count_nonzero(grads[("PA", 0.1)]) == 0
     assert grads[("PP", 1.0)].abs().sum() > 0
-    assert torch.allclose(grads[("PP", 0.1)], 0.1 * grads[("PP", 1.0)], rtol=1e-4, atol=1e-12)
+    assert torch.allclose(grads[("PP", 0.1)], 0.1 * grads[("PP", 1.0)], rtol=1e-3, atol=1e-9)
 
 
 def test_backbone_dcn_offsets_get_gradients():

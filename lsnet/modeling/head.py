@@ -6,7 +6,7 @@ Per FPN level ``l`` (stride ``s_l``), shared across levels:
    regression tower, as in FCOS/ATSS/RepPoints.
 2. **Stage 1** — initial vectors from the anchor-point feature of the regression tower::
 
-       v1 = s_l · exp(scale_l · conv1x1(ReLU(conv3x3(reg_tower))))          (B, N, 4) per point
+       v1 = s_l · exp(scale_l · conv3x3(reg_tower))          (B, N, 4) per point
 
    The four components of a cross-coordinate vector are non-negative magnitudes (Appendix A). We
    use ``exp`` rather than ReLU: it is always positive, so no component is ever stuck at 0 (where
@@ -26,17 +26,21 @@ Per FPN level ``l`` (stride ``s_l``), shared across levels:
    adds them) before the shared kernel, which is the same as averaging the three DCN outputs
    because the convolution is linear. The mean keeps the border levels (P3, P7, two sources) on
    the scale of the inner ones (three sources).
-5. **Stage 2** — the landmark features are *added* to the anchor-point feature (a plain 3x3 conv
-   of the tower), as the paper's Table 3 reads ("anchor-point features", "+ extreme-point
-   features", "+ pyramid ..."); the sum goes through GroupNorm and ReLU::
+5. **Stage 2** — the landmark features are *added* to the anchor-point feature (a 1x1 conv of the
+   tower at the anchor point), as the paper's Table 3 reads ("anchor-point features", "+
+   extreme-point features", "+ pyramid ..."); the sum goes through GroupNorm and ReLU::
 
-       f = ReLU(GN(conv3x3(tower) + landmark_feature(tower)))       (one f for cls, one for reg)
+       f = ReLU(GN(conv1x1(tower) + landmark_feature(tower)))       (one f for cls, one for reg)
        logits = conv1x1(f_cls)
        v2 = v1.detach() · exp(conv1x1(f_reg))
 
    The refinement is multiplicative (a residual in log space, the parameterisation of stage 1), so
    ``v2`` stays positive and starts equal to ``v1``. ``v1`` is detached so stage 1 learns only from
    its own (centroid-assigned) loss, as in RepPoints.
+
+   Cost: stage 1 is a single 3x3 conv to 4N channels (as FCOS's box branch) and the anchor-point
+   feature a 1x1 conv, so with 3 tower convs the head costs about as much as FCOS's 4-conv towers
+   plus the landmark sampling (``lsnet bench model``).
 
 Table 3 switches (``feature_mode``): ``"PA"`` — anchor-point features only (no landmark term, so a
 PA model has no landmark kernels); ``"PE"`` — + landmark features on level ``l`` only; ``"PP"`` —
@@ -210,13 +214,12 @@ class LSNetHead(nn.Module):
         self.cls_tower = tower()
         self.reg_tower = tower()
         # stage 1
-        self.init_conv = nn.Conv2d(channels, channels, 3, padding=1)
-        self.init_out = nn.Conv2d(channels, num_points * 4, 1)
+        self.init_out = nn.Conv2d(channels, num_points * 4, 3, padding=1)
         self.scales = nn.Parameter(torch.ones(len(self.strides)))
         # stage 2: anchor-point convs, the 3x3 kernels of the landmark DCNs (no bias, as a DCN),
         # GroupNorm of their sum, then 1x1 outputs
-        self.anchor_conv_cls = nn.Conv2d(channels, channels, 3, padding=1)
-        self.anchor_conv_reg = nn.Conv2d(channels, channels, 3, padding=1)
+        self.anchor_conv_cls = nn.Conv2d(channels, channels, 1)
+        self.anchor_conv_reg = nn.Conv2d(channels, channels, 1)
         if feature_mode != "PA":
             self.landmark_weight_cls = nn.Parameter(torch.empty(channels, channels, 3, 3))
             self.landmark_weight_reg = nn.Parameter(torch.empty(channels, channels, 3, 3))
@@ -264,7 +267,7 @@ class LSNetHead(nn.Module):
         for level, (reg_t, cls_t) in enumerate(zip(reg_towers, cls_towers)):
             stride = self.strides[level]
             h, w = sizes[level]
-            raw = self.init_out(F.relu(self.init_conv(reg_t)))  # (B, 4N, H, W)
+            raw = self.init_out(reg_t)  # (B, 4N, H, W)
             raw = raw.permute(0, 2, 3, 1).reshape(b, h * w, n, 4)
             vec_init = stride * torch.exp((self.scales[level] * raw).clamp(max=MAX_LOG_SCALE))
 
