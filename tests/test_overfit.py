@@ -19,9 +19,10 @@ import pytest
 import torch
 from PIL import Image
 
+from lsnet.data.augment import collate_batch
 from lsnet.evaluation import detections_to_coco, evaluate_coco
 from lsnet.modeling import ModelConfig, build_model
-from lsnet.structures import IMAGE_MEAN, IMAGE_STD, SIZE_DIVISOR, ImageMeta
+from lsnet.structures import ImageMeta
 from lsnet.targets import TargetConfig, compute_image_targets, record_to_targets
 
 
@@ -34,21 +35,16 @@ def load_synthetic(root: Path, task: str, num_points: int | None = None):
     anns_by_image: dict[int, list[dict]] = {img["id"]: [] for img in gt["images"]}
     for ann in gt["annotations"]:
         anns_by_image[ann["image_id"]].append(ann)
-    tensors, targets, metas = [], [], []
+    items = []
     for img in gt["images"]:
-        pixels = np.asarray(Image.open(root / "images" / img["file_name"]).convert("RGB"), dtype=np.float32)
+        pixels = np.array(Image.open(root / "images" / img["file_name"]).convert("RGB"))
         h, w = pixels.shape[:2]
-        x = (torch.from_numpy(pixels) - torch.tensor(IMAGE_MEAN)) / torch.tensor(IMAGE_STD)
-        tensors.append(x.permute(2, 0, 1))
         record, _ = compute_image_targets(anns_by_image[img["id"]], h, w, to_label,
                                           TargetConfig(contour_points=(num_points or 36,)))
-        targets.append(record_to_targets(record, task, num_points))
-        metas.append(ImageMeta(image_id=img["id"], orig_size=(h, w), size=(h, w), scale=(1.0, 1.0)))
-    hmax = -(-max(t.shape[1] for t in tensors) // SIZE_DIVISOR) * SIZE_DIVISOR
-    wmax = -(-max(t.shape[2] for t in tensors) // SIZE_DIVISOR) * SIZE_DIVISOR
-    images = torch.zeros(len(tensors), 3, hmax, wmax)
-    for i, t in enumerate(tensors):
-        images[i, :, : t.shape[1], : t.shape[2]] = t
+        meta = ImageMeta(image_id=img["id"], orig_size=(h, w), size=(h, w), scale=(1.0, 1.0))
+        items.append((torch.from_numpy(pixels).permute(2, 0, 1), record_to_targets(record, task, num_points), meta))
+    batch = collate_batch(items)  # the readers' normalise + pad
+    images, targets, metas = batch.images, batch.targets, batch.metas
     return images, targets, metas, gt_path, category_ids
 
 
