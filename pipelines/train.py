@@ -28,12 +28,10 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as _dt
-import hashlib
 import io
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +41,7 @@ from typing import Any
 
 import torch
 
+from lsnet.bench import git_commit
 from lsnet.config import ConfigError, flatten, to_dict
 from pipelines.config import ExperimentConfig, config_from_dict, default_run_name, load_config
 
@@ -76,29 +75,17 @@ def absolutize_paths(cfg: ExperimentConfig, base: Path | None = None) -> Experim
     return dataclasses.replace(cfg, data=data, run=run)
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                             check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               check=False, capture_output=True, text=True, timeout=10).stdout.strip()
-        return out + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def manifest_hash(shard_dir: str | None) -> str:
     """SHA-256 of the shard directory's manifest.json (identifies the exact dataset version)."""
     if shard_dir is None:
         return "none"
     import pyarrow as pa
 
-    from lsnet.data.shards import MANIFEST_NAME, resolve_filesystem
+    from lsnet.data.shards import MANIFEST_NAME, resolve_filesystem, sha256_bytes_of
 
     fs, root = resolve_filesystem(shard_dir)
     try:
-        with fs.open_input_stream(f"{root.rstrip('/')}/{MANIFEST_NAME}") as fh:
-            return hashlib.sha256(fh.read()).hexdigest()
+        return sha256_bytes_of(f"{root.rstrip('/')}/{MANIFEST_NAME}", fs)[0]
     except (OSError, pa.ArrowException) as err:
         raise ConfigError(f"data shards {shard_dir}: cannot read {MANIFEST_NAME} ({err}); "
                           "run `lsnet preprocess` first") from None

@@ -150,16 +150,10 @@ def sha256_bytes_of(path: str | Path, fs: pafs.FileSystem | None = None, chunk: 
     """(SHA-256 hex digest, size in bytes) of a file, local or on a pyarrow filesystem."""
     h = hashlib.sha256()
     size = 0
-    if fs is None:
-        with open(path, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
-                size += len(block)
-    else:
-        with fs.open_input_stream(str(path)) as f:
-            while block := f.read(chunk):
-                h.update(block)
-                size += len(block)
+    with open(path, "rb") if fs is None else fs.open_input_stream(str(path)) as f:
+        while block := f.read(chunk):
+            h.update(block)
+            size += len(block)
     return h.hexdigest(), size
 
 
