@@ -5,6 +5,7 @@ dominates their run time.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -117,6 +118,60 @@ def _crash_run(synth, out, crash: str, address: str) -> subprocess.CompletedProc
     return subprocess.run([sys.executable, "-c", code, str(synth.instances_json), str(synth.image_dir), str(out),
                            executor], check=False, env=env, cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=300)
+
+
+def test_shard_bytes_do_not_depend_on_block_size(synth, tmp_path, monkeypatch):
+    """Rows are streamed into the shard files as blocks arrive, in write groups of a fixed number of
+    rows; blocks of 1, 2, 3 or all 7 images (straddling the groups and the shards) give the same bytes."""
+    import pipelines.preprocess as pp
+
+    monkeypatch.setattr(pp, "SHARD_WRITE_GROUP_ROWS", 2)
+    files = []
+    for per_task in ("1", "2", "3", "7"):
+        monkeypatch.setenv("LSNET_PREPROCESS_IMAGES_PER_TASK", per_task)
+        out = tmp_path / per_task
+        preprocess(synth.instances_json, synth.image_dir, out, max_size=112, max_rows_per_shard=5,
+                   contour_points=(18,), executor="local", verbose=False)
+        files.append(_files(out))
+    assert len([n for n in files[0] if n.endswith(".arrow")]) == 2
+    assert all(f == files[0] for f in files[1:])
+
+
+def test_stored_jpeg_encoding(synth, reference, tmp_path):
+    """Stored images are re-encoded at the configured quality and chroma subsampling (default q90,
+    4:2:0: faster to decode every epoch); --keep-original-jpeg stores an RGB JPEG that needs no resize
+    as it is, and the choice is part of the plan (a re-run with the other setting rewrites the shards)."""
+    from PIL import JpegImagePlugin
+
+    def stored(out):
+        ds = ShardDataset(out, scale_range=None)
+        return {ds.raw(i)[2]["file_name"]: bytes(ds.raw(i)[0]) for i in range(len(ds))}
+
+    def q90_tables(data):
+        im = Image.open(io.BytesIO(data))
+        buf = io.BytesIO()
+        im.convert("RGB").save(buf, format="JPEG", quality=90, subsampling=2)
+        return Image.open(buf).quantization
+
+    for name, data in stored(reference).items():
+        im = Image.open(io.BytesIO(data))
+        assert JpegImagePlugin.get_sampling(im) == 2, name  # 4:2:0 (the synthetic originals are 4:4:4)
+        assert im.quantization == q90_tables(data), name
+    manifest = _run_job(synth, tmp_path / "keep", executor="local", keep_original_jpeg=True,
+                        jpeg_subsampling="4:4:4")
+    assert manifest["config"]["keep_original_jpeg"] is True
+    originals = {p.name: p.read_bytes() for p in synth.image_dir.iterdir()}
+    kept = 0
+    for name, data in stored(tmp_path / "keep").items():
+        h, w = Image.open(io.BytesIO(originals[name])).size[::-1]
+        if max(h, w) <= 112:  # no resize: the original bytes
+            assert data == originals[name], name
+            kept += 1
+        else:  # resized: re-encoded, with the requested 4:4:4 chroma
+            assert JpegImagePlugin.get_sampling(Image.open(io.BytesIO(data))) == 0, name
+    assert 0 < kept < len(originals)
+    with pytest.raises(ValueError, match="jpeg_subsampling"):
+        _run_job(synth, tmp_path / "bad", executor="local", jpeg_subsampling="4:1:1")
 
 
 def test_kill_and_resume_is_byte_identical(ray_session, synth, reference, tmp_path):

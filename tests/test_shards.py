@@ -188,6 +188,32 @@ def test_flip_and_resize_follow_transforms():
     assert torch.equal(out, no_flip.flip(-1))
 
 
+@pytest.mark.parametrize("short", [17, 40, 41, 97, 160])  # down, same, up by a little, up by a lot
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_flip_before_or_after_resize_gives_the_same_pixels(short, layout):
+    """augment_sample flips the smaller of the input and the resized image (cheaper); the pixels must
+    be exactly those of resize-then-flip, for odd sizes, both ways, and both memory layouts (decoded
+    JPEGs are channels-last views)."""
+    import torchvision.transforms.v2.functional as TF
+
+    g = torch.Generator().manual_seed(short)
+    image = torch.randint(0, 256, (3, 41, 67), dtype=torch.uint8, generator=g)
+    if layout == "channels_last":
+        image = image.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    from lsnet.structures import LandmarkTargets
+
+    t = LandmarkTargets(boxes=torch.tensor([[5.0, 6.0, 30.0, 20.0]]), labels=torch.tensor([2]),
+                        points=torch.tensor([[[17.5, 6.0], [5.0, 13.0], [17.5, 20.0], [30.0, 13.0]]]),
+                        visible=torch.ones(1, 4, dtype=torch.bool), iscrowd=torch.zeros(1, dtype=torch.bool))
+    meta = ImageMeta(image_id=1, orig_size=(41, 67), size=(41, 67), scale=(1.0, 1.0))
+    cfg = AugmentConfig(scale_range=(short, short), max_size=10_000, flip_prob=1.0)
+    out, _, om = augment_sample(image, t, meta, cfg, task="bbox", train=True)
+    nh, nw = resized_shape(41, 67, short, 10_000)
+    expected = TF.resize(image, [nh, nw], antialias=True) if (nh, nw) != (41, 67) else image
+    assert om.flipped and out.shape == (3, nh, nw)
+    assert torch.equal(out, expected.flip(-1))
+
+
 def test_collate_normalises_and_pads(shard_dir):
     ds = ShardDataset(shard_dir, task="bbox", scale_range=None)
     items = [ds[i] for i in range(3)]

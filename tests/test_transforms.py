@@ -13,6 +13,7 @@ from lsnet.transforms import (
     hflip_boxes,
     hflip_points,
     hflip_targets,
+    resize_hflip_targets,
     resize_targets,
     translate_targets,
 )
@@ -124,6 +125,22 @@ def test_flip_twice_is_exactly_the_identity(task, n):
     r = resize_targets(t, 1.37, 0.61)
     assert_targets_equal(hflip_targets(hflip_targets(r, 1.37 * W, task), 1.37 * W, task), r)
     assert torch.equal(hflip_points(hflip_points(t.points, W, task), W, task), t.points)
+
+
+@pytest.mark.parametrize("task, n", [("bbox", 4), ("segm", 36), ("pose", 17)])
+@pytest.mark.parametrize("scale", [None, (1.37, 0.61), (0.3, 0.3), (2.0, 2.0000001)])
+@pytest.mark.parametrize("flip", [False, True])
+def test_fused_resize_flip_equals_resize_then_flip(task, n, scale, flip):
+    """The reader's one-pass numpy transform == resize_targets then hflip_targets, bit for bit
+    (also for off-grid input and for no objects)."""
+    for t in (random_targets(6, n, seed=n), random_targets(6, n, seed=n + 1, grid=False), random_targets(0, n)):
+        expected = resize_targets(t, *scale) if scale else t
+        width = round(W * scale[0]) if scale else W
+        if flip:
+            expected = hflip_targets(expected, width, task)
+        assert_targets_equal(resize_hflip_targets(t, scale, width if flip else None, task), expected)
+    with pytest.raises(ValueError, match="positive"):
+        resize_hflip_targets(t, (0.0, 1.0), None, task)
 
 
 def test_flip_of_off_grid_floats_is_not_guaranteed_exact_but_close():

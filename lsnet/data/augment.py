@@ -5,8 +5,9 @@ Per sample (uint8 in, uint8 out, so the expensive float work is done once per ba
 
 1. resize keeping the aspect ratio so the short side is ``S`` (drawn uniformly from
    ``scale_range`` in training, ``test_short_side`` otherwise) unless the long side would exceed
-   ``max_size``; targets follow with :func:`lsnet.transforms.resize_targets`;
-2. horizontal flip with probability ``flip_prob``; landmarks follow with
+   ``max_size``; targets follow (:func:`lsnet.transforms.resize_hflip_targets`, which equals
+   :func:`lsnet.transforms.resize_targets` then :func:`lsnet.transforms.hflip_targets`);
+2. horizontal flip with probability ``flip_prob``; landmarks follow as in
    :func:`lsnet.transforms.hflip_targets` (left/right extreme points and keypoints swap, contours
    stay clockwise with a consistent start point).
 
@@ -21,14 +22,19 @@ import hashlib
 import math
 from dataclasses import dataclass, replace
 
+import cv2
+import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
-from torchvision.io import ImageReadMode
-from torchvision.io import decode_jpeg as _tv_decode_jpeg
 
 from lsnet.structures import IMAGE_MEAN, IMAGE_STD, SIZE_DIVISOR, Batch, ImageMeta, LandmarkTargets
-from lsnet.transforms import hflip_targets, resize_targets
+from lsnet.transforms import resize_hflip_targets
+
+# RGB straight from libjpeg-turbo (OpenCV >= 4.10), else BGR + one channel swap. EXIF orientation is
+# ignored: COCO annotations are in the stored pixel frame (as PIL and torchvision read it).
+_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
+_IMREAD_FLAGS = (cv2.IMREAD_COLOR if _IMREAD_RGB is None else _IMREAD_RGB) | cv2.IMREAD_IGNORE_ORIENTATION
 
 
 @dataclass
@@ -52,9 +58,18 @@ class AugmentConfig:
 
 
 def decode_jpeg(data) -> Tensor:
-    """JPEG bytes (bytes / pyarrow Buffer / memoryview) -> uint8 (3, H, W) RGB."""
-    raw = torch.frombuffer(bytearray(memoryview(data)), dtype=torch.uint8)
-    return _tv_decode_jpeg(raw, mode=ImageReadMode.RGB)
+    """JPEG bytes (bytes / pyarrow Buffer / memoryview) -> uint8 (3, H, W) RGB.
+
+    Decoded in place from the given buffer (a memory-mapped shard needs no copy) by OpenCV's
+    libjpeg-turbo: the same pixels as ``torchvision.io.decode_jpeg``, whose image decoding is
+    deprecated. The tensor is a channels-last view ``(H, W, 3).permute(2, 0, 1)``.
+    """
+    pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), _IMREAD_FLAGS)
+    if pixels is None or pixels.ndim != 3:
+        raise ValueError(f"cannot decode a {memoryview(data).nbytes}-byte buffer as a colour JPEG")
+    if _IMREAD_RGB is None:
+        pixels = cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
+    return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
 def resized_shape(height: int, width: int, short_side: int | None, max_size: int | None) -> tuple[int, int]:
@@ -100,16 +115,23 @@ def augment_sample(image: Tensor, targets: LandmarkTargets, meta: ImageMeta, cfg
     short, flip = sample_params(cfg, train, seed, epoch, index)
     h, w = image.shape[-2:]
     nh, nw = resized_shape(h, w, short, cfg.max_size)
-    if (nh, nw) != (h, w):
+    resize = (nh, nw) != (h, w)
+    # A horizontal flip commutes with the resize (the bilinear sampling grid is mirror-symmetric;
+    # tests/test_augment.py checks the pixels are identical), so flip whichever image is smaller.
+    flip_first = flip and nh * nw >= h * w
+    if flip_first:
+        image = image.flip(-1)
+    if resize:
         # uint8 bilinear with antialias has a fast SIMD path in torch and matches float results to
         # +-1 grey level; down-scaling without antialias would alias thin structures.
         image = TF.resize(image, [nh, nw], antialias=True)
-        targets = resize_targets(targets, nw / w, nh / h)
         meta = replace(meta, size=(nh, nw), scale=(meta.scale[0] * nw / w, meta.scale[1] * nh / h))
-    if flip:
+    if flip and not flip_first:
         image = image.flip(-1)
-        targets = hflip_targets(targets, nw, task)
+    if flip:
         meta = replace(meta, flipped=not meta.flipped)
+    if resize or flip:
+        targets = resize_hflip_targets(targets, (nw / w, nh / h) if resize else None, nw if flip else None, task)
     return image, targets, meta
 
 

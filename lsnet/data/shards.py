@@ -67,6 +67,8 @@ META_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
 
 #: Shards start with the META_FIELDS columns, in this order.
 _IMAGE_COLUMN = [name for name, _ in META_FIELDS].index("image")
+#: The numeric META_FIELDS, which the reader caches per open local shard (see _ShardReaders).
+_NUMERIC_META = ("image_id", "orig_height", "orig_width", "height", "width", "scale_x", "scale_y", "num_objects")
 
 
 class ShardError(RuntimeError):
@@ -129,12 +131,13 @@ def rows_to_table(rows: list[dict[str, Any]], contour_points: tuple[int, ...],
 
 
 def record_from_batch(batch: pa.RecordBatch, row: int = 0,
-                      columns: dict[str, tuple[np.dtype, tuple[int, ...]]] | None = None) -> dict[str, np.ndarray]:
+                      columns: dict[str, tuple[np.dtype, tuple[int, ...]]] | None = None,
+                      num_objects: int | None = None) -> dict[str, np.ndarray]:
     """The record (as :func:`lsnet.targets.compute_image_targets` returns it) of one row of a batch."""
     if columns is None:
         shapes = json.loads(batch.schema.metadata[b"lsnet.shapes"])
         columns = {n: (None, tuple(s)) for n, s in shapes.items()}
-    m = int(batch.column("num_objects")[row].as_py())
+    m = int(batch.column("num_objects")[row].as_py()) if num_objects is None else int(num_objects)
     record = {}
     for name, (_dtype, shape) in columns.items():
         values = batch.column(name)[row].values  # this row's slice of the flat values (zero-copy)
@@ -210,16 +213,23 @@ class _ShardReaders:
     """An LRU of open shard readers: memory stays constant however many shards there are.
 
     Local shards are memory-mapped (zero-copy random access); URIs are opened as random-access files
-    (ranged reads on object stores). Readers are re-opened after a fork (DataLoader workers).
+    (ranged reads on object stores). Readers are re-opened after a fork (DataLoader workers). For an
+    open local shard the numeric per-image columns (:data:`_NUMERIC_META`, a few bytes per row) are
+    also held as numpy arrays: reading them per sample through Arrow scalars costs more than the
+    whole rest of the row access.
     """
 
     def __init__(self, fs: pafs.FileSystem, paths: list[str], max_open: int):
         self.fs, self.paths, self.max_open = fs, paths, max_open
         self.local = isinstance(fs, pafs.LocalFileSystem)
-        self._open: OrderedDict[int, tuple[Any, ipc.RecordBatchFileReader]] = OrderedDict()
+        self._open: OrderedDict[int, tuple[Any, ipc.RecordBatchFileReader, dict | None]] = OrderedDict()
         self._pid = os.getpid()
 
     def get(self, shard: int) -> ipc.RecordBatchFileReader:
+        return self.get_with_meta(shard)[0]
+
+    def get_with_meta(self, shard: int) -> tuple[ipc.RecordBatchFileReader, dict[str, np.ndarray] | None]:
+        """The reader of ``shard`` and, for a local shard, its numeric per-image columns (else None)."""
         if self._pid != os.getpid():  # forked: file handles are not ours to share
             self._open.clear()
             self._pid = os.getpid()
@@ -228,16 +238,21 @@ class _ShardReaders:
             path = self.paths[shard]
             try:
                 source = pa.memory_map(path, "r") if self.local else self.fs.open_input_file(path)
-                entry = (source, ipc.open_file(source))
+                reader = ipc.open_file(source)
+                numeric = None
+                if self.local:  # zero-copy columns of the memory map; one small array each
+                    table = reader.read_all().select(list(_NUMERIC_META))
+                    numeric = {name: table.column(name).to_numpy() for name in _NUMERIC_META}
+                entry = (source, reader, numeric)
             except (OSError, pa.ArrowInvalid) as err:
                 raise ShardError(f"shard {path} cannot be opened as Arrow IPC: {err}") from err
             self._open[shard] = entry
             while len(self._open) > self.max_open:
-                _, (src, _) = self._open.popitem(last=False)
+                _, (src, _, _) = self._open.popitem(last=False)
                 src.close()
         else:
             self._open.move_to_end(shard)
-        return entry[1]
+        return entry[1], entry[2]
 
     def __getstate__(self):
         return {"fs": self.fs, "paths": self.paths, "max_open": self.max_open}
@@ -367,8 +382,15 @@ class ShardDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, LandmarkTargets, ImageMeta]:
         index = int(index)
-        data, record, meta = self.raw(index, all_columns=False)
-        image = decode_jpeg(data)
+        shard, row = self.locate(index)
+        reader, numeric = self._readers.get_with_meta(shard)
+        batch = reader.get_batch(row)
+        if numeric is not None:
+            meta = {name: values[row] for name, values in numeric.items()}
+        else:
+            meta = {name: batch.column(name)[0].as_py() for name in _NUMERIC_META}
+        image = decode_jpeg(batch.column(_IMAGE_COLUMN)[0].as_buffer())
+        record = record_from_batch(batch, 0, self._task_columns, num_objects=meta["num_objects"])
         targets = record_to_targets(record, self.task, self.num_points, self.pose_box)
         image_meta = ImageMeta(
             image_id=int(meta["image_id"]),
