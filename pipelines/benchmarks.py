@@ -153,11 +153,11 @@ def data(synthetic_images: int = 300, synthetic_size: tuple[int, int] = (480, 64
             if lo == 1 and hi == os.cpu_count():
                 # With every core running an image task, the driver (Ray Data's executor, the shard
                 # writer) has no core of its own any more, as it had in the 1-CPU run: the speed-up is
-                # at most cores x work / (work + driver CPU), work ~ the 1-CPU run's seconds.
-                work = one["seconds"]
-                bound = hi * work / (work + one["driver_cpu_seconds"])
+                # at most cores x busy / (busy + driver CPU), busy ~ the 1-CPU run's seconds.
+                busy = one["seconds"]
+                bound = hi * busy / (busy + one["driver_cpu_seconds"])
                 notes.append(f"{name}: the driver used {one['driver_cpu_seconds']:.2f} CPU-s of the 1-CPU run's "
-                             f"{work:.2f} s; with all {hi} cores busy with image tasks that caps the speed-up "
+                             f"{busy:.2f} s; with all {hi} cores busy with image tasks that caps the speed-up "
                              f"at about {bound:.2f}x on this machine")
             same = runs[(name, hi)]["shards_digest"] == runs[(name, lo)]["shards_digest"]
             checks[f"shards byte-identical for {lo} and {hi} CPUs ({name})"] = {"value": same, "target": True, "ok": same}
