@@ -69,36 +69,23 @@ def hflip_boxes(boxes: Tensor, image_width: float) -> Tensor:
 
 def hflip_targets(targets: LandmarkTargets, image_width: float, task: str) -> LandmarkTargets:
     """Targets of the horizontally flipped image (width ``image_width``)."""
-    index = torch.as_tensor(flip_permutation(targets.num_points, task), device=targets.points.device)
-    return LandmarkTargets(
-        boxes=hflip_boxes(targets.boxes, image_width),
-        labels=targets.labels.clone(),
-        points=hflip_points(targets.points, image_width, task),
-        visible=targets.visible.index_select(1, index),
-        iscrowd=targets.iscrowd.clone(),
-    )
+    return resize_hflip_targets(targets, None, image_width, task)
 
 
 def resize_targets(targets: LandmarkTargets, sx: float, sy: float) -> LandmarkTargets:
     """Targets of the image resized by ``(sx, sy)`` (new size = old size × scale), snapped to the grid."""
-    if not (sx > 0 and sy > 0):
-        raise ValueError(f"scale factors must be positive, got {sx}, {sy}")
-    box_scale = targets.boxes.new_tensor([sx, sy, sx, sy])
-    point_scale = targets.points.new_tensor([sx, sy])
-    return LandmarkTargets(
-        boxes=snap(targets.boxes * box_scale),
-        labels=targets.labels.clone(),
-        points=snap(targets.points * point_scale),
-        visible=targets.visible.clone(),
-        iscrowd=targets.iscrowd.clone(),
-    )
+    return resize_hflip_targets(targets, (sx, sy), None, "")
 
 
 def resize_hflip_targets(targets: LandmarkTargets, scale: tuple[float, float] | None, flip_width: float | None,
                          task: str) -> LandmarkTargets:
-    """:func:`resize_targets` by ``scale = (sx, sy)`` (if given), then :func:`hflip_targets` for the
-    image width ``flip_width`` (if given), in one pass -- equal bit for bit (the same float32
-    operations; numpy because per-sample tensors are tiny and the reader calls this for every sample).
+    """Targets of the image resized by ``scale = (sx, sy)`` (if given; snapped to the grid), then
+    flipped horizontally at the width ``flip_width`` (if given), in one pass.
+
+    The one implementation behind :func:`resize_targets` and :func:`hflip_targets` (the same
+    float32 arithmetic as :func:`snap`, :func:`hflip_boxes` and :func:`hflip_points`, which serve
+    predictions on any device). Numpy on the CPU, because per-sample target arrays are tiny and the
+    readers call this for every sample: a handful of torch calls would cost more than the arithmetic.
     """
     boxes, points = targets.boxes.numpy(), targets.points.numpy()
     visible = targets.visible.numpy()

@@ -20,12 +20,14 @@ Stages (DESIGN §3, issue 4):
    ``pyarrow.fs`` (local path or any URI), decode once, resize so the long side <= ``max_size``,
    re-encode as a *training-friendly* JPEG (default quality 90, 4:2:0 chroma: what the readers
    decode every epoch, measured 1.7x faster to decode than tiny_coco's originals and half their
-   bytes; ``keep_original_jpeg`` keeps the original bytes of RGB JPEGs that need no resize), compute targets with :func:`lsnet.targets.compute_image_targets`
-   in the original frame and scale them with :func:`lsnet.targets.scale_record`. Missing,
+   bytes; ``keep_original_jpeg`` keeps the original bytes of RGB JPEGs that need no resize),
+   compute targets with :func:`lsnet.targets.compute_image_targets` in the original frame and
+   scale them with :func:`lsnet.targets.scale_record`. Missing,
    truncated or non-image files and size mismatches are rejected with a reason.
 5. **Driver writes** each shard's rows as they arrive (in plan order) into a temp file; when the
-   shard's last row is in: fsync, atomic rename, then the sidecar. Finally ``gt.json`` (COCO GT of the kept images and annotations, original
-   coordinates) and ``manifest.json`` are written the same way. Nothing in them depends on time,
+   shard's last row is in: fsync, atomic rename, then the sidecar. Finally ``gt.json`` (COCO GT of
+   the kept images and annotations, original coordinates) and ``manifest.json`` are written the
+   same way. Nothing in them depends on time,
    the number of CPUs or the order of execution, so a re-run is byte-identical.
 """
 from __future__ import annotations

@@ -5,8 +5,8 @@ Per sample (uint8 in, uint8 out, so the expensive float work is done once per ba
 
 1. resize keeping the aspect ratio so the short side is ``S`` (drawn uniformly from
    ``scale_range`` in training, ``test_short_side`` otherwise) unless the long side would exceed
-   ``max_size``; targets follow (:func:`lsnet.transforms.resize_hflip_targets`, which equals
-   :func:`lsnet.transforms.resize_targets` then :func:`lsnet.transforms.hflip_targets`);
+   ``max_size``; targets follow (:func:`lsnet.transforms.resize_hflip_targets`: resize and flip
+   in one pass);
 2. horizontal flip with probability ``flip_prob``; landmarks follow as in
    :func:`lsnet.transforms.hflip_targets` (left/right extreme points and keypoints swap, contours
    stay clockwise with a consistent start point).
@@ -117,7 +117,7 @@ def augment_sample(image: Tensor, targets: LandmarkTargets, meta: ImageMeta, cfg
     nh, nw = resized_shape(h, w, short, cfg.max_size)
     resize = (nh, nw) != (h, w)
     # A horizontal flip commutes with the resize (the bilinear sampling grid is mirror-symmetric;
-    # tests/test_augment.py checks the pixels are identical), so flip whichever image is smaller.
+    # tests/test_shards.py checks the pixels are identical), so flip whichever image is smaller.
     flip_first = flip and nh * nw >= h * w
     if flip_first:
         image = image.flip(-1)
