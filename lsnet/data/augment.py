@@ -123,15 +123,15 @@ def augment_sample(image: Tensor, targets: LandmarkTargets, meta: ImageMeta, cfg
         image = image.flip(-1)
     if resize:
         # uint8 bilinear with antialias has a fast SIMD path in torch and matches float results to
-        # +-1 grey level; down-scaling without antialias would alias thin structures.
-        image = TF.resize(image, [nh, nw], antialias=True)
-        meta = replace(meta, size=(nh, nw), scale=(meta.scale[0] * nw / w, meta.scale[1] * nh / h))
+        # +-1 grey level; down-scaling without antialias would alias thin structures. (resize_image
+        # is TF.resize's tensor kernel, called directly: per-sample dispatch is not free.)
+        image = TF.resize_image(image, [nh, nw], antialias=True)
     if flip and not flip_first:
         image = image.flip(-1)
-    if flip:
-        meta = replace(meta, flipped=not meta.flipped)
     if resize or flip:
         targets = resize_hflip_targets(targets, (nw / w, nh / h) if resize else None, nw if flip else None, task)
+        meta = replace(meta, size=(nh, nw), scale=(meta.scale[0] * nw / w, meta.scale[1] * nh / h),
+                       flipped=meta.flipped != flip)
     return image, targets, meta
 
 
