@@ -438,7 +438,7 @@ class ShardWriter:
     """
 
     def __init__(self, path: Path, schema: pa.Schema, group_rows: int | None = None):
-        self.path, self.schema = path, schema
+        self.path = path
         self.group_rows = group_rows or SHARD_WRITE_GROUP_ROWS
         self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         # Buffered: the writer emits several small writes per row (measured 1.5x faster than unbuffered)

@@ -225,10 +225,7 @@ class _ShardReaders:
         self._open: OrderedDict[int, tuple[Any, ipc.RecordBatchFileReader, dict | None]] = OrderedDict()
         self._pid = os.getpid()
 
-    def get(self, shard: int) -> ipc.RecordBatchFileReader:
-        return self.get_with_meta(shard)[0]
-
-    def get_with_meta(self, shard: int) -> tuple[ipc.RecordBatchFileReader, dict[str, np.ndarray] | None]:
+    def get(self, shard: int) -> tuple[ipc.RecordBatchFileReader, dict[str, np.ndarray] | None]:
         """The reader of ``shard`` and, for a local shard, its numeric per-image columns (else None)."""
         if self._pid != os.getpid():  # forked: file handles are not ours to share
             self._open.clear()
@@ -373,21 +370,24 @@ class ShardDataset(Dataset):
 
         ``all_columns=False`` returns only the record columns the task needs.
         """
-        shard, row = self.locate(index)
-        batch = self._readers.get(shard).get_batch(row)
+        batch, _ = self._row(index)
         meta = {name: batch.column(i)[0].as_py() for i, (name, _) in enumerate(META_FIELDS) if name != "image"}
         image = batch.column(_IMAGE_COLUMN)[0].as_buffer()
         record = record_from_batch(batch, 0, self._columns if all_columns else self._task_columns)
         return image, record, meta
 
+    def _row(self, index: int) -> tuple[pa.RecordBatch, dict[str, Any] | None]:
+        """The one-row record batch of sample ``index`` and, for a local shard, its numeric metadata
+        from the per-shard cache (else None)."""
+        shard, row = self.locate(index)
+        reader, numeric = self._readers.get(shard)
+        meta = None if numeric is None else {name: values[row] for name, values in numeric.items()}
+        return reader.get_batch(row), meta
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, LandmarkTargets, ImageMeta]:
         index = int(index)
-        shard, row = self.locate(index)
-        reader, numeric = self._readers.get_with_meta(shard)
-        batch = reader.get_batch(row)
-        if numeric is not None:
-            meta = {name: values[row] for name, values in numeric.items()}
-        else:
+        batch, meta = self._row(index)
+        if meta is None:
             meta = {name: batch.column(name)[0].as_py() for name in _NUMERIC_META}
         image = decode_jpeg(batch.column(_IMAGE_COLUMN)[0].as_buffer())
         record = record_from_batch(batch, 0, self._task_columns, num_objects=meta["num_objects"])
