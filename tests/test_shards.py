@@ -325,6 +325,21 @@ def test_corrupted_shard_is_named(shard_dir, tmp_path):
         ShardDataset(copy)
 
 
+def test_undecodable_image_names_shard_row_and_image(shard_dir, tmp_path):
+    """An image that does not decode (bytes damaged after the checksum was skipped) is named."""
+    copy = tmp_path / "copy"
+    shutil.copytree(shard_dir, copy)
+    ds = ShardDataset(copy, verify="none", scale_range=None)
+    jpeg, _, meta = ds.raw(0)
+    victim = copy / load_manifest(copy)["shards"][0]["file"]
+    raw = victim.read_bytes()
+    at = raw.find(bytes(jpeg))
+    assert at > 0
+    victim.write_bytes(raw[:at] + b"\0" * 64 + raw[at + 64:])  # no JPEG header any more
+    with pytest.raises(ShardError, match=f"{victim.name}, row 0 \\(image_id {meta['image_id']}\\): cannot decode"):
+        ShardDataset(copy, verify="none", scale_range=None)[0]
+
+
 def test_reader_from_uri(shard_dir):
     """Shards addressed by a pyarrow.fs URI (object-store path) read the same as memory-mapped ones."""
     local = ShardDataset(shard_dir, task="segm", num_points=18, scale_range=None)

@@ -389,7 +389,12 @@ class ShardDataset(Dataset):
         batch, meta = self._row(index)
         if meta is None:
             meta = {name: batch.column(name)[0].as_py() for name in _NUMERIC_META}
-        image = decode_jpeg(batch.column(_IMAGE_COLUMN)[0].as_buffer())
+        try:
+            image = decode_jpeg(batch.column(_IMAGE_COLUMN)[0].as_buffer())
+        except ValueError as err:
+            shard, row = self.locate(index)
+            raise ShardError(f"shard {self._readers.paths[shard]}, row {row} (image_id {int(meta['image_id'])}): "
+                             f"{err}") from err
         record = record_from_batch(batch, 0, self._task_columns, num_objects=meta["num_objects"])
         targets = record_to_targets(record, self.task, self.num_points, self.pose_box)
         image_meta = ImageMeta(
