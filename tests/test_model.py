@@ -3,6 +3,7 @@ gradients, pretrained-weight errors, post-processing and test-time augmentation 
 from __future__ import annotations
 
 import copy
+import math
 import urllib.error
 
 import pytest
@@ -204,6 +205,62 @@ def test_sample_features_on_a_coarser_level():
     # x=16 is half-way between columns 0 and 1 of row 0 -> 0.5; (24,24) is cell (1,1) -> 5;
     # x=4 is a quarter cell left of column 0 -> 0.75 * 0 + 0.25 * (zero padding) = 0
     assert torch.allclose(out.flatten(), torch.tensor([0.5, 5.0, 0.0]))
+
+
+def test_pyramid_landmark_feature_samples_every_level_at_the_same_pixels():
+    """Pyramid DCN (§3.4): levels l-1, l, l+1 are sampled at the same *image* positions. Every level
+    holds a ramp equal to its cell centres' x (channel 0) and y (channel 1) in pixels, so bilinear
+    sampling of any level returns the pixel position itself; with kernels that copy one kernel
+    point's x or y to one output channel, the fused landmark feature of an interior anchor must be
+    exactly its 9 DCN positions (the mean of 2-3 equal values), for the cls and the reg branch."""
+    from lsnet.coding import decode_offsets
+    from lsnet.modeling.head import LSNetHead
+
+    c, strides, sizes = 18, (8, 16, 32), [(16, 16), (8, 8), (4, 4)]  # a 128x128 image
+    head = LSNetHead(c, NUM_CLASSES, 4, strides=strides, channels=c, num_convs=0, norm_groups=1,
+                     feature_mode="PP", task="bbox")  # no tower convs: the towers are the inputs
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        head.init_out.weight.zero_()  # stage-1 vectors: [0.3, 1] x stride per component, no ties
+        head.init_out.bias.copy_(torch.empty(16).uniform_(math.log(0.3), 0.0, generator=gen))
+        for conv in (head.anchor_conv_cls, head.anchor_conv_reg):
+            conv.weight.zero_()
+            conv.bias.zero_()
+        for weight in (head.landmark_weight_cls, head.landmark_weight_reg):
+            weight.zero_()
+            for k in range(9):
+                weight[k, 0, k // 3, k % 3] = 1.0  # out k = x of kernel point k
+                weight[9 + k, 1, k // 3, k % 3] = 1.0  # out 9 + k = its y
+    feats = []
+    for (h, w), s in zip(sizes, strides):
+        f = torch.zeros(1, c, h, w)
+        f[0, 0] = ((torch.arange(w) + 0.5) * s).expand(h, w)
+        f[0, 1] = ((torch.arange(h) + 0.5) * s)[:, None].expand(h, w)
+        feats.append(f)
+    fused = {"cls": [], "reg": []}  # the input of GroupNorm = anchor-point (0 here) + landmark feature
+    hooks = [getattr(head, f"norm_{b}").register_forward_pre_hook(lambda mod, args, b=b: fused[b].append(args[0]))
+             for b in fused]
+    with torch.no_grad():
+        out = head(feats)
+    for hook in hooks:
+        hook.remove()
+    assert [len(v) for v in fused.values()] == [3, 3]
+    start = 0
+    for level, (h, w) in enumerate(sizes):
+        n = h * w
+        anchors = out.anchors[start:start + n]
+        positions = kernel_points(decode_offsets(out.vec_init[:, start:start + n], anchors), anchors, None)[0]
+        expected = torch.cat([positions[..., 0], positions[..., 1]], dim=1).T  # (18, n)
+        # interior: all 9 positions where the coarsest sampled level is still bilinear (not padding)
+        coarse = min(level + 1, len(strides) - 1)
+        s, (hc, wc) = strides[coarse], sizes[coarse]
+        x, y = positions.unbind(-1)
+        inside = ((x >= s / 2) & (x <= (wc - 0.5) * s) & (y >= s / 2) & (y <= (hc - 0.5) * s)).all(1)
+        assert inside.sum() >= 4, level
+        for branch, feats_b in fused.items():
+            torch.testing.assert_close(feats_b[level][0][:, inside], expected[:, inside], atol=1e-3, rtol=1e-5,
+                                       msg=lambda m, where=f"level {level} {branch}": f"{where}: {m}")
+        start += n
 
 
 def test_kernel_points_of_extreme_points():
