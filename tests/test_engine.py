@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from lsnet.config import from_dict
 from lsnet.engine import (
@@ -287,6 +288,25 @@ def test_fit_resume_matches_straight_fit(tmp_path):
     state = fit(c, _epoch_batches, cfg, iters_per_epoch=4, out_dir=tmp_path / "b", resume=tmp_path / "b" / "latest.pt")
     assert state.epoch == 3 and state.global_step == 12
     assert _state_equal(a.state_dict(), c.state_dict())
+
+
+def test_fit_steps_with_the_global_batch_lr_times_the_schedule():
+    """The lr of every optimiser step of fit() is scaled_lr(cfg, global_batch) x lr_factor(step), in
+    every parameter group; without global_batch the global batch is cfg.batch_size (one worker)."""
+    cfg = _cfg(epochs=2, lr_steps=(1,), warmup_iters=3)  # lr_per_16_images 0.4, batch_size 2
+    for global_batch, base in ((8, 0.2), (None, 0.05)):
+        assert scaled_lr(cfg, global_batch or cfg.batch_size) == pytest.approx(base)
+        seen: list[list[float]] = []
+        hook = register_optimizer_step_pre_hook(
+            lambda opt, args, kwargs, seen=seen: seen.append([g["lr"] for g in opt.param_groups]))
+        try:
+            fit(TinyDetector(), _epoch_batches, cfg, iters_per_epoch=4, global_batch=global_batch)
+        finally:
+            hook.remove()
+        assert len(seen) == 8 and len(seen[0]) == 2  # 2 epochs x 4 steps; decay + no-decay groups
+        for step, lrs in enumerate(seen):
+            expected = base * lr_factor(step, [4], cfg.lr_gamma, 3, cfg.warmup_ratio)
+            assert lrs == pytest.approx([expected] * 2), f"global batch {global_batch}, step {step}"
 
 
 # ---- evaluation -----------------------------------------------------------------------------------
