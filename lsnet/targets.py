@@ -701,7 +701,8 @@ def record_to_targets(record: dict[str, np.ndarray], task: str, num_points: int 
     - ``bbox``: points = extreme points (N=4), all visible, boxes = object boxes.
     - ``segm``: points = ``contour_{num_points}`` (default 36), all visible.
     - ``pose``: points = keypoints (N=17), visible = ``v > 0``; boxes = ``kps_box`` (``pose_box="kps"``)
-      or the object box (``"obj"``); objects without labelled keypoints are dropped unless crowd.
+      or the object box (``"obj"``). ``"kps"`` drops persons without labelled keypoints (crowd
+      regions stay); ``"obj"`` keeps them as positives with every landmark invisible.
     """
     if task not in TASK_NUM_POINTS:
         raise ValueError(f"unknown task {task!r} (expected one of {sorted(TASK_NUM_POINTS)})")
@@ -727,9 +728,12 @@ def record_to_targets(record: dict[str, np.ndarray], task: str, num_points: int 
             raise ValueError(f"pose_box must be 'kps' or 'obj', got {pose_box!r}")
         points = record["keypoints"]
         visible = record["keypoint_vis"] > 0
-        keep = visible.any(axis=1) | record["iscrowd"]
         if pose_box == "kps":
+            # kps-box: a person without labelled keypoints has no keypoint box -> not a sample
+            keep = visible.any(axis=1) | record["iscrowd"]
             boxes = np.where(record["iscrowd"][:, None], record["box"], record["kps_box"])
+        # obj-box keeps every person (paper §4.5, App. B): one without labelled keypoints stays a
+        # positive, assigned by its object box, all landmarks invisible (no keypoint loss)
     return LandmarkTargets(
         boxes=torch.from_numpy(np.ascontiguousarray(boxes[keep], dtype=np.float32)),
         labels=torch.from_numpy(np.ascontiguousarray(record["label"][keep], dtype=np.int64)),

@@ -487,3 +487,26 @@ def test_real_extreme_points_lie_on_the_outline_and_match_the_reference(dataset,
     assert single_agree == single  # the rule is the reference's, un-floored
     assert agree >= 0.99 * n  # the rest: multi-part objects (the reference walks across parts)
     assert within_1px >= 0.93 * n  # measured: 94.6 % on tiny_coco + coco_mini
+
+
+@pytest.mark.tiny_coco
+def test_obj_box_keeps_persons_without_keypoints_kps_box_drops_them(tiny_coco_dir):
+    data = json.loads((tiny_coco_dir / "annotations" / "person_keypoints_train2017.json").read_text())
+    by_image = collections.defaultdict(list)
+    for ann in data["annotations"]:
+        by_image[ann["image_id"]].append(ann)
+    kept = {"kps": 0, "obj": 0}
+    no_kps_obj = 0
+    for img in data["images"]:
+        rec, _ = compute_image_targets(by_image[img["id"]], img["height"], img["width"], {1: 0})
+        for mode in kept:
+            t = record_to_targets(rec, "pose", pose_box=mode)
+            kept[mode] += len(t)
+        t = record_to_targets(rec, "pose", pose_box="obj")
+        empty = ~t.visible.any(dim=1) & ~t.iscrowd
+        no_kps_obj += int(empty.sum())
+        # a person without keypoints: a positive assigned by its object box, nothing visible
+        assert torch.equal(t.boxes, torch.from_numpy(rec["box"]))
+        assert torch.equal(t.visible, torch.from_numpy(rec["keypoint_vis"] > 0))
+    # 99 persons: 57 with labelled keypoints, 3 crowd regions, 39 without keypoints
+    assert kept == {"kps": 60, "obj": 99} and no_kps_obj == 39
