@@ -72,7 +72,8 @@ def absolutize_paths(cfg: ExperimentConfig, base: Path | None = None) -> Experim
     data = dataclasses.replace(cfg.data, train_shards=fix(cfg.data.train_shards),
                                val_shards=fix(cfg.data.val_shards), val_ann=fix(cfg.data.val_ann))
     run = dataclasses.replace(cfg.run, storage_path=fix(cfg.run.storage_path))
-    return dataclasses.replace(cfg, data=data, run=run)
+    train = dataclasses.replace(cfg.train, init_from=fix(cfg.train.init_from))
+    return dataclasses.replace(cfg, data=data, run=run, train=train)
 
 
 def manifest_hash(shard_dir: str | None) -> str:
@@ -244,6 +245,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         checkpoint_state,
         evaluate_detailed,
         get_rng_state,
+        init_model_from,
         load_checkpoint,
         load_checkpoint_state,
         save_checkpoint,
@@ -303,6 +305,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 set_rng_state(torch.load(rng_path, weights_only=True))
         if rank == 0:
             print(f"[resume] from epoch {state.epoch}, step {state.global_step} ({resumed.path})", flush=True)
+    elif cfg.train.init_from:  # fine-tune: weights only, a fresh optimiser and schedule
+        report = init_model_from(model, cfg.train.init_from)
+        if rank == 0:
+            print(f"[init_from] {cfg.train.init_from}: {len(report['loaded'])} tensors loaded, "
+                  f"{len(report['missing'])} kept their initialisation", flush=True)
     _write_worker_info(run_dir, rank, world, device,
                        resumed_from=None if resumed is None else {"epoch": state.epoch, "step": state.global_step})
     ddp_model = DistributedDataParallel(
@@ -479,6 +486,8 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None, run_name:
     from pipelines.tracking import Journal, RunTracker, ui_command
 
     cfg = absolutize_paths(cfg)
+    if cfg.train.init_from and not Path(cfg.train.init_from).is_file():
+        raise ConfigError(f"train.init_from: checkpoint {cfg.train.init_from} does not exist")
     timestamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%d-%H%M%S")
     name = run_name or cfg.run.name or default_run_name(cfg, timestamp)
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=name))

@@ -80,6 +80,10 @@ def test_schedules_are_the_papers_and_the_references():
                            ("pose_x101_dcn_60e_objbox.yaml", "60e")):
         cfg = load_config(CONFIG_DIR / path)
         assert (cfg.train.epochs, tuple(cfg.train.lr_steps)) == SCHEDULES[schedule], path
+    ft = load_config(CONFIG_DIR / "pose_x101_dcn_kpsbox_ft.yaml")
+    assert (ft.train.epochs, ft.train.lr_steps, ft.model.pose_box) == (24, (12, 20), "kps")
+    assert ft.train.init_from.endswith("pose_x101_dcn_60e_objbox/best.pt")
+    assert load_config(CONFIG_DIR / "bbox_r50_1x.yaml").train.decay_norm_and_bias  # the paper: decay all
 
 
 def test_overrides(tmp_path):
