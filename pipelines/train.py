@@ -72,7 +72,8 @@ def absolutize_paths(cfg: ExperimentConfig, base: Path | None = None) -> Experim
     data = dataclasses.replace(cfg.data, train_shards=fix(cfg.data.train_shards),
                                val_shards=fix(cfg.data.val_shards), val_ann=fix(cfg.data.val_ann))
     run = dataclasses.replace(cfg.run, storage_path=fix(cfg.run.storage_path))
-    return dataclasses.replace(cfg, data=data, run=run)
+    train = dataclasses.replace(cfg.train, init_from=fix(cfg.train.init_from))
+    return dataclasses.replace(cfg, data=data, run=run, train=train)
 
 
 def manifest_hash(shard_dir: str | None) -> str:
@@ -322,6 +323,13 @@ def resume_training(parts: TrainingParts, ctx: WorkerContext) -> dict[str, int] 
 
     resumed = ray.train.get_checkpoint()
     if resumed is None:
+        if parts.cfg.train.init_from:  # fine-tune: weights only, a fresh optimiser and schedule
+            from lsnet.engine import init_model_from
+
+            report = init_model_from(parts.model, parts.cfg.train.init_from)
+            if ctx.rank == 0:
+                print(f"[init_from] {parts.cfg.train.init_from}: {len(report['loaded'])} tensors loaded, "
+                      f"{len(report['missing'])} kept their initialisation", flush=True)
         return None
     with resumed.as_directory() as ckpt_dir:
         ckpt = load_checkpoint(Path(ckpt_dir) / "state.pt", map_location=ctx.device)
@@ -621,6 +629,8 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None, run_name:
     from pipelines.tracking import Journal, RunTracker, ui_command
 
     cfg = absolutize_paths(cfg)
+    if cfg.train.init_from and not Path(cfg.train.init_from).is_file():
+        raise ConfigError(f"train.init_from: checkpoint {cfg.train.init_from} does not exist")
     timestamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%d-%H%M%S")
     name = run_name or cfg.run.name or default_run_name(cfg, timestamp)
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=name))
