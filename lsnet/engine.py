@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 
+from lsnet.config import check_range
 from lsnet.evaluation import (
     TASK_IOU_TYPES,
     TASK_MAIN_METRIC,
@@ -81,6 +82,22 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 20  # call log_fn every this many optimiser steps
     eval_every: int = 1  # evaluate every this many epochs in fit() (and after the last)
+
+    def __post_init__(self) -> None:
+        # Range checks (a config with epochs 0 would write an untrained "final" model).
+        check_range(self.epochs, "epochs", ge=1)
+        for step in self.lr_steps:
+            check_range(step, "lr_steps", ge=1)
+        check_range(self.lr_gamma, "lr_gamma", gt=0)
+        check_range(self.lr_per_16_images, "lr_per_16_images", gt=0)
+        check_range(self.momentum, "momentum", ge=0, lt=1)
+        check_range(self.weight_decay, "weight_decay", ge=0)
+        check_range(self.warmup_iters, "warmup_iters", ge=0)
+        check_range(self.warmup_ratio, "warmup_ratio", gt=0, le=1)
+        check_range(self.grad_clip, "grad_clip", gt=0)
+        check_range(self.batch_size, "batch_size", ge=1)
+        check_range(self.log_every, "log_every", ge=1)
+        check_range(self.eval_every, "eval_every", ge=1)
 
 
 @dataclass

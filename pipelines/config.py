@@ -26,7 +26,7 @@ from typing import Literal
 
 import yaml
 
-from lsnet.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from lsnet.config import ConfigError, apply_overrides, check_range, from_dict, load_yaml, origin_of, to_dict
 from lsnet.engine import TrainConfig
 from lsnet.modeling.config import ModelConfig
 
@@ -80,12 +80,24 @@ class DataConfig:
     max_train_images: int | None = None
     max_val_images: int | None = None
 
+    def __post_init__(self) -> None:
+        check_range(self.max_size, "max_size", ge=1)
+        check_range(self.test_scale, "test_scale", ge=1)
+        check_range(self.flip_prob, "flip_prob", ge=0, le=1)
+        check_range(self.val_batch_size, "val_batch_size", ge=1)
+        check_range(self.loader_workers, "loader_workers", ge=0)
+        check_range(self.max_train_images, "max_train_images", ge=1)
+        check_range(self.max_val_images, "max_val_images", ge=1)
+
 
 @dataclass
 class EvalConfig:
     # (how often: train.eval_every epochs, and always after the last epoch)
     num_overlays: int = 4  # prediction overlay PNGs logged per evaluation
     flip_test: bool = False  # horizontal-flip test-time augmentation
+
+    def __post_init__(self) -> None:
+        check_range(self.num_overlays, "num_overlays", ge=0)
 
 
 @dataclass
@@ -97,6 +109,10 @@ class TrackingConfig:
     # (per-step metrics are logged every train.log_every optimiser steps)
     flush_interval_s: float = 5.0
     retry_interval_s: float = 15.0
+
+    def __post_init__(self) -> None:
+        check_range(self.flush_interval_s, "flush_interval_s", gt=0)
+        check_range(self.retry_interval_s, "retry_interval_s", gt=0)
 
 
 @dataclass
@@ -117,6 +133,11 @@ class RunConfig:
     #: run directory (a marker file makes the restarted attempt run through).
     fail_at_step: int | None = None
     fail_rank: int = 1
+
+    def __post_init__(self) -> None:
+        check_range(self.max_failures, "max_failures", ge=-1)  # -1: retry forever (Ray's convention)
+        for resource, amount in (self.resources_per_worker or {}).items():
+            check_range(amount, f"resources_per_worker.{resource}", ge=0)
 
 
 @dataclass
@@ -193,12 +214,19 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     ``configs/tiny_bbox.yaml: unknown config key data.batch_sise (known: ...)``.
     """
     path = Path(path)
-    data = load_yaml(path)
-    apply_overrides(data, list(overrides or []))
+    origins: dict[str, Path] = {}
+    data = load_yaml(path, origins)
+    overrides = list(overrides or [])
+    apply_overrides(data, overrides)
     try:
         return config_from_dict(data, name=path.stem)
     except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+        overridden = {item.split("=", 1)[0] for item in overrides}
+        key = err.key or ""
+        if any(key == o or key.startswith(o + ".") or o.startswith(key + ".") for o in overridden):
+            raise ConfigError(f"{path} (with --set/override {key}): {err}", key=err.key) from None
+        source = origin_of(err.key, origins) or path
+        raise ConfigError(f"{source}: {err}", key=err.key) from None
 
 
 def default_run_name(config: ExperimentConfig, timestamp: str) -> str:

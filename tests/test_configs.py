@@ -161,3 +161,59 @@ def test_train_job_specs_parse(spec, capsys):
     finally:
         os.chdir(cwd)
     assert "storage_path: /shared/" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train: {epochs: 0}\n", "train.epochs must be >= 1, got 0"),
+    ("train: {epochs: -3}\n", "train.epochs must be >= 1, got -3"),
+    ("train: {lr_per_16_images: -1}\n", "train.lr_per_16_images must be > 0, got -1.0"),
+    ("train: {momentum: 1.5}\n", "train.momentum must be >= 0 and < 1, got 1.5"),
+    ("data: {flip_prob: 7}\n", "data.flip_prob must be >= 0 and <= 1, got 7.0"),
+    ("data: {test_scale: -5}\n", "data.test_scale must be >= 1, got -5"),
+    ("model: {test: {nms_iou: 0}}\n", "model.test.nms_iou must be > 0 and <= 1, got 0.0"),
+    ("model: {loss: {gamma: -2}}\n", "model.loss.gamma must be >= 0, got -2.0"),
+    ("run: {resources_per_worker: {CPU: -1}}\n", "run.resources_per_worker.CPU must be >= 0, got -1.0"),
+])
+def test_value_ranges_are_checked_naming_file_and_key(tmp_path, text, message):
+    """Before: epochs 0, a negative lr, flip_prob 7 or test_scale -5 were accepted (epochs 0 even
+    wrote an untrained model_final.pt and a FINISHED MLflow run)."""
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, "schedule: null\n" + text))
+    assert str(err.value) == f"{tmp_path / 'exp.yaml'}: {message}"
+
+
+def test_errors_name_the_base_file_that_holds_the_key(tmp_path):
+    """A typo or bad value inside a _base_ file names that file, not the experiment file."""
+    (tmp_path / "base.yaml").write_text("data:\n  batch_sise: 2\ntrain: {epochs: 2}\n")
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("_base_: base.yaml\nschedule: null\ntrain: {batch_size: 1}\n")
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'base.yaml'}: unknown config key data.batch_sise"):
+        load_config(exp)
+    (tmp_path / "base.yaml").write_text("train: {flip: 1}\nmodel: {test: {score_thr: 3}}\n")
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'base.yaml'}: unknown config key train.flip"):
+        load_config(exp)
+    (tmp_path / "base.yaml").write_text("model: {test: {score_thr: 3}}\n")
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'base.yaml'}: model.test.score_thr must be"):
+        load_config(exp)
+    exp.write_text("_base_: base.yaml\nmodel: {test: {score_thr: 4}}\n")  # the experiment overrides it
+    with pytest.raises(ConfigError, match=rf"^{exp}: model.test.score_thr must be .* got 4.0"):
+        load_config(exp)
+    with pytest.raises(ConfigError, match=r"with --set/override train.epochs.*train.epochs must be >= 1"):
+        load_config(exp, ["train.epochs=0", "model.test.score_thr=0.1"])
+
+
+def test_base_must_be_one_file_and_not_include_itself(tmp_path):
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("_base_: [a.yaml, b.yaml]\n")
+    with pytest.raises(ConfigError, match=r"exp.yaml: _base_ must be one file name \(a string\), got \['a.yaml'"):
+        load_config(exp)
+    exp.write_text("_base_: exp.yaml\n")
+    with pytest.raises(ConfigError, match="_base_ exp.yaml includes itself"):
+        load_config(exp)
+    (tmp_path / "a.yaml").write_text("_base_: exp.yaml\n")
+    exp.write_text("_base_: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"a.yaml: _base_ exp.yaml includes itself \(chain: .*exp.yaml -> .*a.yaml"):
+        load_config(exp)
+    exp.write_text("_base_: nothere.yaml\n")
+    with pytest.raises(ConfigError, match=r"config file not found: .*nothere.yaml \(the _base_ of .*exp.yaml\)"):
+        load_config(exp)
