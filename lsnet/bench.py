@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from lsnet.errors import InputError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -88,7 +90,7 @@ def find_spec(name: str, jobs_dir: Path | None = None) -> Path:
     path = jobs_dir / f"{name}.yaml"
     if not path.exists():
         known = sorted(p.stem for p in jobs_dir.glob("*.yaml"))
-        raise SystemExit(f"no benchmark spec {path} (known: {', '.join(known) or 'none'})")
+        raise InputError(f"no benchmark spec {path} (known: {', '.join(known) or 'none'})")
     return path
 
 
@@ -98,7 +100,7 @@ def run_benchmark(name: str, overrides: dict[str, Any] | None = None, out_dir: P
     spec = yaml.safe_load(spec_path.read_text())
     runner = spec.get("runner") if isinstance(spec, dict) else None
     if not isinstance(runner, str) or ":" not in runner:
-        raise SystemExit(f"{spec_path}: needs a mapping with runner: 'module:function', got {runner!r}")
+        raise InputError(f"{spec_path}: needs a mapping with runner: 'module:function', got {runner!r}")
     module_name, _, func_name = runner.partition(":")
     func = getattr(importlib.import_module(module_name), func_name)
     params = {**(spec.get("params") or {}), **(overrides or {})}

@@ -6,6 +6,7 @@ A config is validated on load: an unknown key or a value of the wrong type raise
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -13,11 +14,37 @@ from typing import Any, TypeVar
 
 import yaml
 
+from lsnet.errors import LsnetError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A config key is unknown, missing or has the wrong type."""
+class ConfigError(LsnetError, ValueError):
+    """A config key is unknown, missing, has the wrong type or a value out of range.
+
+    ``key``: the dotted key at fault when known (lets :func:`pipelines.config.load_config` name the
+    ``_base_`` file that set it).
+    """
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def check_range(value: float | None, name: str, *, ge: float | None = None, gt: float | None = None,
+                le: float | None = None, lt: float | None = None) -> None:
+    """Raise ``ValueError("NAME must be >= 1, got 0")`` when ``value`` (not None) is out of range.
+
+    For dataclass ``__post_init__`` checks: :func:`from_dict` turns the error into a
+    :class:`ConfigError` naming the dotted key (``train.epochs must be >= 1, got 0``).
+    """
+    if value is None:
+        return
+    bounds = [(ge, ">=", value >= ge if ge is not None else True), (gt, ">", value > gt if gt is not None else True),
+              (le, "<=", value <= le if le is not None else True), (lt, "<", value < lt if lt is not None else True)]
+    if not all(ok for _, _, ok in bounds):
+        want = " and ".join(f"{op} {bound:g}" for bound, op, _ in bounds if bound is not None)
+        raise ValueError(f"{name} must be {want}, got {value!r}")
 
 
 def _check_value(value: Any, annotation: Any, key: str) -> Any:
@@ -31,46 +58,46 @@ def _check_value(value: Any, annotation: Any, key: str) -> Any:
                 return _check_value(value, arg, key)
             except ConfigError:
                 continue
-        raise ConfigError(f"{key}: {value!r} matches none of {annotation}")
+        raise ConfigError(f"{key}: {value!r} matches none of {annotation}", key=key)
     if annotation is type(None):
         if value is not None:
-            raise ConfigError(f"{key}: expected null, got {value!r}")
+            raise ConfigError(f"{key}: expected null, got {value!r}", key=key)
         return None
     if origin is typing.Literal:
         if value not in args:
-            raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
+            raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}", key=key)
         return value
     if dataclasses.is_dataclass(annotation):
         return from_dict(annotation, value, prefix=key)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {value!r}", key=key)
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
-                raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
+                raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}", key=key)
             return tuple(_check_value(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         item = args[0] if args else Any
         items = [_check_value(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}", key=key)
         kt, vt = args if args else (Any, Any)
         return {_check_value(k, kt, key): _check_value(v, vt, f"{key}.{k}") for k, v in value.items()}
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected float, got {value!r}")
+            raise ConfigError(f"{key}: expected float, got {value!r}", key=key)
         return float(value)
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected int, got {value!r}")
+            raise ConfigError(f"{key}: expected int, got {value!r}", key=key)
         return value
     if annotation in (str, bool):
         if not isinstance(value, annotation):
-            raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}")
+            raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}", key=key)
         return value
     if isinstance(annotation, type) and not isinstance(value, annotation):
-        raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}")
+        raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}", key=key)
     return value
 
 
@@ -87,7 +114,8 @@ def from_dict(cls: type[T], data: dict | None, prefix: str = "") -> T:
     unknown = sorted(set(data) - set(known))
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown config key {where}{unknown[0]} (known: {', '.join(sorted(known))})")
+        raise ConfigError(f"unknown config key {where}{unknown[0]} (known: {', '.join(sorted(known))})",
+                          key=f"{where}{unknown[0]}")
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -97,7 +125,13 @@ def from_dict(cls: type[T], data: dict | None, prefix: str = "") -> T:
     except (TypeError, ValueError) as err:  # a required field is missing, or __post_init__ rejected a value
         if isinstance(err, ConfigError):
             raise
-        raise ConfigError(f"{prefix or cls.__name__}: {err}") from None
+        message = str(err)
+        field_name = re.split(r"[ .:\[]", message, maxsplit=1)[0]
+        if prefix and field_name in known:  # "epochs must be >= 1" -> "train.epochs must be >= 1"
+            raise ConfigError(f"{prefix}.{message}", key=f"{prefix}.{message.split(' ', 1)[0].rstrip(':')}") from None
+        if prefix and message.startswith(f"{prefix}."):  # already names the dotted key
+            raise ConfigError(message, key=message.split(" ", 1)[0].rstrip(":")) from None
+        raise ConfigError(f"{prefix or cls.__name__}: {message}") from None
 
 
 def to_dict(config: Any) -> dict:
@@ -143,21 +177,59 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping, with ``_base_: other.yaml`` (relative path) merged underneath."""
+def load_yaml(path: str | Path, origins: dict[str, Path] | None = None, _chain: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML mapping, with ``_base_: other.yaml`` (relative path) merged underneath.
+
+    ``origins``, when given, is filled with dotted key -> the file that set it last (so an error
+    about a key can name the ``_base_`` file that holds the typo).
+    """
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        where = f" (the _base_ of {_chain[-1]})" if _chain else ""
+        raise ConfigError(f"config file not found: {path}{where}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     base = data.pop("_base_", None)
+    if origins is not None:  # this file's own keys override its bases': recorded after them below
+        own_keys = _dotted_keys(data)
     if base is not None:
-        data = deep_merge(load_yaml(path.parent / base), data)
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: _base_ must be one file name (a string), got {base!r}", key="_base_")
+        base_path = path.parent / base
+        resolved = [p.resolve() for p in (*_chain, path)]
+        if base_path.resolve() in resolved:
+            raise ConfigError(f"{path}: _base_ {base} includes itself (chain: "
+                              f"{' -> '.join(str(p) for p in (*_chain, path, base_path))})", key="_base_")
+        data = deep_merge(load_yaml(base_path, origins, (*_chain, path)), data)
+    if origins is not None:
+        origins.update(dict.fromkeys(own_keys, path))
     return data
+
+
+def _dotted_keys(data: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        keys.append(name)
+        if isinstance(value, dict):
+            keys += _dotted_keys(value, name + ".")
+    return keys
+
+
+def origin_of(key: str | None, origins: dict[str, Path]) -> Path | None:
+    """The file that set ``key`` or its nearest parent section (None when no file did)."""
+    parts = (key or "").split(".")
+    for n in range(len(parts), 0, -1):
+        found = origins.get(".".join(parts[:n]))
+        if found is not None:
+            return found
+    return None
 
 
 def deep_merge(base: dict, update: dict) -> dict:

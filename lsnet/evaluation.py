@@ -18,6 +18,7 @@ import contextlib
 import copy
 import io
 import json
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from lsnet.errors import InputError
 from lsnet.structures import Detections, ImageMeta
 
 #: COCO iou types and the prefix of their metric names.
@@ -169,6 +171,8 @@ class CocoEvaluation:
     metrics: dict[str, float]
     per_category: dict[str, list[dict]] = field(default_factory=dict)
     backend: str = "pycocotools"
+    #: result records dropped because their category_id is not in the ground truth (ignore_unknown).
+    num_ignored: int = 0
 
 
 def _load_json(path: str | Path, what: str) -> Any:
@@ -177,9 +181,11 @@ def _load_json(path: str | Path, what: str) -> Any:
         with path.open() as f:
             return json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{what} file {path} does not exist") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{what} file {path} is not valid JSON: {err}") from None
+        raise InputError(f"{what} file {path} does not exist") from None
+    except IsADirectoryError:
+        raise InputError(f"{what} file {path} is a directory, not a JSON file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{what} file {path} is not valid JSON (truncated?): {err}") from None
 
 
 def _gt_coco(gt: str | Path | dict | COCO, coco_cls) -> COCO:
@@ -201,10 +207,10 @@ def _gt_coco(gt: str | Path | dict | COCO, coco_cls) -> COCO:
     else:
         raise TypeError(f"gt must be a path, a dict or a COCO object, got {type(gt).__name__}")
     if not isinstance(data, dict):
-        raise ValueError(f"{where} is not a COCO mapping")  # noqa: TRY004 (bad file content)
+        raise InputError(f"{where} is not a COCO mapping (top level is a {type(data).__name__})")
     for key in ("images", "annotations", "categories"):
-        if key not in data:
-            raise ValueError(f"{where} has no {key!r} list")
+        if not isinstance(data.get(key), list):
+            raise InputError(f"{where} has no {key!r} list")
     coco = coco_cls()
     coco.dataset = data
     coco.createIndex()
@@ -231,7 +237,7 @@ def _results_for(results: list[dict], iou_type: str) -> list[dict]:
     out = []
     for i, record in enumerate(results):
         if needed not in record:
-            raise ValueError(f"result record {i} (image_id {record.get('image_id')}) has no {needed!r}, "
+            raise InputError(f"result record {i} (image_id {record.get('image_id')}) has no {needed!r}, "
                              f"so it cannot be evaluated as {iou_type!r}")
         record = dict(record)
         if iou_type == "segm":
@@ -274,16 +280,22 @@ def evaluate_coco_detailed(
     image_ids: Iterable[int] | None = None,
     quiet: bool = True,
     backend: str = "pycocotools",
+    ignore_unknown: bool = False,
 ) -> CocoEvaluation:
-    """COCO metrics and per-category AP. See :func:`evaluate_coco` for the arguments."""
+    """COCO metrics and per-category AP. See :func:`evaluate_coco` for the arguments.
+
+    A result whose ``category_id`` is not a ground-truth category can never match, so it would pull
+    AP towards 0 without a word: it is an :class:`InputError` (which ids, how many records), unless
+    ``ignore_unknown`` drops those records (counted in ``num_ignored``).
+    """
     iou_types = [iou_types] if isinstance(iou_types, str) else list(iou_types)
     for iou_type in iou_types:
         if iou_type not in IOU_TYPE_PREFIX:
             raise ValueError(f"unknown iou type {iou_type!r}; expected some of {list(IOU_TYPE_PREFIX)}")
     if isinstance(results, (str, Path)):
         results = _load_json(results, "results")
-    if not isinstance(results, list):
-        raise TypeError("results must be a list of COCO result records")
+    if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+        raise InputError("results must be a list of COCO result records (JSON objects)")
 
     coco_cls, eval_cls, backend_name = _backend(backend)
     sink = io.StringIO()
@@ -295,7 +307,16 @@ def evaluate_coco_detailed(
         known_ids = set(gt_coco.getImgIds())
         unknown = sorted({r.get("image_id") for r in results} - known_ids, key=str)
         if unknown:
-            raise ValueError(f"{len(unknown)} result image ids are not in the ground truth, e.g. {unknown[:5]}")
+            raise InputError(f"{len(unknown)} result image ids are not in the ground truth, e.g. {unknown[:5]}")
+        known_cats = set(gt_coco.getCatIds())
+        stray = [r for r in results if r.get("category_id") not in known_cats]
+        if stray and not ignore_unknown:
+            ids = sorted({r.get("category_id") for r in stray}, key=str)
+            raise InputError(f"{len(stray)} of {len(results)} result records have a category_id that is not in "
+                             f"the ground truth ({ids[:5]}{' ...' if len(ids) > 5 else ''}; ground truth: "
+                             f"{sorted(known_cats)[:10]}...); pass --ignore-unknown to drop them")
+        if stray:
+            results = [r for r in results if r.get("category_id") in known_cats]
         for iou_type in iou_types:
             records = _results_for(results, iou_type)
             if records:
@@ -327,7 +348,8 @@ def evaluate_coco_detailed(
             stats = list(evaluator.stats)[: len(names)]
             metrics.update({name: float(value) for name, value in zip(names, stats)})
             per_category[iou_type] = _per_category(evaluator, gt_coco, iou_type)
-    return CocoEvaluation(metrics=metrics, per_category=per_category, backend=backend_name)
+    return CocoEvaluation(metrics=metrics, per_category=per_category, backend=backend_name,
+                          num_ignored=len(stray))
 
 
 def evaluate_coco(
@@ -402,11 +424,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pycocotools (reference) or faster-coco-eval if installed")
     parser.add_argument("--out", default=None, help="write the metrics (and per-category table) as JSON here")
     parser.add_argument("--verbose", action="store_true", help="show pycocotools' own output")
+    parser.add_argument("--ignore-unknown", action="store_true",
+                        help="drop results whose category_id is not in the ground truth (default: error)")
 
 
 def run(args: argparse.Namespace) -> int:
     evaluation = evaluate_coco_detailed(args.gt, args.results, args.iou_types, quiet=not args.verbose,
-                                        backend=args.backend)
+                                        backend=args.backend, ignore_unknown=args.ignore_unknown)
+    if evaluation.num_ignored:
+        print(f"warning: ignored {evaluation.num_ignored} result records whose category_id is not in the "
+              f"ground truth", file=sys.stderr)
     print(format_metrics(evaluation.metrics))
     if args.per_category:
         for iou_type, rows in evaluation.per_category.items():

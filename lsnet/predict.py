@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import torch
 from lsnet.config import ConfigError, from_dict, load_yaml
 from lsnet.data.augment import AugmentConfig, augment_sample, collate_batch
 from lsnet.engine import load_checkpoint
+from lsnet.errors import InputError
 from lsnet.evaluation import detections_to_coco, rescale_detections
 from lsnet.structures import ImageMeta, LandmarkTargets
 from lsnet.visualize import draw_detections, save_png
@@ -53,9 +53,9 @@ def load_image(path: str | Path) -> np.ndarray:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise FileNotFoundError(f"image {path} does not exist") from None
+        raise InputError(f"image {path} does not exist") from None
     except IsADirectoryError:
-        raise ValueError(f"image {path} is a directory, not an image file") from None
+        raise InputError(f"image {path} is a directory, not an image file") from None
     image = None
     if data:
         try:
@@ -63,7 +63,7 @@ def load_image(path: str | Path) -> np.ndarray:
         except cv2.error:  # mmcv converts the colour of a failed (empty) decode
             image = None
     if image is None:
-        raise ValueError(f"image {path} cannot be decoded (empty, corrupt or not an image)")
+        raise InputError(f"image {path} cannot be decoded (empty, corrupt or not an image)")
     return np.ascontiguousarray(image)
 
 
@@ -131,7 +131,7 @@ def load_model(checkpoint: str | Path, config: str | Path | None = None, device:
         data_section = extra.get("data_config") or {}
         source = f"{checkpoint} (stored model_config)"
     else:
-        raise ValueError(f"checkpoint {checkpoint} stores no model_config: pass --config CONFIG.yaml")
+        raise InputError(f"checkpoint {checkpoint} stores no model_config: pass --config CONFIG.yaml")
     section["pretrained"] = None  # every weight comes from the checkpoint; never download
     try:
         model_cfg = from_dict(ModelConfig, section, prefix="model")
@@ -141,7 +141,7 @@ def load_model(checkpoint: str | Path, config: str | Path | None = None, device:
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as err:
-        raise ValueError(f"checkpoint {checkpoint} does not fit the model of {source} "
+        raise InputError(f"checkpoint {checkpoint} does not fit the model of {source} "
                          f"(task {model_cfg.task}, {model_cfg.num_classes} classes, {model_cfg.backbone}): "
                          f"{str(err).splitlines()[0]}") from None
     model.to(device).eval()
@@ -150,7 +150,7 @@ def load_model(checkpoint: str | Path, config: str | Path | None = None, device:
     category_ids = [int(c) for c in extra.get("category_ids", range(1, num_classes + 1))]
     class_names = [str(n) for n in extra.get("class_names", [str(c) for c in category_ids])]
     if len(category_ids) != num_classes or len(class_names) != num_classes:
-        raise ValueError(f"checkpoint {checkpoint}: {len(category_ids)} category ids / {len(class_names)} "
+        raise InputError(f"checkpoint {checkpoint}: {len(category_ids)} category ids / {len(class_names)} "
                          f"class names for a model with {num_classes} classes")
     return LoadedModel(
         model=model, task=model_cfg.task, category_ids=category_ids, class_names=class_names,
@@ -183,7 +183,7 @@ def predict_files(
 
     paths = [Path(p) for p in paths]
     if not paths:
-        raise ValueError("no image paths given")
+        raise InputError("no image paths given")
     images = [load_image(p) for p in paths]  # fail early, naming the bad file, before any compute
     image_ids = image_ids_for(paths)
     out_dir = Path(out_dir)
@@ -239,12 +239,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        loaded = load_model(args.checkpoint, args.config, device, args.short_side, args.max_size)
-        records = predict_files(loaded, args.images, args.out, args.score_thr, args.flip_tta, args.batch_size, device)
-    except (FileNotFoundError, ValueError, ConfigError) as err:
-        print(f"lsnet predict: error: {err}", file=sys.stderr)
-        return 2
+    loaded = load_model(args.checkpoint, args.config, device, args.short_side, args.max_size)
+    records = predict_files(loaded, args.images, args.out, args.score_thr, args.flip_tta, args.batch_size, device)
     shown = sum(r["score"] >= args.score_thr for r in records)
     print(f"{len(args.images)} images, {len(records)} detections ({shown} with score >= {args.score_thr}) "
           f"-> {Path(args.out) / 'predictions.json'} and {len(args.images)} overlay PNGs in {args.out}")

@@ -2,12 +2,24 @@
 
 Each command lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int | None``;
 only the module of the command being run is imported, so ``lsnet predict`` never imports Ray.
+
+User errors are reported here, once for all commands: an :class:`lsnet.errors.LsnetError` (config,
+shard, input, preprocessing errors ...) or a filesystem ``OSError`` (``--out`` is a file, read-only,
+a file is missing) prints one line ``lsnet CMD: error: <message>`` and exits with status 2.
+``--debug`` (any command) or ``LSNET_DEBUG=1`` re-raises instead, showing the traceback.
+Ctrl-C prints ``lsnet CMD: interrupted`` and exits 130.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from lsnet.errors import LsnetError, one_line
+
+#: Exit status of a user error (bad input, config, data), as argparse uses for bad arguments.
+USER_ERROR = 2
 
 #: command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -19,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "mlflow-sync": ("pipelines.tracking", "upload runs buffered locally while the tracking server was down"),
     "demo": ("pipelines.demo", "the main job end to end on embedded defaults"),
     "bench": ("pipelines.bench_cmd", "run a benchmark spec from jobs/bench and write results/bench/NAME.json"),
+    "jobs": ("pipelines.jobs.cli", "submit job specs (jobs/*.yaml) to a Ray cluster; status, logs, schedules"),
+    "ablation": ("pipelines.ablations.cli", "reproduce a paper ablation table (jobs/ablations/*.yaml)"),
 }
 
 
@@ -30,8 +44,27 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def debug_enabled(argv: list[str] = ()) -> bool:
+    """``--debug`` on the command line or ``LSNET_DEBUG`` set to a true value."""
+    env = os.environ.get("LSNET_DEBUG", "").strip().lower()
+    return "--debug" in argv or env not in ("", "0", "false", "no")
+
+
+def describe_error(err: BaseException) -> str:
+    """The one-line message of a user error (an ``OSError`` as ``PATH: reason``)."""
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        reason = err.strerror
+        if isinstance(err, FileExistsError):
+            reason = "exists and is not a directory" if not os.path.isdir(err.filename) else reason
+        target = f" -> {err.filename2}" if err.filename2 else ""
+        return one_line(f"{err.filename}{target}: {reason}")
+    return one_line(err) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_enabled(argv)
+    argv = argv[1:] if argv[:1] == ["--debug"] else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
@@ -43,8 +76,21 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"lsnet {name}", description=help_)
     module.add_arguments(parser)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also: LSNET_DEBUG=1)")
     args = parser.parse_args(rest)
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except (LsnetError, OSError) as err:
+        if debug:
+            raise
+        print(f"lsnet {name}: error: {describe_error(err)}", file=sys.stderr)
+        return USER_ERROR
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"lsnet {name}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from lsnet.config import ConfigError
+from lsnet.errors import InputError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_COCO = REPO_ROOT.parent / "shared" / "data" / "tiny_coco"
@@ -54,7 +54,7 @@ def prepare_data(out: Path, dataset: str, task: str, num_train: int, num_val: in
             splits[split] = (ann, root / "images")
     else:
         if not (TINY_COCO / "annotations" / f"{kind}_train2017.json").exists():
-            raise SystemExit(f"--dataset tiny_coco: {TINY_COCO} is not present (use the default synthetic data)")
+            raise InputError(f"--dataset tiny_coco: {TINY_COCO} is not present (use the default synthetic data)")
         ann = TINY_COCO / "annotations" / f"{kind}_train2017.json"
         splits = {"train": (ann, TINY_COCO / "train2017"), "val": (ann, TINY_COCO / "train2017")}
     shard_dirs = []
@@ -141,11 +141,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        run_demo(Path(args.out), dataset=args.dataset, task=args.task, num_train=args.num_train,
-                 num_val=args.num_val, image_size=args.image_size, epochs=args.epochs,
-                 num_workers=args.num_workers, overrides=args.overrides, verbose=args.verbose)
-    except ConfigError as err:
-        print(f"lsnet demo: {err}")
-        return 2
+    run_demo(Path(args.out), dataset=args.dataset, task=args.task, num_train=args.num_train,
+             num_val=args.num_val, image_size=args.image_size, epochs=args.epochs,
+             num_workers=args.num_workers, overrides=args.overrides, verbose=args.verbose)
     return 0

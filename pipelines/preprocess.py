@@ -39,7 +39,6 @@ import json
 import math
 import os
 import posixpath
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -64,6 +63,7 @@ from lsnet.data.shards import (
     shard_file_name,
     shard_schema,
 )
+from lsnet.errors import LsnetError
 from lsnet.targets import TargetConfig, compute_image_targets, empty_record, scale_record
 
 #: Test hook: ``"N"`` exits the process (os._exit) right after the N-th shard of this run is written;
@@ -82,7 +82,7 @@ _EXTRA_FIELDS = (("shard", pa.int32()), ("reject_code", pa.string()), ("reject_r
                  ("ann_rejections", pa.string()))
 
 
-class PreprocessError(ValueError):
+class PreprocessError(LsnetError, ValueError):
     """The input cannot be preprocessed at all (malformed JSON, broken category list, ...)."""
 
 
@@ -796,12 +796,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        preprocess(args.ann, args.images, args.out, max_size=args.max_size, jpeg_quality=args.jpeg_quality,
-                   jpeg_subsampling=args.jpeg_subsampling, keep_original_jpeg=args.keep_original_jpeg,
-                   shard_size_mb=args.shard_size_mb, contour_points=tuple(args.contour_points),
-                   num_cpus=args.num_cpus, address=args.address, executor=args.executor)
-    except PreprocessError as err:
-        print(f"lsnet preprocess: error: {err}", file=sys.stderr)
-        return 2
+    preprocess(args.ann, args.images, args.out, max_size=args.max_size, jpeg_quality=args.jpeg_quality,
+               jpeg_subsampling=args.jpeg_subsampling, keep_original_jpeg=args.keep_original_jpeg,
+               shard_size_mb=args.shard_size_mb, contour_points=tuple(args.contour_points),
+               num_cpus=args.num_cpus, address=args.address, executor=args.executor)
     return 0

@@ -71,6 +71,21 @@ def test_schedule_fills_train_unless_set():
         config_from_dict({"schedule": "3x"})
 
 
+def test_schedules_are_the_papers_and_the_references():
+    # paper: 2x after the 16th and 22nd, 60e after the 50th; reference: segm 30e [28, (30)],
+    # obj-box pose 60e [54, 56], kps-box fine-tune 24e [12, 20]
+    assert SCHEDULES == {"1x": (12, (8, 11)), "2x": (24, (16, 22)), "30e": (30, (28,)), "60e": (60, (50,)),
+                         "60e_ref": (60, (54, 56)), "2x_ft": (24, (12, 20))}
+    for path, schedule in (("bbox_x101_dcn_2x.yaml", "2x"), ("segm_x101_dcn_30e.yaml", "30e"),
+                           ("pose_x101_dcn_60e_objbox.yaml", "60e")):
+        cfg = load_config(CONFIG_DIR / path)
+        assert (cfg.train.epochs, tuple(cfg.train.lr_steps)) == SCHEDULES[schedule], path
+    ft = load_config(CONFIG_DIR / "pose_x101_dcn_kpsbox_ft.yaml")
+    assert (ft.train.epochs, ft.train.lr_steps, ft.model.pose_box) == (24, (12, 20), "kps")
+    assert ft.train.init_from.endswith("pose_x101_dcn_60e_objbox/best.pt")
+    assert load_config(CONFIG_DIR / "bbox_r50_1x.yaml").train.decay_norm_and_bias  # the paper: decay all
+
+
 def test_overrides(tmp_path):
     cfg = load_config(CONFIG_DIR / "tiny_bbox.yaml",
                       ["train.epochs=2", "run.num_workers=1", "data.scale_range=[64, 96]", "tracking.uri=http://x:5"])
@@ -127,17 +142,16 @@ def test_bad_values_and_files(tmp_path):
 
 @pytest.mark.parametrize("spec", sorted((CONFIG_DIR.parent / "jobs").glob("train_*.yaml")), ids=lambda p: p.name)
 def test_train_job_specs_parse(spec, capsys):
-    """Each Ray Jobs spec's entrypoint is a valid `lsnet train` command line with a valid config."""
+    """Each training job spec's entrypoint is a valid `lsnet train` command line with a valid config."""
     import os
     import shlex
 
-    import yaml
-
     from pipelines.cli import main
+    from pipelines.jobs.spec import load_job_spec
 
-    data = yaml.safe_load(spec.read_text())
-    assert set(data) == {"name", "entrypoint", "runtime_env"} and data["runtime_env"]["working_dir"] == "."
-    argv = shlex.split(data["entrypoint"])
+    job = load_job_spec(spec)
+    assert job.runtime_env.working_dir == "."
+    argv = shlex.split(job.entrypoint())
     assert argv[:4] == ["python", "-m", "pipelines.cli", "train"]
     cwd = os.getcwd()
     os.chdir(CONFIG_DIR.parent)  # entrypoints run in the uploaded working dir (the repository root)
@@ -146,3 +160,59 @@ def test_train_job_specs_parse(spec, capsys):
     finally:
         os.chdir(cwd)
     assert "storage_path: /shared/" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train: {epochs: 0}\n", "train.epochs must be >= 1, got 0"),
+    ("train: {epochs: -3}\n", "train.epochs must be >= 1, got -3"),
+    ("train: {lr_per_16_images: -1}\n", "train.lr_per_16_images must be > 0, got -1.0"),
+    ("train: {momentum: 1.5}\n", "train.momentum must be >= 0 and < 1, got 1.5"),
+    ("data: {flip_prob: 7}\n", "data.flip_prob must be >= 0 and <= 1, got 7.0"),
+    ("data: {test_scale: -5}\n", "data.test_scale must be >= 1, got -5"),
+    ("model: {test: {nms_iou: 0}}\n", "model.test.nms_iou must be > 0 and <= 1, got 0.0"),
+    ("model: {loss: {gamma: -2}}\n", "model.loss.gamma must be >= 0, got -2.0"),
+    ("run: {resources_per_worker: {CPU: -1}}\n", "run.resources_per_worker.CPU must be >= 0, got -1.0"),
+])
+def test_value_ranges_are_checked_naming_file_and_key(tmp_path, text, message):
+    """Before: epochs 0, a negative lr, flip_prob 7 or test_scale -5 were accepted (epochs 0 even
+    wrote an untrained model_final.pt and a FINISHED MLflow run)."""
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, "schedule: null\n" + text))
+    assert str(err.value) == f"{tmp_path / 'exp.yaml'}: {message}"
+
+
+def test_errors_name_the_base_file_that_holds_the_key(tmp_path):
+    """A typo or bad value inside a _base_ file names that file, not the experiment file."""
+    (tmp_path / "base.yaml").write_text("data:\n  batch_sise: 2\ntrain: {epochs: 2}\n")
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("_base_: base.yaml\nschedule: null\ntrain: {batch_size: 1}\n")
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'base.yaml'}: unknown config key data.batch_sise"):
+        load_config(exp)
+    (tmp_path / "base.yaml").write_text("train: {flip: 1}\nmodel: {test: {score_thr: 3}}\n")
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'base.yaml'}: unknown config key train.flip"):
+        load_config(exp)
+    (tmp_path / "base.yaml").write_text("model: {test: {score_thr: 3}}\n")
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'base.yaml'}: model.test.score_thr must be"):
+        load_config(exp)
+    exp.write_text("_base_: base.yaml\nmodel: {test: {score_thr: 4}}\n")  # the experiment overrides it
+    with pytest.raises(ConfigError, match=rf"^{exp}: model.test.score_thr must be .* got 4.0"):
+        load_config(exp)
+    with pytest.raises(ConfigError, match=r"with --set/override train.epochs.*train.epochs must be >= 1"):
+        load_config(exp, ["train.epochs=0", "model.test.score_thr=0.1"])
+
+
+def test_base_must_be_one_file_and_not_include_itself(tmp_path):
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("_base_: [a.yaml, b.yaml]\n")
+    with pytest.raises(ConfigError, match=r"exp.yaml: _base_ must be one file name \(a string\), got \['a.yaml'"):
+        load_config(exp)
+    exp.write_text("_base_: exp.yaml\n")
+    with pytest.raises(ConfigError, match="_base_ exp.yaml includes itself"):
+        load_config(exp)
+    (tmp_path / "a.yaml").write_text("_base_: exp.yaml\n")
+    exp.write_text("_base_: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"a.yaml: _base_ exp.yaml includes itself \(chain: .*exp.yaml -> .*a.yaml"):
+        load_config(exp)
+    exp.write_text("_base_: nothere.yaml\n")
+    with pytest.raises(ConfigError, match=r"config file not found: .*nothere.yaml \(the _base_ of .*exp.yaml\)"):
+        load_config(exp)

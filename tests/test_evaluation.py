@@ -11,6 +11,7 @@ import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from lsnet.errors import InputError
 from lsnet.evaluation import (
     detections_to_coco,
     evaluate_coco,
@@ -221,12 +222,16 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         evaluate_coco(gt, [{"image_id": 12345, "category_id": 3, "bbox": [0, 0, 1, 1], "score": 1.0}])
     with pytest.raises(ValueError, match="no 'segmentation'"):
         evaluate_coco(gt, [{"image_id": 7, "category_id": 3, "bbox": [0, 0, 1, 1], "score": 1.0}], ["segm"])
-    with pytest.raises(FileNotFoundError, match="missing.json"):
+    with pytest.raises(InputError, match="missing.json"):
         evaluate_coco(tmp_path / "missing.json", [])
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="bad.json"):
         evaluate_coco(gt, bad)
+    with pytest.raises(InputError, match="truncated"):
+        evaluate_coco(gt, _write(tmp_path / "trunc.json", '[{"image_id": 7, "categ'))
+    with pytest.raises(InputError, match="no 'annotations' list"):
+        evaluate_coco({"images": [], "categories": []}, [])
     d = Detections(torch.zeros(1, 4), torch.ones(1), torch.tensor([5]), torch.zeros(1, 4, 2))
     with pytest.raises(ValueError, match="label 5"):
         detections_to_coco([d], [ImageMeta(7, (10, 10), (10, 10), (1.0, 1.0))], CATEGORY_IDS, "bbox")
@@ -241,6 +246,35 @@ def test_per_category_table():
     assert rows[1]["name"] == "thing" and rows[1]["num_gt"] == 4
     assert rows[1]["AP"] == pytest.approx(26 / 101)  # recall 1/4 at precision 1
     assert rows[3]["AP"] == -1.0 and rows[3]["num_gt"] == 0
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_unknown_category_ids_are_an_error_or_counted_with_ignore_unknown(tmp_path, capsys):
+    """A result with a category_id the ground truth does not have can never match: before, AP 0.000
+    without a word; now an error naming the ids, or dropped and counted with --ignore-unknown."""
+    from pipelines.cli import main
+
+    gt = _synthetic_gt()
+    ann = gt["annotations"][0]
+    good = {"image_id": ann["image_id"], "category_id": ann["category_id"], "bbox": ann["bbox"], "score": 0.9}
+    stray = dict(good, category_id=999)
+    with pytest.raises(InputError, match=r"1 of 2 result records have a category_id .*\[999\]"):
+        evaluate_coco(gt, [good, stray])
+    both = evaluate_coco_detailed(gt, [good, stray], ignore_unknown=True)
+    alone = evaluate_coco_detailed(gt, [good])
+    assert both.num_ignored == 1 and alone.num_ignored == 0
+    assert both.metrics == alone.metrics
+    gt_path = _write(tmp_path / "gt.json", json.dumps(gt))
+    res_path = _write(tmp_path / "res.json", json.dumps([good, stray]))
+    assert main(["evaluate", "--gt", str(gt_path), "--results", str(res_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lsnet evaluate: error: 1 of 2 result records") and "999" in err[0]
+    assert main(["evaluate", "--gt", str(gt_path), "--results", str(res_path), "--ignore-unknown"]) == 0
+    assert "ignored 1 result records whose category_id" in capsys.readouterr().err
 
 
 def test_evaluate_cli_prints_a_table(tmp_path, capsys):

@@ -11,6 +11,7 @@ from PIL import Image
 
 from lsnet.config import to_dict
 from lsnet.engine import checkpoint_state, save_checkpoint
+from lsnet.errors import InputError
 from lsnet.predict import image_ids_for, load_image, prepare_images
 from lsnet.structures import IMAGE_MEAN, IMAGE_STD, SIZE_DIVISOR, Detections
 from lsnet.visualize import draw_detections, save_png
@@ -79,7 +80,7 @@ def test_image_ids_from_coco_style_names():
 
 
 def test_bad_image_files_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nothere.jpg"):
+    with pytest.raises(InputError, match="nothere.jpg"):
         load_image(tmp_path / "nothere.jpg")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
     with pytest.raises(ValueError, match="broken.png"):

@@ -43,6 +43,7 @@ from pyarrow import ipc
 from torch.utils.data import Dataset, Sampler
 
 from lsnet.data.augment import AugmentConfig, augment_sample, collate_batch, decode_jpeg  # noqa: F401
+from lsnet.errors import LsnetError
 from lsnet.structures import TASK_NUM_POINTS, ImageMeta, LandmarkTargets
 from lsnet.targets import record_to_targets
 
@@ -71,7 +72,7 @@ _IMAGE_COLUMN = [name for name, _ in META_FIELDS].index("image")
 _NUMERIC_META = ("image_id", "orig_height", "orig_width", "height", "width", "scale_x", "scale_y", "num_objects")
 
 
-class ShardError(RuntimeError):
+class ShardError(LsnetError, RuntimeError):
     """A shard directory is missing, inconsistent or corrupted (the message names the file)."""
 
 

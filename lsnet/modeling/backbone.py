@@ -23,6 +23,8 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.ops import DeformConv2d, FrozenBatchNorm2d
 
+from lsnet.errors import LsnetError
+
 #: name -> torchvision constructor
 _CONSTRUCTORS = {
     "resnet18": torchvision.models.resnet18,
@@ -33,7 +35,7 @@ _CONSTRUCTORS = {
 }
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(LsnetError, RuntimeError):
     """Pretrained weights were asked for but cannot be loaded."""
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from lsnet.config import check_range
 from lsnet.structures import TASK_NUM_POINTS
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext101_64x4d")
@@ -38,6 +39,15 @@ class LossConfig:
     atss_topk: int = 9  # stage-2 assigner (ATSS)
     atss_anchor_scale: float = 8.0
 
+    def __post_init__(self) -> None:
+        for name in ("beta", "gamma", "focal_gamma"):
+            check_range(getattr(self, name), name, ge=0)
+        check_range(self.alpha, "alpha", ge=0, lt=1)
+        check_range(self.focal_alpha, "focal_alpha", ge=0, le=1)
+        check_range(self.centroid_scale, "centroid_scale", gt=0)
+        check_range(self.atss_topk, "atss_topk", ge=1)
+        check_range(self.atss_anchor_scale, "atss_anchor_scale", gt=0)
+
 
 @dataclass
 class TestConfig:
@@ -47,6 +57,12 @@ class TestConfig:
     pre_nms_topk: int = 1000  # per FPN level, per image
     nms_iou: float = 0.6
     max_dets: int = 100
+
+    def __post_init__(self) -> None:
+        check_range(self.score_thr, "score_thr", ge=0, le=1)
+        check_range(self.pre_nms_topk, "pre_nms_topk", ge=1)
+        check_range(self.nms_iou, "nms_iou", gt=0, le=1)
+        check_range(self.max_dets, "max_dets", ge=1)
 
 
 @dataclass
