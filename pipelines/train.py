@@ -72,7 +72,8 @@ def absolutize_paths(cfg: ExperimentConfig, base: Path | None = None) -> Experim
     data = dataclasses.replace(cfg.data, train_shards=fix(cfg.data.train_shards),
                                val_shards=fix(cfg.data.val_shards), val_ann=fix(cfg.data.val_ann))
     run = dataclasses.replace(cfg.run, storage_path=fix(cfg.run.storage_path))
-    return dataclasses.replace(cfg, data=data, run=run)
+    train = dataclasses.replace(cfg.train, init_from=fix(cfg.train.init_from))
+    return dataclasses.replace(cfg, data=data, run=run, train=train)
 
 
 def manifest_hash(shard_dir: str | None) -> str:
@@ -227,196 +228,345 @@ class _FaultInjector:
                 os._exit(1)
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train worker entry point. ``loop_config``: {"config": plain dict, "run_dir": str, "tags": {}}."""
-    import logging
+@dataclass
+class WorkerContext:
+    """Where this worker runs: its rank in a group of ``world`` workers, its device, the run directory."""
 
-    import ray.train
-    import ray.train.torch
-    import ray.train.v2._internal.execution.context as ray_train_context
-    from torch.nn.parallel import DistributedDataParallel
+    rank: int
+    world: int
+    device: torch.device
+    run_dir: Path
 
-    from lsnet.engine import (
-        TrainState,
-        build_grad_scaler,
-        build_optimizer,
-        build_scheduler,
-        checkpoint_state,
-        evaluate_detailed,
-        get_rng_state,
-        load_checkpoint,
-        load_checkpoint_state,
-        save_checkpoint,
-        seed_everything,
-        set_rng_state,
-        train_one_epoch,
-    )
-    from lsnet.evaluation import format_per_category
+    @property
+    def use_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @classmethod
+    def current(cls, run_dir: str | Path) -> WorkerContext:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        device = ray.train.torch.get_device()
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return cls(ctx.get_world_rank(), ctx.get_world_size(), device, Path(run_dir))
+
+    def gather(self, items: list) -> list | None:
+        return _gather_to_rank0(items, self.rank, self.world)
+
+
+@dataclass
+class TrainingParts:
+    """What one worker trains with: built by :func:`build_training`, advanced epoch by epoch."""
+
+    cfg: ExperimentConfig
+    model: torch.nn.Module  # DDP-wrapped when world > 1
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    state: Any  # lsnet.engine.TrainState
+    train_ds: Any
+    sampler: Any
+    train_loader: Any
+    val_ds: Any
+    val_loader: Any
+
+    def checkpoint_metadata(self) -> dict[str, Any]:
+        """What ``lsnet predict`` reads from a weights file besides the weights."""
+        return {"task": self.cfg.model.task, "category_ids": self.train_ds.category_ids,
+                "class_names": [c["name"] for c in self.train_ds.categories],
+                "model_config": to_dict(self.cfg.model), "config_name": self.cfg.name or ""}
+
+    def epoch_batches(self, epoch: int, ctx: WorkerContext):
+        """This rank's batches of ``epoch``: the DataLoader over the memory-mapped shards, or the same
+        samples streamed by Ray Data tasks (pipelines.datasets) with this rank's sampler share."""
+        self.train_ds.set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
+        if self.cfg.data.reader == "shards":
+            return self.train_loader
+        from pipelines.datasets import build_ray_dataset, iter_ray_batches
+
+        m, d = self.cfg.model, self.cfg.data
+        ds = build_ray_dataset(d.train_shards, task=m.task, num_points=m.num_points, pose_box=m.pose_box,
+                               train=True, scale_range=tuple(d.scale_range), max_size=d.max_size,
+                               flip_prob=d.flip_prob, seed=self.cfg.train.seed, epoch=epoch, rank=ctx.rank,
+                               world_size=ctx.world, shuffle=True, drop_last=True, verify="none")
+        return iter_ray_batches(ds, self.cfg.train.batch_size)
+
+
+def build_training(cfg: ExperimentConfig, ctx: WorkerContext) -> TrainingParts:
+    """Model, data loaders, optimiser, lr schedule and AMP scaler of a fresh run (before resuming)."""
+    from lsnet.engine import TrainState, build_grad_scaler, build_optimizer, build_scheduler, seed_everything
     from lsnet.modeling import build_model
-
-    # Ray Train logs every report and checkpoint at INFO; the epoch summary line says what matters.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
-    logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)  # (Ray names it by file)
-    cfg = config_from_dict(loop_config["config"])
-    run_dir = Path(loop_config["run_dir"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    use_cuda = device.type == "cuda"
-    if use_cuda:
-        torch.cuda.set_device(device)
-    primary = cfg.primary_metric
 
     # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
     seed_everything(cfg.train.seed)
-    model = build_model(cfg.model).to(device)
-    if use_cuda and cfg.train.channels_last:
+    model = build_model(cfg.model).to(ctx.device)
+    if ctx.use_cuda and cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    train_ds, sampler, train_loader, val_ds, val_loader = _build_loaders(cfg, rank, world, use_cuda)
-    iters_per_epoch = len(train_loader)
+    train_ds, sampler, train_loader, val_ds, val_loader = _build_loaders(cfg, ctx.rank, ctx.world, ctx.use_cuda)
+    optimizer = build_optimizer(model, cfg.train, global_batch=cfg.train.batch_size * ctx.world)
+    scheduler = build_scheduler(optimizer, cfg.train, len(train_loader))
+    scaler = build_grad_scaler(cfg.train, ctx.device)
+    return TrainingParts(cfg, model, optimizer, scheduler, scaler, TrainState(), train_ds, sampler, train_loader,
+                         val_ds, val_loader)
 
-    def epoch_batches(epoch: int):
-        """This rank's batches of ``epoch``: the DataLoader over the memory-mapped shards, or the same
-        samples streamed by Ray Data tasks (pipelines.datasets) with this rank's sampler share."""
-        if cfg.data.reader == "shards":
-            return train_loader
-        from pipelines.datasets import build_ray_dataset, iter_ray_batches
 
-        m, d = cfg.model, cfg.data
-        ds = build_ray_dataset(d.train_shards, task=m.task, num_points=m.num_points, pose_box=m.pose_box,
-                               train=True, scale_range=tuple(d.scale_range), max_size=d.max_size,
-                               flip_prob=d.flip_prob, seed=cfg.train.seed, epoch=epoch, rank=rank,
-                               world_size=world, shuffle=True, drop_last=True, verify="none")
-        return iter_ray_batches(ds, cfg.train.batch_size)
+def resume_training(parts: TrainingParts, ctx: WorkerContext) -> dict[str, int] | None:
+    """Continue from Ray Train's latest checkpoint if there is one (a restarted worker group, or a
+    restored Tune trial): weights, optimiser, schedule, scaler, counters and this rank's RNG streams.
+    Returns ``{"epoch", "step"}`` resumed from, or None for a fresh start."""
+    import ray.train
 
-    optimizer = build_optimizer(model, cfg.train, global_batch=cfg.train.batch_size * world)
-    scheduler = build_scheduler(optimizer, cfg.train, iters_per_epoch)
-    scaler = build_grad_scaler(cfg.train, device)
-    state = TrainState()
+    from lsnet.engine import load_checkpoint, load_checkpoint_state, set_rng_state
+
     resumed = ray.train.get_checkpoint()
-    if resumed is not None:
-        with resumed.as_directory() as ckpt_dir:
-            ckpt = load_checkpoint(Path(ckpt_dir) / "state.pt", map_location=device)
-            state = load_checkpoint_state(ckpt, model, optimizer, scheduler, scaler, restore_rng=False)
-            rng_path = Path(ckpt_dir) / f"rng_rank{rank}.pt"
-            if rng_path.exists():  # same world size as before: continue this rank's random streams
-                set_rng_state(torch.load(rng_path, weights_only=True))
-        if rank == 0:
-            print(f"[resume] from epoch {state.epoch}, step {state.global_step} ({resumed.path})", flush=True)
-    _write_worker_info(run_dir, rank, world, device,
-                       resumed_from=None if resumed is None else {"epoch": state.epoch, "step": state.global_step})
-    ddp_model = DistributedDataParallel(
-        model, device_ids=[device.index] if use_cuda else None,
-        find_unused_parameters=cfg.run.find_unused_parameters,
-    ) if world > 1 else model
+    if resumed is None:
+        if parts.cfg.train.init_from:  # fine-tune: weights only, a fresh optimiser and schedule
+            from lsnet.engine import init_model_from
 
-    tracker = None
-    if rank == 0 and cfg.tracking.enabled:
-        from pipelines.tracking import RunTracker
+            report = init_model_from(parts.model, parts.cfg.train.init_from)
+            if ctx.rank == 0:
+                print(f"[init_from] {parts.cfg.train.init_from}: {len(report['loaded'])} tensors loaded, "
+                      f"{len(report['missing'])} kept their initialisation", flush=True)
+        return None
+    with resumed.as_directory() as ckpt_dir:
+        ckpt = load_checkpoint(Path(ckpt_dir) / "state.pt", map_location=ctx.device)
+        parts.state = load_checkpoint_state(ckpt, parts.model, parts.optimizer, parts.scheduler, parts.scaler,
+                                            restore_rng=False)
+        rng_path = Path(ckpt_dir) / f"rng_rank{ctx.rank}.pt"
+        if rng_path.exists():  # same world size as before: continue this rank's random streams
+            set_rng_state(torch.load(rng_path, weights_only=True))
+    if ctx.rank == 0:
+        print(f"[resume] from epoch {parts.state.epoch}, step {parts.state.global_step} ({resumed.path})",
+              flush=True)
+    return {"epoch": parts.state.epoch, "step": parts.state.global_step}
 
-        tracker = RunTracker(run_dir, cfg.tracking.uri, cfg.tracking.experiment, run_dir.name,
-                             flush_interval_s=cfg.tracking.flush_interval_s,
-                             retry_interval_s=cfg.tracking.retry_interval_s)
-        tracker.log_params(flatten(to_dict(cfg)))
-        tracker.set_tags({**loop_config.get("tags", {}), "num_workers": world, "device": device.type})
-        config_file = run_dir / "config.yaml"
-        if config_file.exists():
-            tracker.log_artifact(config_file, "config")
+
+def wrap_distributed(parts: TrainingParts, ctx: WorkerContext) -> None:
+    """DDP around the model when there is more than one worker (after resuming: plain state-dict keys)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if ctx.world > 1:
+        parts.model = DistributedDataParallel(
+            parts.model, device_ids=[ctx.device.index] if ctx.use_cuda else None,
+            find_unused_parameters=parts.cfg.run.find_unused_parameters)
+
+
+def open_tracker(cfg: ExperimentConfig, ctx: WorkerContext, tags: dict[str, Any]):
+    """Rank 0's MLflow run (pipelines.tracking: journaled, survives outages and worker restarts);
+    None on other ranks or with tracking off."""
+    if ctx.rank != 0 or not cfg.tracking.enabled:
+        return None
+    from pipelines.tracking import RunTracker
+
+    tracker = RunTracker(ctx.run_dir, cfg.tracking.uri, cfg.tracking.experiment, ctx.run_dir.name,
+                         flush_interval_s=cfg.tracking.flush_interval_s,
+                         retry_interval_s=cfg.tracking.retry_interval_s)
+    tracker.log_params(flatten(to_dict(cfg)))
+    tracker.set_tags({**tags, "num_workers": ctx.world, "device": ctx.device.type})
+    config_file = ctx.run_dir / "config.yaml"
+    if config_file.exists():
+        tracker.log_artifact(config_file, "config")
+    return tracker
+
+
+def step_logger(tracker, ctx: WorkerContext):
+    """The per-step callback of ``train_one_epoch``: losses, lr, grad norm, throughput to MLflow."""
 
     def log_fn(step: int, values: dict[str, float]) -> None:
         if tracker is None:
             return
         metrics = {k: v for k, v in values.items() if k in LOSS_KEYS or k in ("lr", "grad_norm")}
         # the rank-0 rate times the number of workers (all ranks take the same number of steps)
-        metrics["images_per_s"] = values["images_per_s"] * world
-        if use_cuda:
-            metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        metrics["images_per_s"] = values["images_per_s"] * ctx.world
+        if ctx.use_cuda:
+            metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
         tracker.log_metrics(metrics, step)
 
-    extra = {"task": cfg.model.task, "category_ids": train_ds.category_ids,
-             "class_names": [c["name"] for c in train_ds.categories],
-             "model_config": to_dict(cfg.model), "config_name": cfg.name or ""}
-    injector = _FaultInjector(cfg, rank, run_dir)
-    gt = cfg.data.val_ann or (val_ds.gt_path if val_ds is not None else None)
-    epoch_times: list[float] = []
+    return log_fn
+
+
+def train_epoch(parts: TrainingParts, ctx: WorkerContext, injector: _FaultInjector, log_fn) -> dict[str, float]:
+    """One epoch over this rank's share; returns the epoch's loss summary (engine.train_one_epoch)."""
+    from lsnet.engine import train_one_epoch
+
+    batches = parts.epoch_batches(parts.state.epoch, ctx)
+    return train_one_epoch(parts.model, injector.wrap(batches, parts.state), parts.optimizer, parts.scheduler,
+                           parts.scaler, parts.state, log_fn, cfg=parts.cfg.train, device=ctx.device)
+
+
+def is_eval_epoch(cfg: ExperimentConfig, done: int, has_val: bool) -> bool:
+    """Evaluate after every ``train.eval_every`` epochs and after the last one."""
+    return has_val and (done % cfg.train.eval_every == 0 or done == cfg.train.epochs)
+
+
+def evaluate_epoch(parts: TrainingParts, ctx: WorkerContext):
+    """COCO evaluation with every rank's predictions gathered on rank 0; the ``EvalResult`` on rank 0,
+    None elsewhere."""
+    from lsnet.engine import evaluate_detailed
+
+    cfg, val_ds = parts.cfg, parts.val_ds
+    gt = cfg.data.val_ann or val_ds.gt_path
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' tables: we log the numbers
+        return evaluate_detailed(parts.model, parts.val_loader, gt, val_ds.category_ids, cfg.model.task,
+                                 gather_fn=ctx.gather, device=ctx.device, amp=ctx.use_cuda and cfg.train.amp)
+
+
+def keep_best(parts: TrainingParts, ctx: WorkerContext, eval_metrics: dict[str, float], done: int) -> None:
+    """Rank 0: a new best of the task's AP updates the TrainState and writes ``model_best.pt``."""
+    from lsnet.engine import checkpoint_state, save_checkpoint
+
+    state = parts.state
+    score = eval_metrics.get(parts.cfg.primary_metric, -1.0)
+    if state.best_metric is None or score > state.best_metric:
+        state.best_metric, state.best_epoch = score, done
+        save_checkpoint(checkpoint_state(parts.model, state=state, extra=parts.checkpoint_metadata(),
+                                         include_rng=False), ctx.run_dir / "model_best.pt")
+
+
+def share_best(parts: TrainingParts, ctx: WorkerContext) -> None:
+    """The best score lives in the checkpointed TrainState: every rank must hold rank 0's value."""
+    if ctx.world > 1:
+        state = parts.state
+        state.best_metric, state.best_epoch = _broadcast_object((state.best_metric, state.best_epoch), ctx.rank)
+
+
+class EpochRecorder:
+    """Rank 0's record of each epoch: the console summary line, ``epochs.jsonl`` and the MLflow epoch
+    metrics, per-category AP tables and prediction overlays."""
+
+    def __init__(self, parts: TrainingParts, ctx: WorkerContext, tracker):
+        self.parts, self.ctx, self.tracker = parts, ctx, tracker
+        self.epoch_times: list[float] = []
+
+    def record_evaluation(self, result, done: int) -> None:
+        from lsnet.evaluation import format_per_category
+
+        if self.ctx.rank != 0 or self.tracker is None:
+            return
+        eval_dir = self.ctx.run_dir / "eval"
+        eval_dir.mkdir(exist_ok=True)
+        for iou_type, rows in result.per_category.items():
+            table = eval_dir / f"per_category_{iou_type}_epoch{done:04d}.txt"
+            table.write_text(format_per_category(rows) + "\n")
+            self.tracker.log_artifact(table, "eval")
+        overlay_dir = self.ctx.run_dir / "overlays" / f"epoch_{done:04d}"
+        for png in _write_overlays(self.parts.model, self.parts.val_ds, self.parts.cfg, overlay_dir, self.ctx.device):
+            self.tracker.log_artifact(png, f"overlays/epoch_{done:04d}")
+
+    def record_epoch(self, summary: dict[str, float], epoch_time: float, eval_metrics: dict[str, float]) -> float:
+        """Returns the epoch's throughput (images/s over all workers)."""
+        self.epoch_times.append(epoch_time)
+        cfg, state, world = self.parts.cfg, self.parts.state, self.ctx.world
+        done = state.epoch
+        images_per_s = summary.get("images_per_s", 0.0) * world
+        if self.ctx.rank != 0:
+            return images_per_s
+        eta = (cfg.train.epochs - done) * (sum(self.epoch_times) / len(self.epoch_times))
+        print(epoch_summary_line(done, cfg.train.epochs, summary, epoch_time, eta, eval_metrics,
+                                 cfg.primary_metric, images_per_s), flush=True)
+        with (self.ctx.run_dir / "epochs.jsonl").open("a") as fh:  # one line per epoch (and per attempt)
+            fh.write(json.dumps({"epoch": done, "global_step": state.global_step, "world_size": world,
+                                 "epoch_time_s": epoch_time, "images_per_s": images_per_s,
+                                 **{k: v for k, v in summary.items() if k != "images_per_s"},
+                                 **eval_metrics}) + "\n")
+        if self.tracker is not None:
+            epoch_metrics = {f"epoch_{k}": summary[k] for k in LOSS_KEYS if k in summary}
+            epoch_metrics.update(epoch=float(done), epoch_time_s=epoch_time,
+                                 epoch_images_per_s=images_per_s, **eval_metrics)
+            self.tracker.log_metrics(epoch_metrics, state.global_step)
+        return images_per_s
+
+
+def checkpoint_and_report(parts: TrainingParts, ctx: WorkerContext, metrics: dict[str, Any]) -> None:
+    """Every rank reports the epoch to Ray Train with a checkpoint directory: rank 0 writes the training
+    state, each rank its RNG state. Rank 0's ``metrics`` are what Ray Train (and Tune, through its
+    TuneReportCallback) sees for this epoch."""
+    import ray.train
+
+    from lsnet.engine import checkpoint_state, get_rng_state, save_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if ctx.rank == 0:
+            save_checkpoint(checkpoint_state(parts.model, parts.optimizer, parts.scheduler, parts.scaler,
+                                             parts.state, extra=parts.checkpoint_metadata(), include_rng=False),
+                            Path(tmp) / "state.pt")
+        torch.save(get_rng_state(), Path(tmp) / f"rng_rank{ctx.rank}.pt")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint_epoch_{parts.state.epoch:04d}")
+
+
+def epoch_report(parts: TrainingParts, summary: dict[str, float], images_per_s: float,
+                 eval_metrics: dict[str, float], evaluated: bool) -> dict[str, Any]:
+    """The per-epoch result reported to Ray: ``epoch`` (Tune's ASHA time attribute), step, loss,
+    throughput, and on evaluation epochs the COCO metrics (``bbox_AP``, ``segm_AP``, ...)."""
+    import ray
+
+    primary = parts.cfg.primary_metric
+    return {"epoch": parts.state.epoch, "global_step": parts.state.global_step,
+            "loss": summary.get("loss", math.nan), "images_per_s": images_per_s,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            # the checkpoint ranking key: the task's AP when evaluated, else -1 (Ray keeps the top
+            # `checkpoint_keep` by it, plus always the latest)
+            "checkpoint_score": eval_metrics.get(primary, -1.0) if evaluated else -1.0,
+            **eval_metrics}
+
+
+def save_final(parts: TrainingParts, ctx: WorkerContext, tracker) -> None:
+    """Rank 0: ``model_final.pt`` (and the best weights) for ``lsnet predict``, logged to MLflow."""
+    from lsnet.engine import checkpoint_state, save_checkpoint
+
+    if ctx.rank != 0:
+        return
+    final = save_checkpoint(checkpoint_state(parts.model, state=parts.state, extra=parts.checkpoint_metadata(),
+                                             include_rng=False), ctx.run_dir / "model_final.pt")
+    if tracker is not None:
+        tracker.log_artifact(final, "checkpoints")
+        if (ctx.run_dir / "model_best.pt").exists():
+            tracker.log_artifact(ctx.run_dir / "model_best.pt", "checkpoints")
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker entry point. ``loop_config``: {"config": plain dict, "run_dir": str, "tags": {}}.
+
+    build -> resume -> for each epoch: train, evaluate, record, checkpoint + report -> final weights.
+    """
+    import logging
+
+    # Ray Train logs every report and checkpoint at INFO; the epoch summary line says what matters.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    cfg = config_from_dict(loop_config["config"])
+    ctx = WorkerContext.current(loop_config["run_dir"])
+
+    parts = build_training(cfg, ctx)
+    resumed_from = resume_training(parts, ctx)
+    _write_worker_info(ctx.run_dir, ctx.rank, ctx.world, ctx.device, resumed_from=resumed_from)
+    wrap_distributed(parts, ctx)
+    tracker = open_tracker(cfg, ctx, loop_config.get("tags", {}))
+    recorder = EpochRecorder(parts, ctx, tracker)
+    injector = _FaultInjector(cfg, ctx.rank, ctx.run_dir)
+    log_fn = step_logger(tracker, ctx)
     status = "FAILED"
     try:
-        while state.epoch < cfg.train.epochs:
-            epoch = state.epoch
-            train_ds.set_epoch(epoch)
-            sampler.set_epoch(epoch)
+        while parts.state.epoch < cfg.train.epochs:
             start = time.perf_counter()
-            summary = train_one_epoch(ddp_model, injector.wrap(epoch_batches(epoch), state), optimizer, scheduler,
-                                      scaler, state, log_fn, cfg=cfg.train, device=device)
+            summary = train_epoch(parts, ctx, injector, log_fn)
             epoch_time = time.perf_counter() - start
-            epoch_times.append(epoch_time)
-            done = state.epoch
+            done = parts.state.epoch
+            evaluated = is_eval_epoch(cfg, done, parts.val_loader is not None)
             eval_metrics: dict[str, float] = {}
-            evaluated = val_loader is not None and (done % cfg.train.eval_every == 0 or done == cfg.train.epochs)
             if evaluated:
-                with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' tables: we log the numbers
-                    result = evaluate_detailed(
-                        ddp_model, val_loader, gt, val_ds.category_ids, cfg.model.task,
-                        gather_fn=lambda items: _gather_to_rank0(items, rank, world), device=device,
-                        amp=use_cuda and cfg.train.amp,
-                    )
-                if rank == 0 and result is not None:
+                result = evaluate_epoch(parts, ctx)
+                if ctx.rank == 0 and result is not None:
                     eval_metrics = {k: float(v) for k, v in result.metrics.items()}
-                    score = eval_metrics.get(primary, -1.0)
-                    if state.best_metric is None or score > state.best_metric:
-                        state.best_metric, state.best_epoch = score, done
-                        save_checkpoint(checkpoint_state(ddp_model, state=state, extra=extra, include_rng=False),
-                                        run_dir / "model_best.pt")
-                    if tracker is not None:
-                        eval_dir = run_dir / "eval"
-                        eval_dir.mkdir(exist_ok=True)
-                        for iou_type, rows in result.per_category.items():
-                            table = eval_dir / f"per_category_{iou_type}_epoch{done:04d}.txt"
-                            table.write_text(format_per_category(rows) + "\n")
-                            tracker.log_artifact(table, "eval")
-                        for png in _write_overlays(ddp_model, val_ds, cfg, run_dir / "overlays" / f"epoch_{done:04d}",
-                                                   device):
-                            tracker.log_artifact(png, f"overlays/epoch_{done:04d}")
-            # best_metric lives in the checkpointed TrainState: every rank must hold the same value
-            if world > 1:
-                shared = _broadcast_object((state.best_metric, state.best_epoch), rank)
-                state.best_metric, state.best_epoch = shared
-            images_per_s = summary.get("images_per_s", 0.0) * world
-            remaining = cfg.train.epochs - done
-            eta = remaining * (sum(epoch_times) / len(epoch_times))
-            if rank == 0:
-                print(epoch_summary_line(done, cfg.train.epochs, summary, epoch_time, eta, eval_metrics,
-                                         primary, images_per_s), flush=True)
-                with (run_dir / "epochs.jsonl").open("a") as fh:  # one line per epoch (and per attempt)
-                    fh.write(json.dumps({"epoch": done, "global_step": state.global_step, "world_size": world,
-                                         "epoch_time_s": epoch_time, "images_per_s": images_per_s,
-                                         **{k: v for k, v in summary.items() if k != "images_per_s"},
-                                         **eval_metrics}) + "\n")
-                if tracker is not None:
-                    epoch_metrics = {f"epoch_{k}": summary[k] for k in LOSS_KEYS if k in summary}
-                    epoch_metrics.update(epoch=float(done), epoch_time_s=epoch_time,
-                                         epoch_images_per_s=images_per_s, **eval_metrics)
-                    tracker.log_metrics(epoch_metrics, state.global_step)
-            report = {"epoch": done, "global_step": state.global_step, "loss": summary.get("loss", math.nan),
-                      "images_per_s": images_per_s, "node_id": ray.get_runtime_context().get_node_id(),
-                      # the checkpoint ranking key: the task's AP when evaluated, else -1 (Ray keeps
-                      # the top `checkpoint_keep` by it, plus always the latest)
-                      "checkpoint_score": eval_metrics.get(primary, -1.0) if evaluated else -1.0,
-                      **eval_metrics}
-            with tempfile.TemporaryDirectory() as tmp:
-                if rank == 0:
-                    save_checkpoint(checkpoint_state(ddp_model, optimizer, scheduler, scaler, state, extra=extra,
-                                                     include_rng=False), Path(tmp) / "state.pt")
-                torch.save(get_rng_state(), Path(tmp) / f"rng_rank{rank}.pt")
-                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=f"checkpoint_epoch_{done:04d}")
-        if rank == 0:
-            final = save_checkpoint(checkpoint_state(ddp_model, state=state, extra=extra, include_rng=False),
-                                    run_dir / "model_final.pt")
-            if tracker is not None:
-                tracker.log_artifact(final, "checkpoints")
-                if (run_dir / "model_best.pt").exists():
-                    tracker.log_artifact(run_dir / "model_best.pt", "checkpoints")
+                    keep_best(parts, ctx, eval_metrics, done)
+                    recorder.record_evaluation(result, done)
+            share_best(parts, ctx)
+            images_per_s = recorder.record_epoch(summary, epoch_time, eval_metrics)
+            checkpoint_and_report(parts, ctx, epoch_report(parts, summary, images_per_s, eval_metrics, evaluated))
+        save_final(parts, ctx, tracker)
         status = "FINISHED"
     finally:
         if tracker is not None:
@@ -479,6 +629,8 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None, run_name:
     from pipelines.tracking import Journal, RunTracker, ui_command
 
     cfg = absolutize_paths(cfg)
+    if cfg.train.init_from and not Path(cfg.train.init_from).is_file():
+        raise ConfigError(f"train.init_from: checkpoint {cfg.train.init_from} does not exist")
     timestamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%d-%H%M%S")
     name = run_name or cfg.run.name or default_run_name(cfg, timestamp)
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=name))

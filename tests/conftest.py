@@ -10,6 +10,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DIR = Path(os.environ.get("LSNET_SHARED_DIR", REPO_ROOT.parent / "shared"))
 TINY_COCO_DIR = SHARED_DIR / "data" / "tiny_coco"
+COCO_MINI_DIR = SHARED_DIR / "data" / "coco_mini"
 GOLDEN_DIR = SHARED_DIR / "golden"
 
 
@@ -25,6 +26,14 @@ def tiny_coco_dir() -> Path:
     if not (TINY_COCO_DIR / "annotations" / "instances_train2017.json").exists():
         pytest.skip(f"real-data test: {TINY_COCO_DIR} is not present (only CI and dev machines have ../shared)")
     return TINY_COCO_DIR
+
+
+@pytest.fixture(scope="session")
+def coco_mini_dir() -> Path:
+    """The 158 real COCO images of ../shared/data/coco_mini (train/val; read-only)."""
+    if not (COCO_MINI_DIR / "annotations" / "instances_train2017.json").exists():
+        pytest.skip(f"real-data test: {COCO_MINI_DIR} is not present (only CI and dev machines have ../shared)")
+    return COCO_MINI_DIR
 
 
 @pytest.fixture(scope="session")

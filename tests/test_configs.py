@@ -71,6 +71,21 @@ def test_schedule_fills_train_unless_set():
         config_from_dict({"schedule": "3x"})
 
 
+def test_schedules_are_the_papers_and_the_references():
+    # paper: 2x after the 16th and 22nd, 60e after the 50th; reference: segm 30e [28, (30)],
+    # obj-box pose 60e [54, 56], kps-box fine-tune 24e [12, 20]
+    assert SCHEDULES == {"1x": (12, (8, 11)), "2x": (24, (16, 22)), "30e": (30, (28,)), "60e": (60, (50,)),
+                         "60e_ref": (60, (54, 56)), "2x_ft": (24, (12, 20))}
+    for path, schedule in (("bbox_x101_dcn_2x.yaml", "2x"), ("segm_x101_dcn_30e.yaml", "30e"),
+                           ("pose_x101_dcn_60e_objbox.yaml", "60e")):
+        cfg = load_config(CONFIG_DIR / path)
+        assert (cfg.train.epochs, tuple(cfg.train.lr_steps)) == SCHEDULES[schedule], path
+    ft = load_config(CONFIG_DIR / "pose_x101_dcn_kpsbox_ft.yaml")
+    assert (ft.train.epochs, ft.train.lr_steps, ft.model.pose_box) == (24, (12, 20), "kps")
+    assert ft.train.init_from.endswith("pose_x101_dcn_60e_objbox/best.pt")
+    assert load_config(CONFIG_DIR / "bbox_r50_1x.yaml").train.decay_norm_and_bias  # the paper: decay all
+
+
 def test_overrides(tmp_path):
     cfg = load_config(CONFIG_DIR / "tiny_bbox.yaml",
                       ["train.epochs=2", "run.num_workers=1", "data.scale_range=[64, 96]", "tracking.uri=http://x:5"])
@@ -127,17 +142,16 @@ def test_bad_values_and_files(tmp_path):
 
 @pytest.mark.parametrize("spec", sorted((CONFIG_DIR.parent / "jobs").glob("train_*.yaml")), ids=lambda p: p.name)
 def test_train_job_specs_parse(spec, capsys):
-    """Each Ray Jobs spec's entrypoint is a valid `lsnet train` command line with a valid config."""
+    """Each training job spec's entrypoint is a valid `lsnet train` command line with a valid config."""
     import os
     import shlex
 
-    import yaml
-
     from pipelines.cli import main
+    from pipelines.jobs.spec import load_job_spec
 
-    data = yaml.safe_load(spec.read_text())
-    assert set(data) == {"name", "entrypoint", "runtime_env"} and data["runtime_env"]["working_dir"] == "."
-    argv = shlex.split(data["entrypoint"])
+    job = load_job_spec(spec)
+    assert job.runtime_env.working_dir == "."
+    argv = shlex.split(job.entrypoint())
     assert argv[:4] == ["python", "-m", "pipelines.cli", "train"]
     cwd = os.getcwd()
     os.chdir(CONFIG_DIR.parent)  # entrypoints run in the uploaded working dir (the repository root)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from lsnet.config import from_dict
 from lsnet.engine import (
@@ -126,10 +127,13 @@ def test_scheduler_drives_the_optimiser_lr_per_step():
         assert seen[step] == pytest.approx([0.02 * factor] * len(opt.param_groups)), step
 
 
-def test_no_weight_decay_on_norm_and_bias():
+def test_weight_decay_on_norm_and_bias_is_a_choice_default_all():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.GroupNorm(2, 4), nn.Linear(4, 2))
     model[0].bias.requires_grad_(False)  # frozen parameters are left out entirely
-    cfg = TrainConfig(weight_decay=1e-4)
+    # default: as the paper and the reference, every trainable parameter decays
+    default = build_optimizer(model, TrainConfig(weight_decay=1e-4), global_batch=8).param_groups
+    assert len(default) == 1 and default[0]["weight_decay"] == 1e-4 and len(default[0]["params"]) == 7
+    cfg = TrainConfig(weight_decay=1e-4, decay_norm_and_bias=False)
     opt = build_optimizer(model, cfg, global_batch=8)
     groups = {g["name"]: g for g in opt.param_groups}
     ids = lambda params: {id(p) for p in params}
@@ -140,6 +144,12 @@ def test_no_weight_decay_on_norm_and_bias():
     assert all(g["lr"] == pytest.approx(0.005) for g in opt.param_groups)  # 0.01 * 8 / 16
     everything = parameter_groups(model, TrainConfig(decay_norm_and_bias=True))
     assert len(everything) == 1 and len(everything[0]["params"]) == 7
+    # one SGD step from zero gradient: only decayed parameters shrink
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    bn_before, conv_before = model[1].weight.detach().clone(), model[0].weight.detach().clone()
+    opt.step()
+    assert torch.equal(model[1].weight, bn_before) and not torch.equal(model[0].weight, conv_before)
 
 
 def test_train_config_loads_strictly_from_yaml_dicts():
@@ -287,6 +297,75 @@ def test_fit_resume_matches_straight_fit(tmp_path):
     state = fit(c, _epoch_batches, cfg, iters_per_epoch=4, out_dir=tmp_path / "b", resume=tmp_path / "b" / "latest.pt")
     assert state.epoch == 3 and state.global_step == 12
     assert _state_equal(a.state_dict(), c.state_dict())
+
+
+def test_fit_steps_with_the_global_batch_lr_times_the_schedule():
+    """The lr of every optimiser step of fit() is scaled_lr(cfg, global_batch) x lr_factor(step), in
+    every parameter group; without global_batch the global batch is cfg.batch_size (one worker)."""
+    cfg = _cfg(epochs=2, lr_steps=(1,), warmup_iters=3)  # lr_per_16_images 0.4, batch_size 2
+    for global_batch, base in ((8, 0.2), (None, 0.05)):
+        assert scaled_lr(cfg, global_batch or cfg.batch_size) == pytest.approx(base)
+        seen: list[list[float]] = []
+        hook = register_optimizer_step_pre_hook(
+            lambda opt, args, kwargs, seen=seen: seen.append([g["lr"] for g in opt.param_groups]))
+        try:
+            fit(TinyDetector(), _epoch_batches, cfg, iters_per_epoch=4, global_batch=global_batch)
+        finally:
+            hook.remove()
+        assert len(seen) == 8 and len(seen[0]) == 2  # 2 epochs x 4 steps; decay + no-decay groups
+        for step, lrs in enumerate(seen):
+            expected = base * lr_factor(step, [4], cfg.lr_gamma, 3, cfg.warmup_ratio)
+            assert lrs == pytest.approx([expected] * 2), f"global batch {global_batch}, step {step}"
+
+
+def test_init_from_loads_weights_only_and_starts_a_fresh_run(tmp_path):
+    cfg = _cfg(epochs=1, lr_steps=(2,))
+    torch.manual_seed(0)
+    source = TinyDetector()
+    fit(source, _epoch_batches, cfg, iters_per_epoch=4, out_dir=tmp_path / "src")
+    ckpt = tmp_path / "src" / "latest.pt"
+    # weights only: the fine-tune starts at epoch 0 with a fresh optimiser (momentum buffers empty)
+    torch.manual_seed(5)
+    tuned = TinyDetector()
+    events = []
+    state = fit(tuned, _epoch_batches, _cfg(epochs=1, lr_steps=(2,), init_from=str(ckpt)), iters_per_epoch=4,
+                log_fn=lambda step, values: events.append((step, values)))
+    assert state.epoch == 1 and state.global_step == 4  # 4 steps: the source's 4 were not counted
+    # the warmup starts again: first log at step 2 with lr 0.4 * 2 / 16 * factor(2)
+    assert events[0][0] == 2 and events[0][1]["lr"] == pytest.approx(0.05 * lr_factor(2, [8], 0.1, 6, 0.1))
+    # equal to training the source's weights again with a fresh optimiser ...
+    torch.manual_seed(5)
+    again = TinyDetector()
+    again.load_state_dict(load_checkpoint(ckpt)["model"])
+    fit(again, _epoch_batches, _cfg(epochs=1, lr_steps=(2,)), iters_per_epoch=4)
+    assert _state_equal(tuned.state_dict(), again.state_dict())
+    # ... and not to a resume, which would run no epoch at all (the source already did epoch 1)
+    assert not _state_equal(tuned.state_dict(), source.state_dict())
+    # a resume takes precedence over init_from
+    torch.manual_seed(5)
+    resumed = TinyDetector()
+    state = fit(resumed, _epoch_batches, _cfg(epochs=1, lr_steps=(2,), init_from="/does/not/exist.pt"),
+                iters_per_epoch=4, resume=ckpt)
+    assert state.global_step == 4 and _state_equal(resumed.state_dict(), source.state_dict())
+
+
+def test_init_from_reports_missing_keys_and_rejects_other_shapes(tmp_path):
+    from lsnet.engine import init_model_from
+
+    torch.manual_seed(0)
+    source = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    path = save_checkpoint(checkpoint_state(source, include_rng=False), tmp_path / "a.pt")
+    target = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))  # a new branch
+    new_branch = target[2].weight.detach().clone()
+    report = init_model_from(target, path)
+    assert torch.equal(target[0].weight, source[0].weight) and torch.equal(target[2].weight, new_branch)
+    assert report["missing"] == ["2.weight", "2.bias"] and report["unexpected"] == []
+    with pytest.raises(ValueError, match=r"a.pt: 0.weight has shape \(4, 3, 3, 3\), the model \(8, 3, 3, 3\)"):
+        init_model_from(nn.Sequential(nn.Conv2d(3, 8, 3)), path)
+    with pytest.raises(ValueError, match="no parameter name matches"):
+        init_model_from(nn.Sequential(nn.Identity(), nn.Identity(), nn.Identity(), nn.Linear(2, 2)), path)
+    with pytest.raises(FileNotFoundError, match="missing.pt does not exist"):
+        init_model_from(target, tmp_path / "missing.pt")
 
 
 # ---- evaluation -----------------------------------------------------------------------------------

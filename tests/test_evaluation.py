@@ -25,7 +25,9 @@ from lsnet.structures import Detections, ImageMeta
 # box-derived mask could not score IoU 1) with 17 keypoints inside it.
 IMAGES = [{"id": 7, "height": 120, "width": 160, "file_name": "a.jpg"},
           {"id": 9, "height": 100, "width": 200, "file_name": "b.jpg"}]
-BOXES = {7: [(10, 20, 70, 90, 1), (80, 10, 150, 60, 2)], 9: [(20, 30, 120, 95, 1), (130, 5, 190, 50, 1)]}
+# Category ids are deliberately not ``label + 1`` (3 and 7), so that an off-by-one in the
+# label -> category mapping cannot score.
+BOXES = {7: [(10, 20, 70, 90, 3), (80, 10, 150, 60, 7)], 9: [(20, 30, 120, 95, 3), (130, 5, 190, 50, 3)]}
 
 
 def _triangle(x1, y1, x2, y2):
@@ -50,12 +52,12 @@ def _synthetic_gt() -> dict:
                 "keypoints": np.concatenate([kps, np.full((17, 1), 2.0)], 1).reshape(-1).tolist(),
                 "num_keypoints": 17,
             })
-    cats = [{"id": 1, "name": "thing", "keypoints": [f"k{i}" for i in range(17)], "skeleton": []},
-            {"id": 2, "name": "other", "keypoints": [f"k{i}" for i in range(17)], "skeleton": []}]
+    cats = [{"id": 3, "name": "thing", "keypoints": [f"k{i}" for i in range(17)], "skeleton": []},
+            {"id": 7, "name": "other", "keypoints": [f"k{i}" for i in range(17)], "skeleton": []}]
     return {"images": IMAGES, "annotations": anns, "categories": cats}
 
 
-CATEGORY_IDS = [1, 2]  # contiguous label -> COCO id
+CATEGORY_IDS = [3, 7]  # contiguous label -> COCO id
 
 
 def _perfect_detections(task: str, scale=(1.0, 1.0)):
@@ -74,7 +76,7 @@ def _perfect_detections(task: str, scale=(1.0, 1.0)):
         factor = torch.tensor([sx, sy])
         dets.append(Detections(
             boxes=boxes * factor.repeat(2), scores=torch.linspace(0.9, 0.5, len(objects)),
-            labels=torch.tensor([o[4] - 1 for o in objects]), points=points * factor,
+            labels=torch.tensor([CATEGORY_IDS.index(o[4]) for o in objects]), points=points * factor,
             point_scores=torch.full((len(objects), points.shape[1]), 0.7) if task == "pose" else None,
         ))
         h, w = img["height"], img["width"]
@@ -156,7 +158,7 @@ def test_in_memory_results_equal_results_json(tmp_path):
     dets, metas = _perfect_detections("segm")
     results = detections_to_coco(dets, metas, CATEGORY_IDS, "segm")
     # Spoil a few so that the numbers are not all 1.
-    results[0]["category_id"] = 2
+    results[0]["category_id"] = 7
     results[1]["bbox"][0] += 15
     path = tmp_path / "results.json"
     path.write_text(json.dumps(results))
@@ -190,7 +192,7 @@ def test_coordinates_map_back_through_meta_scale():
                           point_scores)
 
     (rec,) = detections_to_coco([det(torch.zeros(1, 4, 2))], [meta], CATEGORY_IDS, "bbox")
-    assert rec == {"image_id": 7, "category_id": 2, "bbox": [10.0, 20.0, 60.0, 70.0], "score": pytest.approx(0.8)}
+    assert rec == {"image_id": 7, "category_id": 7, "bbox": [10.0, 20.0, 60.0, 70.0], "score": pytest.approx(0.8)}
 
     (rec,) = detections_to_coco([det(tri)], [meta], CATEGORY_IDS, "segm")
     assert rec["segmentation"]["size"] == [120, 160]
@@ -217,9 +219,9 @@ def test_boxes_are_clipped_to_the_original_image():
 def test_bad_inputs_are_clear_errors(tmp_path):
     gt = _synthetic_gt()
     with pytest.raises(ValueError, match="not in the ground truth"):
-        evaluate_coco(gt, [{"image_id": 12345, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 1.0}])
+        evaluate_coco(gt, [{"image_id": 12345, "category_id": 3, "bbox": [0, 0, 1, 1], "score": 1.0}])
     with pytest.raises(ValueError, match="no 'segmentation'"):
-        evaluate_coco(gt, [{"image_id": 7, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 1.0}], ["segm"])
+        evaluate_coco(gt, [{"image_id": 7, "category_id": 3, "bbox": [0, 0, 1, 1], "score": 1.0}], ["segm"])
     with pytest.raises(InputError, match="missing.json"):
         evaluate_coco(tmp_path / "missing.json", [])
     bad = tmp_path / "bad.json"
@@ -301,7 +303,7 @@ def _perturbed(gt: dict, seed: int) -> list[dict]:
         poly = _triangle(box[0], box[1], box[0] + box[2], box[1] + box[3])
         kps = np.array(ann["keypoints"]).reshape(17, 3)
         kps[:, :2] += rng.normal(0, 3, (17, 2))
-        out.append({"image_id": ann["image_id"], "category_id": int(rng.choice([1, 2])), "bbox": box,
+        out.append({"image_id": ann["image_id"], "category_id": int(rng.choice(CATEGORY_IDS)), "bbox": box,
                     "score": float(np.round(rng.random(), 1)),
                     "segmentation": polygon_to_rle(poly, img["height"], img["width"]),
                     "keypoints": kps.reshape(-1).tolist()})

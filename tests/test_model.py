@@ -3,6 +3,7 @@ gradients, pretrained-weight errors, post-processing and test-time augmentation 
 from __future__ import annotations
 
 import copy
+import math
 import urllib.error
 
 import pytest
@@ -206,6 +207,62 @@ def test_sample_features_on_a_coarser_level():
     assert torch.allclose(out.flatten(), torch.tensor([0.5, 5.0, 0.0]))
 
 
+def test_pyramid_landmark_feature_samples_every_level_at_the_same_pixels():
+    """Pyramid DCN (§3.4): levels l-1, l, l+1 are sampled at the same *image* positions. Every level
+    holds a ramp equal to its cell centres' x (channel 0) and y (channel 1) in pixels, so bilinear
+    sampling of any level returns the pixel position itself; with kernels that copy one kernel
+    point's x or y to one output channel, the fused landmark feature of an interior anchor must be
+    exactly its 9 DCN positions (the mean of 2-3 equal values), for the cls and the reg branch."""
+    from lsnet.coding import decode_offsets
+    from lsnet.modeling.head import LSNetHead
+
+    c, strides, sizes = 18, (8, 16, 32), [(16, 16), (8, 8), (4, 4)]  # a 128x128 image
+    head = LSNetHead(c, NUM_CLASSES, 4, strides=strides, channels=c, num_convs=0, norm_groups=1,
+                     feature_mode="PP", task="bbox")  # no tower convs: the towers are the inputs
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        head.init_out.weight.zero_()  # stage-1 vectors: [0.3, 1] x stride per component, no ties
+        head.init_out.bias.copy_(torch.empty(16).uniform_(math.log(0.3), 0.0, generator=gen))
+        for conv in (head.anchor_conv_cls, head.anchor_conv_reg):
+            conv.weight.zero_()
+            conv.bias.zero_()
+        for weight in (head.landmark_weight_cls, head.landmark_weight_reg):
+            weight.zero_()
+            for k in range(9):
+                weight[k, 0, k // 3, k % 3] = 1.0  # out k = x of kernel point k
+                weight[9 + k, 1, k // 3, k % 3] = 1.0  # out 9 + k = its y
+    feats = []
+    for (h, w), s in zip(sizes, strides):
+        f = torch.zeros(1, c, h, w)
+        f[0, 0] = ((torch.arange(w) + 0.5) * s).expand(h, w)
+        f[0, 1] = ((torch.arange(h) + 0.5) * s)[:, None].expand(h, w)
+        feats.append(f)
+    fused = {"cls": [], "reg": []}  # the input of GroupNorm = anchor-point (0 here) + landmark feature
+    hooks = [getattr(head, f"norm_{b}").register_forward_pre_hook(lambda mod, args, b=b: fused[b].append(args[0]))
+             for b in fused]
+    with torch.no_grad():
+        out = head(feats)
+    for hook in hooks:
+        hook.remove()
+    assert [len(v) for v in fused.values()] == [3, 3]
+    start = 0
+    for level, (h, w) in enumerate(sizes):
+        n = h * w
+        anchors = out.anchors[start:start + n]
+        positions = kernel_points(decode_offsets(out.vec_init[:, start:start + n], anchors), anchors, None)[0]
+        expected = torch.cat([positions[..., 0], positions[..., 1]], dim=1).T  # (18, n)
+        # interior: all 9 positions where the coarsest sampled level is still bilinear (not padding)
+        coarse = min(level + 1, len(strides) - 1)
+        s, (hc, wc) = strides[coarse], sizes[coarse]
+        x, y = positions.unbind(-1)
+        inside = ((x >= s / 2) & (x <= (wc - 0.5) * s) & (y >= s / 2) & (y <= (hc - 0.5) * s)).all(1)
+        assert inside.sum() >= 4, level
+        for branch, feats_b in fused.items():
+            torch.testing.assert_close(feats_b[level][0][:, inside], expected[:, inside], atol=1e-3, rtol=1e-5,
+                                       msg=lambda m, where=f"level {level} {branch}": f"{where}: {m}")
+        start += n
+
+
 def test_kernel_points_of_extreme_points():
     landmarks = torch.tensor([[[[5.0, 1.0], [2.0, 4.0], [6.0, 9.0], [8.0, 5.0]]]])  # top, left, bottom, right
     anchors = torch.tensor([[5.0, 5.0]])
@@ -406,10 +463,78 @@ def test_tta_identity_and_flip_equivariance(task):
     b = predict_with_tta(model, images.flip(-1), None, flip=True)[0]
     assert torch.allclose(a.scores, b.scores)
     assert torch.allclose(hflip_points(a.points, 128, task), b.points, atol=1e-4)
-    # multi-scale: points stay inside the valid region given in the metas
-    ms = predict_with_tta(model, images, [(90, 120)], flip=True, scales=(0.75, 1.25))[0]
-    assert 0 < len(ms) <= 20
-    assert (ms.points[..., 0] <= 120).all() and (ms.points[..., 1] <= 90).all()
+    # multi-scale: one NMS over the union of the scales' candidates, so every merged detection is one
+    # of a single-scale run's (same score, same points) and the best of them all survives. (Where
+    # each scale maps its points back to: test_tta_multiscale_maps_back_to_image_pixels.)
+    metas = [(90, 120)]
+    ms = predict_with_tta(model, images, metas, flip=True, scales=(0.75, 1.25))[0]
+    singles = [predict_with_tta(model, images, metas, flip=True, scales=(s,))[0] for s in (0.75, 1.25)]
+    pool_scores = torch.cat([d.scores for d in singles])
+    pool_points = torch.cat([d.points for d in singles])
+    assert ms.scores[0] == pool_scores.max()
+    for score, points in zip(ms.scores, ms.points):
+        same = (pool_scores == score) & (pool_points - points).abs().flatten(1).amax(1).le(1e-5)
+        assert same.any(), f"merged detection (score {score:.4f}) is in no single-scale result"
+    assert len(ms) == 20 and len(pool_scores) == 40  # max_dets per run (score_thr 0: plenty of candidates)
+    assert not torch.equal(singles[0].points, singles[1].points)  # the two scales do see different inputs
+
+
+class FractionStub(torch.nn.Module):
+    """A "model" with one confident detection (label 1) whose extreme points lie at fixed fractions
+    of the valid (non-zero) region of each image it is given, wherever that region is resized to."""
+
+    BOX = (0.2, 0.25, 0.5, 0.7)  # x1, y1, x2, y2 as fractions of the valid width / height
+
+    def __init__(self):
+        super().__init__()
+        self.cfg = tiny_cfg("bbox")
+
+    def forward_raw(self, x):
+        b = x.shape[0]
+        vec = torch.zeros(b, 1, 4, 4)
+        for i in range(b):
+            valid = x[i].abs().sum(0) > 1e-3
+            h, w = valid.any(1).sum().item(), valid.any(0).sum().item()
+            x1, y1, x2, y2 = (f * s for f, s in zip(self.BOX, (w, h, w, h)))
+            cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+            # one anchor at (0, 0): every landmark is (dx, dy) > 0 -> components [0, dy, 0, dx]
+            for k, (px, py) in enumerate(((cx, y1), (x1, cy), (cx, y2), (x2, cy))):  # top, left, bottom, right
+                vec[i, 0, k] = torch.tensor([0.0, py, 0.0, px])
+        logits = torch.full((b, 1, NUM_CLASSES), -10.0)
+        logits[:, :, 1] = 10.0
+        return HeadOutputs(logits, vec, vec, torch.zeros(1, 2), [1], (8,))
+
+
+def _box_at_fractions(fractions, size):
+    h, w = size
+    x1, y1, x2, y2 = fractions
+    return torch.tensor([x1 * w, y1 * h, x2 * w, y2 * h])
+
+
+@pytest.mark.parametrize("scales", [(0.5,), (2.0,), (0.5, 1.0, 2.0)])
+def test_tta_multiscale_maps_back_to_image_pixels(scales):
+    """Whatever the scale, a detection at fractions of the resized image comes back at the same
+    fractions of the original valid region (divide by the scale, not multiply)."""
+    images = torch.zeros(2, 3, 96, 128)
+    sizes = [(90, 120), (64, 96)]
+    for i, (h, w) in enumerate(sizes):
+        images[i, :, :h, :w] = 1.0
+    stub = FractionStub()
+    for flip in (False, True):
+        dets = predict_with_tta(stub, images, sizes, flip=flip, scales=scales)
+        for det, size in zip(dets, sizes):
+            x1, y1, x2, y2 = FractionStub.BOX
+            expected = [_box_at_fractions(FractionStub.BOX, size)]
+            if flip:  # the flipped pass finds the mirror image of the box (IoU 0: both kept)
+                expected.append(_box_at_fractions((1 - x2, y1, 1 - x1, y2), size))
+            assert len(det) == len(expected), f"scales {scales}, flip {flip}: {len(det)} detections"
+            boxes = det.boxes[det.boxes[:, 0].argsort()]
+            torch.testing.assert_close(boxes, torch.stack(expected), atol=1.0, rtol=0,
+                                       msg=lambda m, where=f"scales {scales}, flip {flip}, image {size}": f"{where}: {m}")
+            # the landmarks too: top/bottom at the box's x centre, left/right at its y centre
+            top = det.points[:, 0]
+            assert torch.allclose(top[:, 1], boxes[:, 1].sort().values, atol=1.0)
+            assert det.labels.tolist() == [1] * len(expected)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

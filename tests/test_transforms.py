@@ -25,6 +25,10 @@ U_SHAPE = [20.0, 30.0, 60.0, 30.0, 60.0, 100.0, 100.0, 100.0, 100.0, 30.0, 150.0
 L_SHAPE = [10.3, 5.7, 40.1, 5.7, 40.1, 60.2, 90.9, 60.2, 90.9, 95.5, 10.3, 95.5]
 BLOB = [120.0, 10.0, 190.0, 14.0, 185.0, 60.0, 160.0, 40.0, 130.0, 66.0]
 SMALL = [5.0, 110.0, 15.0, 112.0, 14.0, 128.0, 3.0, 125.0]
+# Two equal legs: the bottom extreme is a tie between them. Mirroring keeps the vertex order, so the
+# tie goes to the same vertex in the mirrored annotation: flip(targets) == targets(mirror) still holds.
+TABLE = [30.0, 20.0, 130.0, 20.0, 130.0, 40.0, 120.0, 40.0, 120.0, 120.0, 110.0, 120.0, 110.0, 40.0,
+         50.0, 40.0, 50.0, 120.0, 40.0, 120.0, 40.0, 40.0, 30.0, 40.0]
 
 
 def make_ann(seg, ann_id=1, keypoints=None, bbox=None):
@@ -154,11 +158,12 @@ def test_flip_of_off_grid_floats_is_not_guaranteed_exact_but_close():
     torch.testing.assert_close(twice, x, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("walk", ["extremenet", "closed"])
 @pytest.mark.parametrize("multipart", ["per_part", "largest"])
-@pytest.mark.parametrize("seg", [[U_SHAPE], [L_SHAPE], [L_SHAPE, BLOB], [U_SHAPE, BLOB, SMALL]],
-                         ids=["U", "L", "L+blob", "U+blob+small"])
-def test_flip_of_targets_equals_targets_of_mirrored_annotation(seg, multipart):
-    config = TargetConfig(multipart=multipart)
+@pytest.mark.parametrize("seg", [[U_SHAPE], [L_SHAPE], [L_SHAPE, BLOB], [U_SHAPE, BLOB, SMALL], [TABLE]],
+                         ids=["U", "L", "L+blob", "U+blob+small", "table"])
+def test_flip_of_targets_equals_targets_of_mirrored_annotation(seg, multipart, walk):
+    config = TargetConfig(multipart=multipart, extreme_walk=walk)
     rec = record([make_ann(seg)], config)
     rec_mirror = record([mirror_ann(make_ann(seg))], config)
     for task, n in (("bbox", None), ("segm", 18), ("segm", 36), ("segm", 72)):
@@ -182,6 +187,21 @@ def test_flip_of_mask_targets_equals_targets_of_mirrored_mask():
         flipped = hflip_targets(record_to_targets(rec, task, n), W, task)
         torch.testing.assert_close(flipped.points, record_to_targets(rec_mirror, task, n).points,
                                    atol=COORD_GRID, rtol=0)
+
+
+def test_mask_extreme_tie_is_not_flip_consistent_but_stays_on_the_object():
+    """Documented limitation: a mask's tie (two equal feet) goes to the leftmost piece in raster order,
+    which mirroring does not preserve: flip(targets) has the bottom point on the mirrored right foot,
+    targets(mirror) on the left foot. Both are on a foot; training flips targets, never recomputes."""
+    mask = np.zeros((H, W), dtype=np.uint8)
+    mask[20:40, 30:130] = 1
+    mask[40:120, 40:50] = 1
+    mask[40:120, 110:120] = 1
+    rle = mask_utils.encode(np.asfortranarray(mask))
+    ann = make_ann({"size": rle["size"], "counts": rle["counts"].decode()}, bbox=[30.0, 20.0, 100.0, 100.0])
+    flipped = hflip_targets(record_to_targets(record([ann]), "bbox"), W, "bbox").points[0, 2]
+    direct = record_to_targets(record([mirror_ann(ann)]), "bbox").points[0, 2]
+    assert flipped.tolist() == [W - 45.0, 120.0] and direct.tolist() == [W - 115.0, 120.0]
 
 
 def test_flip_of_keypoint_targets_equals_targets_of_mirrored_annotation():

@@ -1,0 +1,1 @@
+"""`lsnet ablation` (being written)."""
