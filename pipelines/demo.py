@@ -50,7 +50,7 @@ def prepare_data(out: Path, dataset: str, task: str, num_train: int, num_val: in
             if not ann.exists() or len(list((root / "images").glob("*.jpg"))) != count:
                 _say(f"writing {count} synthetic {split} images ({image_size} px) to {root}")
                 write_synthetic_coco(root, num_images=count, image_size=(image_size, image_size), seed=seed,
-                                     split=split, first_image_id=first_id, size_jitter=0.15)
+                                     split=split, first_image_id=first_id, size_jitter=0.15, overwrite=True)
             splits[split] = (ann, root / "images")
     else:
         if not (TINY_COCO / "annotations" / f"{kind}_train2017.json").exists():

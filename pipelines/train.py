@@ -105,6 +105,11 @@ def ray_job_ids() -> dict[str, str]:
     return ids
 
 
+def test_time_data_config(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The data settings a checkpoint needs at test time (``lsnet.predict.load_model`` reads them)."""
+    return {"test_scale": cfg.data.test_scale, "max_size": cfg.data.max_size, "flip_test": cfg.eval.flip_test}
+
+
 def _format_eta(seconds: float) -> str:
     return str(_dt.timedelta(seconds=max(0, round(seconds))))
 
@@ -273,10 +278,13 @@ class TrainingParts:
     val_loader: Any
 
     def checkpoint_metadata(self) -> dict[str, Any]:
-        """What ``lsnet predict`` reads from a weights file besides the weights."""
+        """What ``lsnet predict`` / ``lsnet test`` read from a weights file besides the weights,
+        including the test-time data settings (resize), so a model trained at 128 px is not run at
+        800 px by default."""
         return {"task": self.cfg.model.task, "category_ids": self.train_ds.category_ids,
                 "class_names": [c["name"] for c in self.train_ds.categories],
-                "model_config": to_dict(self.cfg.model), "config_name": self.cfg.name or ""}
+                "model_config": to_dict(self.cfg.model), "config_name": self.cfg.name or "",
+                "data_config": test_time_data_config(self.cfg)}
 
     def epoch_batches(self, epoch: int, ctx: WorkerContext):
         """This rank's batches of ``epoch``: the DataLoader over the memory-mapped shards, or the same

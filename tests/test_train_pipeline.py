@@ -129,6 +129,10 @@ def test_two_worker_run_logs_to_mlflow(uninterrupted):
     # the final weights file is the last checkpoint's model
     final = _weights(run_dir / "model_final.pt")
     assert all(torch.equal(final[k], state["model"][k]) for k in final)
+    # every weights file carries the test-time data settings (lsnet predict uses them by default)
+    for path in (run_dir / "model_final.pt", run_dir / "model_best.pt", run_dir / "checkpoint_epoch_0002" / "state.pt"):
+        extra = torch.load(path, weights_only=True)["extra"]
+        assert extra["data_config"] == {"test_scale": 128, "max_size": 128, "flip_test": False}, path
 
 
 def test_killed_worker_resumes_to_identical_weights(shards, uninterrupted):
