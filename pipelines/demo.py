@@ -84,9 +84,11 @@ def run_demo(out: Path, dataset: str = "synthetic", task: str = "bbox", num_trai
     num_cpus = os.cpu_count() or 2
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # the demo always logs to its own local store
     if not ray.is_initialized():
+        from pipelines.ray_local import start_ray
+
         _say(f"starting a local Ray with {num_cpus} CPUs")
         # with the dashboard, so the State API that Ray Train's placement-group cleaner polls is there
-        ray.init(num_cpus=num_cpus, configure_logging=False)
+        start_ray(num_cpus=num_cpus)
     train_shards, val_shards = prepare_data(out, dataset, task, num_train, num_val, image_size, num_cpus)
     num_classes = len(load_manifest(train_shards)["categories"])
     lr_step = max(1, round(epochs * 0.75))

@@ -681,16 +681,11 @@ def _processed_tables(items: list[dict], image_root: str, category_to_label: dic
         return
     import ray
 
-    if not ray.is_initialized():
-        # --address / RAY_ADDRESS (set by `ray job submit`): that cluster. --num-cpus alone: a new
-        # local Ray of that size. Neither: Ray's default (a `ray start` cluster on this machine, else
-        # a new local one with every CPU).
-        init: dict[str, Any] = {"include_dashboard": False}
-        if address:
-            init["address"] = address
-        elif num_cpus and not os.environ.get("RAY_ADDRESS"):
-            init.update(address="local", num_cpus=num_cpus)
-        ray.init(**init)
+    from pipelines.ray_local import start_ray
+
+    # --address / RAY_ADDRESS (set by `ray job submit`): that cluster; else a private local Ray on
+    # 127.0.0.1 (--num-cpus CPUs, default all) that ends with this command.
+    start_ray(address=address, num_cpus=num_cpus, include_dashboard=False)
     per_block = images_per_task(len(items), num_cpus or int(ray.cluster_resources().get("CPU", 1)))
     ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / per_block))
     ds.context.execution_options.preserve_order = True  # shard rows must arrive in plan order

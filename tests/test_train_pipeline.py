@@ -229,12 +229,12 @@ def test_cli_config_errors(tmp_path, capsys):
 
 
 def test_missing_shards_is_a_clear_error(tmp_path, ray_session):
-    from lsnet.config import ConfigError
+    from lsnet.errors import LsnetError
     from pipelines.train import run_training
 
     cfg = load_config(REPO_ROOT / "configs" / "tiny_bbox.yaml",
                       [f"data.train_shards={tmp_path / 'nope'}", f"run.storage_path={tmp_path / 'runs'}"])
-    with pytest.raises(ConfigError, match="nope.*manifest.json"):
+    with pytest.raises(LsnetError, match="nope.*manifest.json"):
         run_training(cfg, run_name="missing", verbose=False)
 
 
