@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("pipelines.train", "train an LSNet with Ray Train, tracked in MLflow"),
     "predict": ("lsnet.predict", "run a trained model on images: COCO JSON + PNG overlays"),
     "evaluate": ("lsnet.evaluation", "COCO metrics of a results JSON against a ground-truth JSON"),
+    "test": ("lsnet.checkpoint_eval", "COCO metrics of a checkpoint on shards or a COCO JSON + images"),
     "mlflow-sync": ("pipelines.tracking", "upload runs buffered locally while the tracking server was down"),
     "demo": ("pipelines.demo", "the main job end to end on embedded defaults"),
     "bench": ("pipelines.bench_cmd", "run a benchmark spec from jobs/bench and write results/bench/NAME.json"),
