@@ -8,7 +8,8 @@
   ``model_config`` stored in the checkpoint's ``extra`` is used. Pretrained backbone weights are never
   fetched here: the checkpoint has all the weights.
 - Test resize: shorter side ``data.test_scale``, longer side at most ``data.max_size`` from the same
-  YAML (paper: [800, 1333]); ``--short-side`` / ``--max-size`` override.
+  YAML, else from the checkpoint's ``data_config`` (every checkpoint of ``lsnet train`` stores it),
+  else 800/1333 with a warning (paper: [800, 1333]); ``--short-side`` / ``--max-size`` override.
 - Category ids and names come from the checkpoint's ``extra`` (``category_ids``, ``class_names``,
   written by the training pipeline through :func:`lsnet.engine.checkpoint_state`).
 - Outputs in ``--out``: ``predictions.json`` (COCO results, original pixels), ``images.json``
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -107,6 +109,10 @@ class LoadedModel:
     class_names: list[str]
     short_side: int
     max_size: int
+    #: where the test resize came from: "arguments", "config", "checkpoint" or "default".
+    resize_source: str = "default"
+    #: the training run's eval.flip_test (lsnet test uses it unless --tta says otherwise)
+    flip_test: bool = False
 
 
 def _model_section(config: dict) -> dict:
@@ -121,14 +127,16 @@ def load_model(checkpoint: str | Path, config: str | Path | None = None, device:
     ckpt = load_checkpoint(checkpoint, map_location="cpu")
     extra: dict[str, Any] = ckpt.get("extra") or {}
     data_section: dict = {}
+    stored_data = extra.get("data_config") if isinstance(extra.get("data_config"), dict) else {}
     if config is not None:
         raw = load_yaml(config)
         section = _model_section(raw)
-        data_section = raw["data"] if isinstance(raw.get("data"), dict) else {}
+        # a model-only YAML says nothing about the resize: keep the checkpoint's test-time settings
+        data_section = raw["data"] if isinstance(raw.get("data"), dict) else stored_data
         source = str(config)
     elif isinstance(extra.get("model_config"), dict):
         section = dict(extra["model_config"])
-        data_section = extra.get("data_config") or {}
+        data_section = stored_data
         source = f"{checkpoint} (stored model_config)"
     else:
         raise InputError(f"checkpoint {checkpoint} stores no model_config: pass --config CONFIG.yaml")
@@ -152,11 +160,27 @@ def load_model(checkpoint: str | Path, config: str | Path | None = None, device:
     if len(category_ids) != num_classes or len(class_names) != num_classes:
         raise InputError(f"checkpoint {checkpoint}: {len(category_ids)} category ids / {len(class_names)} "
                          f"class names for a model with {num_classes} classes")
+    if short_side and max_size:
+        resize_source = "arguments"
+    elif "test_scale" in data_section:
+        resize_source = "config" if data_section is not stored_data else "checkpoint"
+    else:
+        resize_source = "default"
     return LoadedModel(
         model=model, task=model_cfg.task, category_ids=category_ids, class_names=class_names,
         short_side=int(short_side or data_section.get("test_scale", DEFAULT_SHORT_SIDE)),
         max_size=int(max_size or data_section.get("max_size", DEFAULT_MAX_SIZE)),
+        resize_source=resize_source, flip_test=bool(data_section.get("flip_test", False)),
     )
+
+
+def describe_resize(loaded: LoadedModel) -> str:
+    """One line saying which test resize is used and where it came from (a default is a warning)."""
+    line = f"test resize: shorter side {loaded.short_side}, longer side <= {loaded.max_size} ({loaded.resize_source})"
+    if loaded.resize_source == "default":
+        line = ("warning: " + line + " -- the checkpoint stores no test-time data settings; pass --config or "
+                "--short-side/--max-size if the model was trained at another scale")
+    return line
 
 
 # --------------------------------------------------------------------------------------------------
@@ -240,6 +264,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_model(args.checkpoint, args.config, device, args.short_side, args.max_size)
+    print(describe_resize(loaded), file=sys.stderr if loaded.resize_source == "default" else sys.stdout)
     records = predict_files(loaded, args.images, args.out, args.score_thr, args.flip_tta, args.batch_size, device)
     shown = sum(r["score"] >= args.score_thr for r in records)
     print(f"{len(args.images)} images, {len(records)} detections ({shown} with score >= {args.score_thr}) "

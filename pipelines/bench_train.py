@@ -79,7 +79,8 @@ def _prepare(root: Path, num_images: int, image_size: int) -> Path:
     from lsnet.data.synthetic import write_synthetic_coco
     from pipelines.preprocess import preprocess
 
-    ds = write_synthetic_coco(root / "synth", num_images=num_images, image_size=(image_size, image_size), seed=0)
+    ds = write_synthetic_coco(root / "synth", num_images=num_images, image_size=(image_size, image_size), seed=0,
+                              overwrite=True)
     shards = root / "shards"
     # the in-process executor: no Ray in this parent process (each setting starts its own)
     preprocess(ds.instances_json, ds.image_dir, shards, max_size=image_size, contour_points=(18,),

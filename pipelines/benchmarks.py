@@ -120,7 +120,7 @@ def data(synthetic_images: int = 300, synthetic_size: tuple[int, int] = (480, 64
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="lsnet-bench-data-"))
     work.mkdir(parents=True, exist_ok=True)
     synth = write_synthetic_coco(work / "synth", num_images=synthetic_images, image_size=tuple(synthetic_size),
-                                 seed=seed)
+                                 seed=seed, overwrite=True)
     datasets = {f"synthetic{synthetic_images}": (synth.instances_json, synth.image_dir)}
     small = _subset_json(synth.instances_json, work / "synth_small.json", small_images)
     tiny = (REPO_ROOT / tiny_coco).resolve() if tiny_coco else None

@@ -50,7 +50,7 @@ def prepare_data(out: Path, dataset: str, task: str, num_train: int, num_val: in
             if not ann.exists() or len(list((root / "images").glob("*.jpg"))) != count:
                 _say(f"writing {count} synthetic {split} images ({image_size} px) to {root}")
                 write_synthetic_coco(root, num_images=count, image_size=(image_size, image_size), seed=seed,
-                                     split=split, first_image_id=first_id, size_jitter=0.15)
+                                     split=split, first_image_id=first_id, size_jitter=0.15, overwrite=True)
             splits[split] = (ann, root / "images")
     else:
         if not (TINY_COCO / "annotations" / f"{kind}_train2017.json").exists():
@@ -84,9 +84,11 @@ def run_demo(out: Path, dataset: str = "synthetic", task: str = "bbox", num_trai
     num_cpus = os.cpu_count() or 2
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # the demo always logs to its own local store
     if not ray.is_initialized():
+        from pipelines.ray_local import start_ray
+
         _say(f"starting a local Ray with {num_cpus} CPUs")
         # with the dashboard, so the State API that Ray Train's placement-group cleaner polls is there
-        ray.init(num_cpus=num_cpus, configure_logging=False)
+        start_ray(num_cpus=num_cpus)
     train_shards, val_shards = prepare_data(out, dataset, task, num_train, num_val, image_size, num_cpus)
     num_classes = len(load_manifest(train_shards)["categories"])
     lr_step = max(1, round(epochs * 0.75))

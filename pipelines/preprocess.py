@@ -72,6 +72,10 @@ CRASH_ENV = "LSNET_PREPROCESS_CRASH_AFTER_SHARDS"
 #: Planned bytes per stored pixel (JPEG q90 4:2:0 measured 0.25 B/px on tiny_coco, 0.37 on the noisy
 #: synthetic images); only shard sizes depend on it.
 BYTES_PER_PIXEL_ESTIMATE = 0.35
+#: Rejections that depend on the image files being there, not on the data: a rerun redoes such shards.
+RETRYABLE_REJECTIONS = ("missing_file", "unreadable_file")
+#: A job that rejects more than this fraction of its images fails (after writing its manifest).
+DEFAULT_MAX_REJECT_FRACTION = 0.5
 ROW_OVERHEAD_BYTES = 4096
 #: Rows per write group of :class:`ShardWriter` (part of the byte layout: fixed, not a setting).
 SHARD_WRITE_GROUP_ROWS = 64
@@ -492,6 +496,8 @@ def shard_is_complete(shard_path: Path, expected_hash: str) -> dict | None:
         return None
     if info.get("plan_hash") != expected_hash:
         return None
+    if any(r.get("code") in RETRYABLE_REJECTIONS for r in info.get("rejected", [])):
+        return None  # an image file was missing/unreadable last time: it may be there now (fixed --images)
     if shard_path.stat().st_size != info.get("bytes"):
         return None
     digest, _ = sha256_bytes_of(shard_path)
@@ -559,8 +565,13 @@ def preprocess(ann: str | Path, images: str | Path, out: str | Path, max_size: i
                contour_points: tuple[int, ...] = (18, 36, 72), num_cpus: int | None = None,
                target_config: TargetConfig | None = None, max_rows_per_shard: int | None = None,
                address: str | None = None, executor: str = "ray", verbose: bool = True,
-               jpeg_subsampling: str = "4:2:0", keep_original_jpeg: bool = False) -> dict:
+               jpeg_subsampling: str = "4:2:0", keep_original_jpeg: bool = False,
+               max_reject_fraction: float = DEFAULT_MAX_REJECT_FRACTION) -> dict:
     """Preprocess one COCO annotation file into shards under ``out``; returns the manifest dict.
+
+    A job that cannot produce a useful dataset fails with :class:`PreprocessError`: an image root
+    that does not exist (before any work), or more than ``max_reject_fraction`` of the images
+    rejected (or none kept) -- then after writing the manifest, whose ``rejected`` list says why.
 
     ``images`` is a local directory or any ``pyarrow.fs`` URI. ``num_cpus`` caps the parallel image
     tasks (and sizes the local Ray started when none is running). Re-running with the same inputs
@@ -574,8 +585,11 @@ def preprocess(ann: str | Path, images: str | Path, out: str | Path, max_size: i
     cfg = PreprocessConfig(max_size=max_size, jpeg_quality=jpeg_quality, jpeg_subsampling=jpeg_subsampling,
                            keep_original_jpeg=keep_original_jpeg, shard_size_mb=shard_size_mb,
                            max_rows_per_shard=max_rows_per_shard, target=target)
+    if not 0.0 <= max_reject_fraction <= 1.0:
+        raise PreprocessError(f"--max-reject-fraction must be in [0, 1], got {max_reject_fraction}")
     ann, images = str(ann), str(images)
     data, raw = load_coco_json(ann)
+    check_image_root(images)
     source_sha = hashlib.sha256(raw).hexdigest()
     categories = check_categories(data["categories"], ann)
     category_to_label = {c["id"]: k for k, c in enumerate(categories)}
@@ -614,7 +628,33 @@ def preprocess(ann: str | Path, images: str | Path, out: str | Path, max_size: i
     _log(f"wrote {manifest['num_images']} images, {manifest['num_objects']} objects in {count} shard(s) "
          f"to {out_dir} in {elapsed:.1f}s", verbose)
     _log(summarize_rejections(manifest["rejected"]), verbose)
+    check_reject_fraction(manifest, max_reject_fraction, out_dir / MANIFEST_NAME)
     return manifest
+
+
+def check_image_root(images: str) -> None:
+    """Raise :class:`PreprocessError` when the image root (local directory or URI) is not a directory."""
+    try:
+        fs, root = resolve_filesystem(images)
+        info = fs.get_file_info(root)
+    except (OSError, ValueError, pa.ArrowException) as err:
+        raise PreprocessError(f"--images {images}: cannot open the image root: {err}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise PreprocessError(f"--images {images}: the image root does not exist")
+    if info.type != pafs.FileType.Directory:
+        raise PreprocessError(f"--images {images}: the image root is not a directory")
+
+
+def check_reject_fraction(manifest: dict, max_fraction: float, manifest_path: Path) -> None:
+    """Fail a job that kept no image, or rejected more than ``max_fraction`` of its source images."""
+    total = manifest["source"]["num_images"]
+    kept = manifest["num_images"]
+    rejected = total - kept
+    fraction = rejected / total if total else 1.0
+    if kept == 0 or fraction > max_fraction:
+        raise PreprocessError(
+            f"{rejected} of {total} images rejected ({fraction:.0%} > --max-reject-fraction {max_fraction:g}): "
+            f"{summarize_rejections(manifest['rejected'])[len('rejected: '):]} -- see {manifest_path}")
 
 
 def images_per_task(num_images: int, num_cpus: int) -> int:
@@ -641,16 +681,11 @@ def _processed_tables(items: list[dict], image_root: str, category_to_label: dic
         return
     import ray
 
-    if not ray.is_initialized():
-        # --address / RAY_ADDRESS (set by `ray job submit`): that cluster. --num-cpus alone: a new
-        # local Ray of that size. Neither: Ray's default (a `ray start` cluster on this machine, else
-        # a new local one with every CPU).
-        init: dict[str, Any] = {"include_dashboard": False}
-        if address:
-            init["address"] = address
-        elif num_cpus and not os.environ.get("RAY_ADDRESS"):
-            init.update(address="local", num_cpus=num_cpus)
-        ray.init(**init)
+    from pipelines.ray_local import start_ray
+
+    # --address / RAY_ADDRESS (set by `ray job submit`): that cluster; else a private local Ray on
+    # 127.0.0.1 (--num-cpus CPUs, default all) that ends with this command.
+    start_ray(address=address, num_cpus=num_cpus, include_dashboard=False)
     per_block = images_per_task(len(items), num_cpus or int(ray.cluster_resources().get("CPU", 1)))
     ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / per_block))
     ds.context.execution_options.preserve_order = True  # shard rows must arrive in plan order
@@ -793,11 +828,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None, help="Ray cluster address (default: local Ray or RAY_ADDRESS)")
     parser.add_argument("--executor", choices=("ray", "local"), default="ray",
                         help="'local' runs serially without Ray (debugging); the output is identical")
+    parser.add_argument("--max-reject-fraction", type=float, default=DEFAULT_MAX_REJECT_FRACTION,
+                        help="fail (exit 2, after writing manifest.json with the reasons) when more than this "
+                             "fraction of the images is rejected (default %(default)s); a job that keeps no "
+                             "image always fails")
 
 
 def run(args: argparse.Namespace) -> int:
     preprocess(args.ann, args.images, args.out, max_size=args.max_size, jpeg_quality=args.jpeg_quality,
                jpeg_subsampling=args.jpeg_subsampling, keep_original_jpeg=args.keep_original_jpeg,
                shard_size_mb=args.shard_size_mb, contour_points=tuple(args.contour_points),
-               num_cpus=args.num_cpus, address=args.address, executor=args.executor)
+               num_cpus=args.num_cpus, address=args.address, executor=args.executor,
+               max_reject_fraction=args.max_reject_fraction)
     return 0

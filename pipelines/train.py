@@ -43,11 +43,118 @@ import torch
 
 from lsnet.bench import git_commit
 from lsnet.config import ConfigError, flatten, to_dict
+from lsnet.errors import InputError, LsnetError, one_line
 from pipelines.config import ExperimentConfig, config_from_dict, default_run_name, load_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOSS_KEYS = ("loss", "loss_cls", "loss_vec_init", "loss_vec_refine")
 FAULT_MARKER = "fault_injected.marker"
+#: A worker that hits a data/config error (an LsnetError) writes it here (``rank{r}.json``); the driver
+#: stops the run at once instead of letting Ray spend ``run.max_failures`` restarts on it.
+WORKER_ERRORS_DIR = "worker_errors"
+CHECKPOINT_PREFIX = "checkpoint_epoch_"
+
+
+class ClusterResourceError(LsnetError, RuntimeError):
+    """The Ray cluster does not have the resources the requested workers need."""
+
+
+def required_resources(cfg: ExperimentConfig) -> dict[str, float]:
+    """Resources of the whole worker group, as Ray Train asks for them (default per worker: 1 CPU,
+    or 1 GPU with ``run.use_gpu``)."""
+    per_worker = dict(cfg.run.resources_per_worker or ({"GPU": 1.0} if cfg.run.use_gpu else {"CPU": 1.0}))
+    if cfg.run.use_gpu:
+        per_worker.setdefault("GPU", 1.0)
+    return {k: float(v) * cfg.run.num_workers for k, v in per_worker.items() if v}
+
+
+def check_cluster_resources(cfg: ExperimentConfig, cluster_resources=None, wait_s: float | None = None,
+                            poll_s: float = 5.0) -> None:
+    """Fail at once (or after ``run.resource_wait_s`` on an autoscaling cluster) when the cluster
+    cannot hold the worker group -- Ray would otherwise retry starting it forever.
+
+    ``cluster_resources``: a callable returning ``{"CPU": n, "GPU": m, ...}`` (default
+    ``ray.cluster_resources``).
+    """
+    if cluster_resources is None:
+        import ray
+
+        cluster_resources = ray.cluster_resources
+    wait_s = cfg.run.resource_wait_s if wait_s is None else wait_s
+    need = required_resources(cfg)
+    deadline = time.monotonic() + wait_s
+    while True:
+        have = cluster_resources()
+        short = {k: v for k, v in need.items() if have.get(k, 0.0) < v}
+        if not short or time.monotonic() >= deadline:
+            break
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+    if short:
+        per = {k: v / cfg.run.num_workers for k, v in need.items()}
+        has = ", ".join(f"{k} {have.get(k, 0.0):g}" for k in sorted(set(need) | {"CPU", "GPU"}))
+        waited = f" after waiting {wait_s:g}s" if wait_s else ""
+        raise ClusterResourceError(
+            f"run.num_workers={cfg.run.num_workers} x {_fmt_resources(per)} needs {_fmt_resources(need)}, "
+            f"but the Ray cluster has {has}{waited}: use fewer workers (--num-workers), smaller "
+            f"run.resources_per_worker, --cpus, or set run.resource_wait_s on an autoscaling cluster")
+
+
+def _fmt_resources(res: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(res.items())) + "}"
+
+
+def check_data(cfg: ExperimentConfig) -> None:
+    """Cheap checks in the driver before Ray starts workers (a worker that fails on them would only
+    be restarted): the shards exist, their sizes match the manifest, there are enough training
+    images for the workers, and the class count matches the model."""
+    from lsnet.data.shards import load_manifest, verify_shards
+
+    d = cfg.data
+    for role, shard_dir in (("data.train_shards", d.train_shards), ("data.val_shards", d.val_shards)):
+        if shard_dir is None:
+            continue
+        manifest = load_manifest(shard_dir)
+        verify_shards(shard_dir, manifest, full=False)
+        if role == "data.train_shards":
+            n_train = int(manifest.get("num_images", 0))
+            if d.max_train_images is not None:
+                n_train = min(n_train, d.max_train_images)
+            if n_train < cfg.run.num_workers:
+                raise ConfigError(f"{role} {shard_dir}: {n_train} training images for {cfg.run.num_workers} "
+                                  f"workers (each worker needs at least one)")
+            num_classes = len(manifest.get("categories", []))
+            if num_classes != cfg.model.num_classes:
+                raise ConfigError(f"model.num_classes is {cfg.model.num_classes} but the shards in {shard_dir} "
+                                  f"have {num_classes} categories")
+
+
+def checkpoint_epoch(path: str | Path) -> int:
+    """``.../checkpoint_epoch_0003`` -> 3 (-1 for other names)."""
+    name = Path(str(path).rstrip("/")).name
+    try:
+        return int(name.removeprefix(CHECKPOINT_PREFIX)) if name.startswith(CHECKPOINT_PREFIX) else -1
+    except ValueError:
+        return -1
+
+
+def newest_complete_checkpoint(run_dir: Path, log=None) -> Path | None:
+    """The newest ``checkpoint_epoch_*`` directory of ``run_dir`` whose ``state.pt`` loads (a run killed
+    while a checkpoint was being written leaves a partial one, which is skipped and named via ``log``)."""
+    from lsnet.engine import load_checkpoint
+
+    candidates = sorted((p for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*") if checkpoint_epoch(p) >= 0),
+                        key=checkpoint_epoch, reverse=True)
+    for path in candidates:
+        try:
+            ckpt = load_checkpoint(path / "state.pt")
+            if "train_state" in ckpt:
+                return path
+            reason = "no train_state"
+        except (OSError, ValueError) as err:
+            reason = one_line(err)[:200]
+        if log is not None:
+            log(f"[resume] skipping incomplete {path.name}: {reason}")
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -103,6 +210,11 @@ def ray_job_ids() -> dict[str, str]:
     except Exception as err:  # noqa: BLE001 - an internal API; the tag is optional
         ids["ray_job_submission_id"] = f"unknown ({type(err).__name__})"
     return ids
+
+
+def test_time_data_config(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The data settings a checkpoint needs at test time (``lsnet.predict.load_model`` reads them)."""
+    return {"test_scale": cfg.data.test_scale, "max_size": cfg.data.max_size, "flip_test": cfg.eval.flip_test}
 
 
 def _format_eta(seconds: float) -> str:
@@ -236,6 +348,8 @@ class WorkerContext:
     world: int
     device: torch.device
     run_dir: Path
+    #: the newest complete checkpoint directory the driver found on disk (None: Ray's checkpoint only)
+    resume_from: str | None = None
 
     @property
     def use_cuda(self) -> bool:
@@ -273,10 +387,13 @@ class TrainingParts:
     val_loader: Any
 
     def checkpoint_metadata(self) -> dict[str, Any]:
-        """What ``lsnet predict`` reads from a weights file besides the weights."""
+        """What ``lsnet predict`` / ``lsnet test`` read from a weights file besides the weights,
+        including the test-time data settings (resize), so a model trained at 128 px is not run at
+        800 px by default."""
         return {"task": self.cfg.model.task, "category_ids": self.train_ds.category_ids,
                 "class_names": [c["name"] for c in self.train_ds.categories],
-                "model_config": to_dict(self.cfg.model), "config_name": self.cfg.name or ""}
+                "model_config": to_dict(self.cfg.model), "config_name": self.cfg.name or "",
+                "data_config": test_time_data_config(self.cfg)}
 
     def epoch_batches(self, epoch: int, ctx: WorkerContext):
         """This rank's batches of ``epoch``: the DataLoader over the memory-mapped shards, or the same
@@ -322,6 +439,10 @@ def resume_training(parts: TrainingParts, ctx: WorkerContext) -> dict[str, int] 
     from lsnet.engine import load_checkpoint, load_checkpoint_state, set_rng_state
 
     resumed = ray.train.get_checkpoint()
+    on_disk = ctx.resume_from
+    if on_disk and (resumed is None or checkpoint_epoch(on_disk) > checkpoint_epoch(resumed.path)):
+        # Ray's own record of the run lags behind the disk after a Ctrl-C: take the newest complete one.
+        resumed = ray.train.Checkpoint.from_directory(on_disk)
     if resumed is None:
         if parts.cfg.train.init_from:  # fine-tune: weights only, a fresh optimiser and schedule
             from lsnet.engine import init_model_from
@@ -339,8 +460,8 @@ def resume_training(parts: TrainingParts, ctx: WorkerContext) -> dict[str, int] 
         if rng_path.exists():  # same world size as before: continue this rank's random streams
             set_rng_state(torch.load(rng_path, weights_only=True))
     if ctx.rank == 0:
-        print(f"[resume] from epoch {parts.state.epoch}, step {parts.state.global_step} ({resumed.path})",
-              flush=True)
+        print(f"[resume] from {Path(resumed.path).name}: epoch {parts.state.epoch}, step "
+              f"{parts.state.global_step} ({resumed.path})", flush=True)
     return {"epoch": parts.state.epoch, "step": parts.state.global_step}
 
 
@@ -372,15 +493,36 @@ def open_tracker(cfg: ExperimentConfig, ctx: WorkerContext, tags: dict[str, Any]
     return tracker
 
 
-def step_logger(tracker, ctx: WorkerContext):
-    """The per-step callback of ``train_one_epoch``: losses, lr, grad norm, throughput to MLflow."""
+def step_progress_line(epoch: int, epochs: int, step_in_epoch: int, steps_per_epoch: int,
+                       values: dict[str, float], images_per_s: float, batch_per_step: int) -> str:
+    """``[epoch 2/12 step 40/250] loss 1.2345 (cls 0.5 vec_init 0.3 vec_refine 0.4) lr 0.01000 |
+    12.3 img/s | epoch ETA 0:03:10`` -- one plain line (readable in a log file)."""
+    terms = " ".join(f"{k.removeprefix('loss_')} {values[k]:.4f}" for k in LOSS_KEYS[1:] if k in values)
+    steps_per_s = images_per_s / max(batch_per_step, 1)
+    eta = (steps_per_epoch - step_in_epoch) / steps_per_s if steps_per_s > 0 else float("nan")
+    eta_text = _format_eta(eta) if math.isfinite(eta) else "?"
+    return (f"[epoch {epoch}/{epochs} step {step_in_epoch}/{steps_per_epoch}] loss "
+            f"{values.get('loss', float('nan')):.4f} ({terms}) lr {values.get('lr', float('nan')):.5f} | "
+            f"{images_per_s:.1f} img/s | epoch ETA {eta_text}")
+
+
+def step_logger(tracker, ctx: WorkerContext, parts: TrainingParts | None = None):
+    """The per-step callback of ``train_one_epoch`` (every ``train.log_every`` steps): losses, lr, grad
+    norm, throughput to MLflow, and on rank 0 a progress line on the console."""
 
     def log_fn(step: int, values: dict[str, float]) -> None:
+        images_per_s = values["images_per_s"] * ctx.world  # all ranks take the same number of steps
+        if parts is not None and ctx.rank == 0:
+            steps_per_epoch = max(len(parts.train_loader), 1)
+            epoch = int(values.get("epoch", parts.state.epoch))
+            in_epoch = step - epoch * steps_per_epoch
+            print(step_progress_line(epoch + 1, parts.cfg.train.epochs, in_epoch, steps_per_epoch, values,
+                                     images_per_s, parts.cfg.train.batch_size * ctx.world), flush=True)
         if tracker is None:
             return
         metrics = {k: v for k, v in values.items() if k in LOSS_KEYS or k in ("lr", "grad_norm")}
         # the rank-0 rate times the number of workers (all ranks take the same number of steps)
-        metrics["images_per_s"] = values["images_per_s"] * ctx.world
+        metrics["images_per_s"] = images_per_s
         if ctx.use_cuda:
             metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
         tracker.log_metrics(metrics, step)
@@ -544,7 +686,42 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     cfg = config_from_dict(loop_config["config"])
     ctx = WorkerContext.current(loop_config["run_dir"])
+    ctx.resume_from = loop_config.get("resume_from")
+    try:
+        _train_worker(cfg, ctx, loop_config)
+    except LsnetError as err:  # bad data/config: no restart can fix it -- tell the driver, which stops the run
+        _record_worker_error(ctx, err)
+        raise
 
+
+def _record_worker_error(ctx: WorkerContext, err: LsnetError) -> None:
+    message = str(err)
+    if "Original Traceback" in message:  # re-raised from a DataLoader worker process: its last line
+        last = [line for line in message.splitlines() if line.strip()][-1]
+        message = last.split(f"{type(err).__name__}: ", 1)[-1]
+    out = ctx.run_dir / WORKER_ERRORS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".rank{ctx.rank}.json.tmp"
+    tmp.write_text(json.dumps({"rank": ctx.rank, "type": type(err).__name__, "message": one_line(message)}))
+    os.replace(tmp, out / f"rank{ctx.rank}.json")
+
+
+def worker_error(run_dir: Path) -> LsnetError | None:
+    """The first data/config error a worker recorded (as its own error type), or None."""
+    from lsnet.data.shards import ShardError
+    from lsnet.modeling.backbone import PretrainedWeightsError
+
+    types = {cls.__name__: cls for cls in (ConfigError, ShardError, InputError, PretrainedWeightsError)}
+    for path in sorted((run_dir / WORKER_ERRORS_DIR).glob("rank*.json")):
+        try:
+            info = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        return types.get(info.get("type"), LsnetError)(f"worker {info.get('rank')}: {info.get('message')}")
+    return None
+
+
+def _train_worker(cfg: ExperimentConfig, ctx: WorkerContext, loop_config: dict[str, Any]) -> None:
     parts = build_training(cfg, ctx)
     resumed_from = resume_training(parts, ctx)
     _write_worker_info(ctx.run_dir, ctx.rank, ctx.world, ctx.device, resumed_from=resumed_from)
@@ -552,7 +729,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tracker = open_tracker(cfg, ctx, loop_config.get("tags", {}))
     recorder = EpochRecorder(parts, ctx, tracker)
     injector = _FaultInjector(cfg, ctx.rank, ctx.run_dir)
-    log_fn = step_logger(tracker, ctx)
+    log_fn = step_logger(tracker, ctx, parts)
     status = "FAILED"
     try:
         while parts.state.epoch < cfg.train.epochs:
@@ -612,6 +789,94 @@ def _broadcast_object(obj: Any, rank: int) -> Any:
 # --------------------------------------------------------------------------------------------------
 
 
+class RunGuard:
+    """Stops a Ray Train run from the driver at once: on Ctrl-C, and when a worker recorded a data
+    error (``worker_errors/``), which no restart can fix.
+
+    Ray Train's own SIGINT handler asks the controller to abort and waits for it -- which hangs when
+    the worker group cannot start. Here Ctrl-C kills the controller actor (its workers die with it),
+    so ``fit()`` returns within seconds; the checkpoints already on disk stay usable (a partial one
+    is skipped on resume by :func:`newest_complete_checkpoint`).
+    """
+
+    def __init__(self, run_dir: Path, poll_s: float = 0.5):
+        import threading
+
+        self.run_dir, self.poll_s = run_dir, poll_s
+        self.controller = None
+        self.reason: str | None = None
+        self._done = threading.Event()
+        self._sigints = 0
+
+    def attach(self, controller) -> None:
+        """Called with the Ray Train controller's handle when ``fit()`` starts (main thread only)."""
+        import signal
+
+        self.controller = controller
+
+        def on_sigint(signum, frame):
+            self._sigints += 1
+            print("lsnet train: Ctrl-C -- stopping the workers", file=sys.stderr, flush=True)
+            self.stop("interrupted")
+            if self._sigints > 1:
+                raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, on_sigint)
+
+    def stop(self, reason: str) -> None:
+        import ray
+
+        self.reason = self.reason or reason
+        if self.controller is not None:
+            with contextlib.suppress(Exception):
+                ray.kill(self.controller, no_restart=True)
+
+    @contextlib.contextmanager
+    def watching(self):
+        """Watch for worker data errors while the body runs; restore the SIGINT handler afterwards."""
+        import signal
+        import threading
+
+        previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+
+        def watch():
+            while not self._done.wait(self.poll_s):
+                if worker_error(self.run_dir) is not None:
+                    self.stop("data_error")
+                    return
+
+        thread = threading.Thread(target=watch, name="lsnet-run-guard", daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self._done.set()
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+
+
+def _trainer_class():
+    from ray.train.torch import TorchTrainer
+
+    class GuardedTrainer(TorchTrainer):
+        """A TorchTrainer whose controller handle goes to a :class:`RunGuard` (instead of Ray's SIGINT
+        handler, which is only installed from the main thread -- so is ours)."""
+
+        def __init__(self, guard: RunGuard, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._guard = guard
+
+        def _register_sigint_handler(self, controller):
+            self._guard.attach(controller)
+
+    return GuardedTrainer
+
+
+def guarded_trainer(guard: RunGuard, *args, **kwargs):
+    return _trainer_class()(guard, *args, **kwargs)
+
+
+
 @dataclass
 class TrainingOutcome:
     run_dir: Path
@@ -631,10 +896,10 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None, run_name:
 
     ``callbacks``: Ray Train run callbacks (a Tune trial passes ``TuneReportCallback()``);
     ``extra_tags``: more MLflow tags of the run (a trial's parent run id and searched values)."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
+    from pipelines.ray_local import start_ray
     from pipelines.tracking import Journal, RunTracker, ui_command
 
     cfg = absolutize_paths(cfg)
@@ -652,11 +917,20 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None, run_name:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
+    check_data(cfg)  # cheap checks before any worker starts
+    resume_from = None if _is_uri(storage) else newest_complete_checkpoint(run_dir, log=print if verbose else None)
+    if resume_from is not None and verbose:
+        print(f"[resume] newest complete checkpoint: {resume_from}", flush=True)
+    stale_errors = run_dir / WORKER_ERRORS_DIR
+    if stale_errors.exists():  # a previous attempt's data error: this run checks afresh
+        for path in stale_errors.glob("*.json"):
+            path.unlink()
+
     # Ray Train V2 routes print() in workers through its logger *and* the console (each line twice);
     # plain prints are enough here. Propagated from the driver to the workers by Ray Train.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=verbose, configure_logging=False)
+    start_ray(address=address, verbose=verbose)  # no-op when Ray is up; a local Ray ends with this process
+    check_cluster_resources(cfg)
     from pipelines.tracking import mlflow_system_tags
 
     commit = git_commit()
@@ -669,9 +943,12 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None, run_name:
 
         prepare_sqlite_store(resolve_tracking_uri(run_dir, cfg.tracking.uri))
     backend = "nccl" if cfg.run.use_gpu else "gloo"
-    trainer = TorchTrainer(
+    guard = RunGuard(run_dir)
+    trainer = guarded_trainer(
+        guard,
         train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "tags": tags},
+        train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "tags": tags,
+                           "resume_from": str(resume_from) if resume_from else None},
         torch_config=TorchConfig(backend=backend),
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
                                      resources_per_worker=cfg.run.resources_per_worker),
@@ -683,13 +960,33 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None, run_name:
                                                checkpoint_score_order="max"),
         ),
     )
-    try:
-        result = trainer.fit()
-    except Exception:
+
+    def end_mlflow_run(status: str) -> None:
         if cfg.tracking.enabled and Journal.exists(run_dir) and Journal(run_dir).end_status() != "FINISHED":
-            # The workers are gone: the driver ends the MLflow run as FAILED (same run, same journal).
+            # The workers are gone: the driver ends the MLflow run (same run, same journal).
             # (Not when rank 0 had finished: a Tune trial stopped right after its last report.)
-            RunTracker(run_dir, background=False, verbose=verbose).close("FAILED", final_flush_timeout_s=5)
+            RunTracker(run_dir, background=False, verbose=verbose).close(status, final_flush_timeout_s=5)
+
+    def interrupted() -> KeyboardInterrupt:
+        end_mlflow_run("KILLED")
+        latest = newest_complete_checkpoint(run_dir) if not _is_uri(storage) else None
+        print(f"lsnet train: interrupted; MLflow run marked KILLED; latest complete checkpoint: "
+              f"{latest or 'none'}; rerun with --name {name} to resume from it", file=sys.stderr, flush=True)
+        return KeyboardInterrupt()
+
+    try:
+        with guard.watching():
+            result = trainer.fit()
+    except KeyboardInterrupt:
+        guard.stop("interrupted")
+        raise interrupted() from None
+    except Exception:
+        if guard.reason == "interrupted":
+            raise interrupted() from None
+        end_mlflow_run("FAILED")
+        data_error = worker_error(run_dir)
+        if data_error is not None:  # not retryable: the worker's own one-line message
+            raise data_error from None
         raise
     best = None
     if result.best_checkpoints:
@@ -732,24 +1029,15 @@ def run(args: argparse.Namespace) -> int:
     if args.num_workers is not None:
         overrides.append(f"run.num_workers={args.num_workers}")
     if args.gpus and args.cpus:
-        print("lsnet train: --gpus and --cpus exclude each other", file=sys.stderr)
-        return 2
+        raise InputError("--gpus and --cpus exclude each other")
     if args.gpus:
         overrides.append("run.use_gpu=true")
     if args.cpus:
         overrides += ["run.use_gpu=false", "run.resources_per_worker=null"]
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as err:
-        print(f"lsnet train: invalid config: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, overrides)
     if args.print_config:
         print(cfg.to_yaml())
         return 0
-    try:
-        outcome = run_training(cfg, address=args.address, run_name=args.name)
-    except ConfigError as err:
-        print(f"lsnet train: {err}", file=sys.stderr)
-        return 2
+    outcome = run_training(cfg, address=args.address, run_name=args.name)
     print(json.dumps({k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float, str))}, indent=1))
     return 0

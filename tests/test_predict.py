@@ -93,7 +93,7 @@ TINY_MODEL = {"num_classes": 3, "backbone": "resnet18", "pretrained": None, "fro
               "norm_eval": False, "fpn_channels": 32, "head_channels": 32, "head_convs": 1, "norm_groups": 8}
 
 
-def _tiny_checkpoint(tmp_path, task: str, store_config: bool):
+def _tiny_checkpoint(tmp_path, task: str, store_config: bool, data_config: dict | None = None):
     modeling = pytest.importorskip("lsnet.modeling")
     cfg = modeling.ModelConfig(task=task, **TINY_MODEL)
     torch.manual_seed(0)
@@ -101,6 +101,8 @@ def _tiny_checkpoint(tmp_path, task: str, store_config: bool):
     extra = {"category_ids": [2, 5, 9], "class_names": ["circle", "square", "person"], "task": task}
     if store_config:
         extra["model_config"] = to_dict(cfg)
+    if data_config is not None:
+        extra["data_config"] = data_config
     path = save_checkpoint(checkpoint_state(model, extra=extra, include_rng=False), tmp_path / f"{task}.pt")
     config = tmp_path / f"{task}.yaml"
     config.write_text(yaml.safe_dump({"model": {"task": task, **TINY_MODEL}, "data": {"test_scale": 64, "max_size": 96}}))
@@ -194,3 +196,26 @@ def test_predict_uses_the_stored_config_and_reports_bad_files(tmp_path, capsys):
     ckpt2, _ = _tiny_checkpoint(tmp_path / "x", "bbox", store_config=False)
     rc = main(["predict", str(paths[0]), "--checkpoint", str(ckpt2), "--out", str(tmp_path / "out3")])
     assert rc == 2 and "--config" in capsys.readouterr().err
+
+
+def test_test_time_resize_comes_from_the_checkpoint(tmp_path, capsys):
+    """Before: a checkpoint trained at 128 px was run at 800/1333 without --config (AP 0.019 -> 0.000)."""
+    from lsnet.predict import load_model
+
+    ckpt, config = _tiny_checkpoint(tmp_path, "bbox", store_config=True,
+                                    data_config={"test_scale": 128, "max_size": 160, "flip_test": False})
+    loaded = load_model(ckpt)
+    assert (loaded.short_side, loaded.max_size, loaded.resize_source) == (128, 160, "checkpoint")
+    loaded = load_model(ckpt, config)  # an experiment YAML with a data section wins
+    assert (loaded.short_side, loaded.max_size, loaded.resize_source) == (64, 96, "config")
+    model_only = tmp_path / "model_only.yaml"
+    model_only.write_text(yaml.safe_dump({"task": "bbox", **TINY_MODEL}))
+    assert load_model(ckpt, model_only).short_side == 128
+    assert load_model(ckpt, short_side=32, max_size=40).resize_source == "arguments"
+    (tmp_path / "old").mkdir()
+    old, _ = _tiny_checkpoint(tmp_path / "old", "bbox", store_config=True)
+    loaded = load_model(old)
+    assert (loaded.short_side, loaded.resize_source) == (800, "default")
+    from lsnet.predict import describe_resize
+
+    assert describe_resize(loaded).startswith("warning: test resize: shorter side 800")

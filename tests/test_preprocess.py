@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -282,7 +283,8 @@ EXPECTED_ANN_CODES = {9001: "image_rejected", 9005: "image_rejected", 9010: "unk
 
 def test_bad_input_rejected_with_reasons_never_dropped(ray_session, tmp_path, capsys):
     ann_path, img_dir, data = _bad_dataset(tmp_path)
-    manifest = preprocess(ann_path, img_dir, tmp_path / "out", max_rows_per_shard=4, contour_points=(18,))
+    manifest = preprocess(ann_path, img_dir, tmp_path / "out", max_rows_per_shard=4, contour_points=(18,),
+                          max_reject_fraction=1.0)
     printed = capsys.readouterr().out
     assert "rejected: 11 images" in printed and "path_traversal 2" in printed
     rejected = manifest["rejected"]
@@ -309,6 +311,35 @@ def test_bad_input_rejected_with_reasons_never_dropped(ray_session, tmp_path, ca
     # the secret file outside the root was never stored
     secret = (tmp_path / "syn" / "secret.jpg").read_bytes()
     assert not any(secret in p.read_bytes() for p in (tmp_path / "out").glob("shard-*.arrow"))
+
+
+def test_missing_image_root_and_too_many_rejections_fail(synth, tmp_path, capsys):
+    """Before: `--images WRONG_DIR` exited 0 after "wrote 0 images ... missing_file 8"."""
+    from pipelines.cli import main
+
+    ann = str(synth.instances_json)
+    args = ["preprocess", "--ann", ann, "--out", str(tmp_path / "o"), "--executor", "local"]
+    assert main([*args, "--images", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"lsnet preprocess: error: --images {tmp_path / 'nowhere'}: the image root does not exist"
+    assert not (tmp_path / "o").exists()  # failed before any work
+    # An existing root without the files: every image rejected -> error, after the manifest is written.
+    (tmp_path / "empty").mkdir()
+    assert main([*args, "--images", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lsnet preprocess: error: 7 of 7 images rejected (100% > --max-reject-fraction 0.5): "
+                          "7 images (missing_file 7)") and err.endswith("manifest.json") and "\n" not in err
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert [r["code"] for r in manifest["rejected"] if r["kind"] == "image"] == ["missing_file"] * 7
+    # 2 of 7 missing: 29% is under the default 0.5 (exit 0), over 0.25 (exit 2).
+    part = tmp_path / "part"
+    shutil.copytree(synth.image_dir, part)
+    for im in json.loads(synth.instances_json.read_text())["images"][:2]:
+        (part / im["file_name"]).unlink()
+    assert main([*args, "--images", str(part)]) == 0  # same --out: shards of missing files are redone
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["num_images"] == 5
+    assert main([*args, "--images", str(part), "--max-reject-fraction", "0.25"]) == 2
+    assert "2 of 7 images rejected (29% > --max-reject-fraction 0.25)" in capsys.readouterr().err
 
 
 def test_malformed_json_fails_fast_with_position(tmp_path, capsys):

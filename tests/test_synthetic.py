@@ -135,3 +135,29 @@ def test_cli(tmp_path):
     assert main(["synth", str(tmp_path), "--num-images", "2", "--image-size", "64", "96", "--seed", "1"]) == 0
     data = json.loads((tmp_path / "annotations" / "instances_train.json").read_text())
     assert [(i["height"], i["width"]) for i in data["images"]] == [(64, 96), (64, 96)]
+
+
+def test_second_split_never_overwrites_the_first(tmp_path, capsys):
+    """Before: `synth D --num-images 24` then `synth D --num-images 8 --split val` reused ids 1000..1007
+    and overwrote 8 training images."""
+    from pipelines.cli import main
+
+    assert main(["synth", str(tmp_path), "--num-images", "4", "--image-size", "32", "32"]) == 0
+    train_bytes = {p.name: p.read_bytes() for p in (tmp_path / "images").glob("*.jpg")}
+    assert main(["synth", str(tmp_path), "--num-images", "2", "--image-size", "32", "32", "--split", "val",
+                 "--seed", "1"]) == 0
+    val = json.loads((tmp_path / "annotations" / "instances_val.json").read_text())
+    assert [im["id"] for im in val["images"]] == [1004, 1005]  # after train's 1000..1003
+    assert all((tmp_path / "images" / name).read_bytes() == data for name, data in train_bytes.items())
+    # an explicit --first-id that overlaps train: error, nothing written
+    assert main(["synth", str(tmp_path), "--num-images", "2", "--split", "test", "--first-id", "1002"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lsnet synth: error: image ids 1002..1003 of split 'test' are already used by ")
+    assert err.endswith("instances_train.json: choose another --first-id (or leave it unset)")
+    assert not (tmp_path / "annotations" / "instances_test.json").exists()
+    # the same split again: refused without --overwrite, replaced with it
+    assert main(["synth", str(tmp_path), "--num-images", "4", "--image-size", "32", "32"]) == 2
+    assert "exists (6 file(s) of split 'train' would be replaced): pass --overwrite" in capsys.readouterr().err
+    assert main(["synth", str(tmp_path), "--num-images", "4", "--image-size", "40", "40", "--overwrite"]) == 0
+    assert {p.name for p in (tmp_path / "images").glob("*.jpg")} == {f"{i:012d}.jpg" for i in range(1000, 1006)}
+    assert (tmp_path / "images" / "000000001000.jpg").read_bytes() != train_bytes["000000001000.jpg"]

@@ -129,6 +129,10 @@ def test_two_worker_run_logs_to_mlflow(uninterrupted):
     # the final weights file is the last checkpoint's model
     final = _weights(run_dir / "model_final.pt")
     assert all(torch.equal(final[k], state["model"][k]) for k in final)
+    # every weights file carries the test-time data settings (lsnet predict uses them by default)
+    for path in (run_dir / "model_final.pt", run_dir / "model_best.pt", run_dir / "checkpoint_epoch_0002" / "state.pt"):
+        extra = torch.load(path, weights_only=True)["extra"]
+        assert extra["data_config"] == {"test_scale": 128, "max_size": 128, "flip_test": False}, path
 
 
 def test_killed_worker_resumes_to_identical_weights(shards, uninterrupted):
@@ -225,12 +229,12 @@ def test_cli_config_errors(tmp_path, capsys):
 
 
 def test_missing_shards_is_a_clear_error(tmp_path, ray_session):
-    from lsnet.config import ConfigError
+    from lsnet.errors import LsnetError
     from pipelines.train import run_training
 
     cfg = load_config(REPO_ROOT / "configs" / "tiny_bbox.yaml",
                       [f"data.train_shards={tmp_path / 'nope'}", f"run.storage_path={tmp_path / 'runs'}"])
-    with pytest.raises(ConfigError, match="nope.*manifest.json"):
+    with pytest.raises(LsnetError, match="nope.*manifest.json"):
         run_training(cfg, run_name="missing", verbose=False)
 
 

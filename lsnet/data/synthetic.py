@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from lsnet.errors import InputError
 from lsnet.structures import COCO_KEYPOINT_NAMES, COCO_SKELETON
 
 #: Categories with deliberately non-contiguous ids. Colours are saturated and far apart so that the
@@ -42,6 +43,8 @@ CATEGORIES: tuple[dict, ...] = (
     {"id": 31, "name": "twin", "supercategory": "multipart", "color": (250, 140, 0)},
 )
 PERSON_CATEGORY_ID = 1
+#: First image id of the first split written into a directory (later splits continue after it).
+DEFAULT_FIRST_IMAGE_ID = 1000
 SHAPE_NAMES = tuple(c["name"] for c in CATEGORIES if c["id"] != PERSON_CATEGORY_ID)
 _BY_NAME = {c["name"]: c for c in CATEGORIES}
 
@@ -327,9 +330,16 @@ def write_synthetic_coco(
     unlabelled_prob: float = 0.1,
     size_jitter: float = 0.0,
     jpeg_quality: int = 95,
-    first_image_id: int = 1000,
+    first_image_id: int | None = None,
+    overwrite: bool = False,
 ) -> SyntheticDataset:
     """Write ``num_images`` seeded JPEGs and their COCO JSONs under ``out_dir``.
+
+    Several splits can share ``out_dir`` (``split="val"`` after ``split="train"``): image ids (and
+    so file names) never collide with another split's. ``first_image_id=None`` starts at 1000, or
+    after the largest id of the splits already in ``out_dir/annotations``; an explicit id that
+    overlaps another split is an :class:`InputError`. Existing images or JSONs of this split are
+    never replaced unless ``overwrite`` (another split's never).
 
     Layout: ``images/{image_id:012d}.jpg``, ``annotations/instances_{split}.json`` (every object,
     polygons) and ``annotations/person_keypoints_{split}.json`` (the persons, same annotation ids,
@@ -340,6 +350,7 @@ def write_synthetic_coco(
     out = Path(out_dir)
     image_dir = out / "images"
     ann_dir = out / "annotations"
+    first_image_id = _check_targets(image_dir, ann_dir, split, num_images, first_image_id, overwrite)
     image_dir.mkdir(parents=True, exist_ok=True)
     ann_dir.mkdir(parents=True, exist_ok=True)
     base_h, base_w = (image_size, image_size) if isinstance(image_size, int) else image_size
@@ -389,6 +400,51 @@ def write_synthetic_coco(
     return SyntheticDataset(out, image_dir, instances_json, keypoints_json, num_images, len(anns))
 
 
+def _other_splits_ids(ann_dir: Path, split: str) -> dict[int, Path]:
+    """Image id -> the annotation JSON (of another split in ``ann_dir``) that uses it."""
+    own = {f"instances_{split}.json", f"person_keypoints_{split}.json"}
+    used: dict[int, Path] = {}
+    for path in sorted(ann_dir.glob("*.json")) if ann_dir.is_dir() else []:
+        if path.name in own:
+            continue
+        try:
+            images = json.loads(path.read_text()).get("images", [])
+        except (json.JSONDecodeError, OSError, AttributeError) as err:
+            raise InputError(f"{path}: cannot read the image ids of this split: {err}") from None
+        for im in images:
+            if isinstance(im, dict) and isinstance(im.get("id"), int):
+                used.setdefault(im["id"], path)
+    return used
+
+
+def _check_targets(image_dir: Path, ann_dir: Path, split: str, num_images: int, first_image_id: int | None,
+                   overwrite: bool) -> int:
+    """The first image id to use; raises :class:`InputError` rather than overwrite another split's
+    images, or (without ``overwrite``) this split's."""
+    used = _other_splits_ids(ann_dir, split)
+    own_json = ann_dir / f"instances_{split}.json"
+    if first_image_id is None and own_json.exists():  # rewriting this split: keep its ids
+        try:
+            first_image_id = min(im["id"] for im in json.loads(own_json.read_text())["images"])
+        except (json.JSONDecodeError, OSError, KeyError, TypeError, ValueError):
+            first_image_id = None
+    if first_image_id is None:
+        first_image_id = max(DEFAULT_FIRST_IMAGE_ID, max(used, default=0) + 1)
+    ids = range(first_image_id, first_image_id + num_images)
+    clash = [i for i in ids if i in used]
+    if clash:
+        raise InputError(f"image ids {clash[0]}..{clash[-1]} of split {split!r} are already used by "
+                         f"{used[clash[0]]}: choose another --first-id (or leave it unset)")
+    if not overwrite:
+        existing = [image_dir / f"{i:012d}.jpg" for i in ids if (image_dir / f"{i:012d}.jpg").exists()]
+        existing += [p for p in (ann_dir / f"instances_{split}.json", ann_dir / f"person_keypoints_{split}.json")
+                     if p.exists()]
+        if existing:
+            raise InputError(f"{existing[0]} exists ({len(existing)} file(s) of split {split!r} would be "
+                             f"replaced): pass --overwrite, another --split or another directory")
+    return first_image_id
+
+
 # ----------------------------------------------------------------------------------------------
 # CLI: lsnet synth
 # ----------------------------------------------------------------------------------------------
@@ -404,11 +460,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--person-prob", type=float, default=0.3)
     parser.add_argument("--size-jitter", type=float, default=0.0,
                         help="scale each image side by a random factor in [1-j, 1+j]")
+    parser.add_argument("--first-id", type=int, default=None,
+                        help="id of the first image (default: 1000, or after the ids of the splits already in OUT)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace this split's existing images/JSONs (another split's files never)")
 
 
 def run(args: argparse.Namespace) -> int:
     ds = write_synthetic_coco(args.out, num_images=args.num_images, image_size=tuple(args.image_size),
                               seed=args.seed, split=args.split, objects_per_image=tuple(args.objects),
-                              person_prob=args.person_prob, size_jitter=args.size_jitter)
+                              person_prob=args.person_prob, size_jitter=args.size_jitter,
+                              first_image_id=args.first_id, overwrite=args.overwrite)
     print(f"wrote {ds.num_images} images, {ds.num_annotations} objects: {ds.instances_json}, {ds.keypoints_json}")
     return 0

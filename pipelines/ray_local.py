@@ -1,0 +1,209 @@
+"""Starting Ray for an ``lsnet`` command: quiet, on loopback, and never outliving the command.
+
+:func:`start_ray` connects to a cluster (``--address`` / ``RAY_ADDRESS``) or starts a private local
+one. A local Ray started here
+
+- binds to 127.0.0.1 for everything it can (node address, dashboard agent, dashboard host);
+- keeps Ray's token authentication on (its default) without the start-up warning about it;
+- dies with the command: a watchdog process (``python -m pipelines.ray_local watch PID SESSION``) kills
+  the session's processes (raylet, GCS, DashboardAgent, RuntimeEnvAgent, workers) within a few
+  seconds when the driver is gone, even after ``kill -9``; and the next start cleans up what a
+  previous driver left behind (the records in :func:`_records_dir`).
+
+:func:`quiet_console` drops Ray's known noise from the console (the ``core_worker`` ERROR line about
+``PreemptionWatcher``'s constructor arguments that every Ray Train run prints) and turns off ANSI
+colours when the output is not a terminal.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from lsnet.errors import LsnetError, one_line
+
+
+class RayStartError(LsnetError, RuntimeError):
+    """A local Ray could not be started."""
+
+
+#: Lines of Ray's forwarded worker output that are not the user's concern.
+NOISE_PATTERNS = (
+    # Ray Train V2's controller, on every run: an internal caveat of restartable actors.
+    re.compile(r"core_worker\.cc:\d+: Actor with class name: 'PreemptionWatcher'"),
+    # A new local Ray enables token auth by default (we keep it on) and says so on every start.
+    re.compile(r"Token authentication is enabled for this Ray cluster"),
+)
+#: The logger of Ray's token-auth start-up message.
+TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+class _FilteredStream:
+    """A text stream that drops whole lines matching :data:`NOISE_PATTERNS` (Ray prints each forwarded
+    line with one ``print`` call, so a line never spans two writes)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        *lines, self._pending = self._pending.split("\n")
+        kept = [line for line in lines if not any(p.search(line) for p in NOISE_PATTERNS)]
+        if kept:
+            self._stream.write("\n".join(kept) + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending and not any(p.search(self._pending) for p in NOISE_PATTERNS):
+            self._stream.write(self._pending)
+            self._pending = ""
+        self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding, ...
+        return getattr(self._stream, name)
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(p.search(record.getMessage()) for p in NOISE_PATTERNS)
+
+
+def quiet_console() -> None:
+    """Filter Ray's noise out of stdout/stderr and its loggers (idempotent); no colour codes when not
+    a terminal."""
+    logger = logging.getLogger(TOKEN_AUTH_LOGGER)
+    if not any(isinstance(f, _DropNoise) for f in logger.filters):
+        logger.addFilter(_DropNoise())
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if not isinstance(stream, _FilteredStream):
+            setattr(sys, name, _FilteredStream(stream))
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray's "(pid=...)" prefixes without ANSI codes
+        os.environ.setdefault("NO_COLOR", "1")
+
+
+def _records_dir() -> Path:
+    path = Path(tempfile.gettempdir()) / f"lsnet-ray-{os.getuid()}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def session_processes(session_dir: str) -> list:
+    """The processes of one local Ray session: every process whose command line names its directory."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if proc.pid != os.getpid() and session_dir in " ".join(proc.info["cmdline"] or []):
+                found.append(proc)
+    return found
+
+
+def kill_session(session_dir: str, grace_s: float = 3.0) -> int:
+    """SIGTERM, then SIGKILL after ``grace_s``, to every process of ``session_dir``; returns how many."""
+    import psutil
+
+    procs = [p for p in session_processes(session_dir) if "pipelines.ray_local" not in " ".join(p.cmdline())]
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    return len(procs)
+
+
+def _driver_alive(pid: int, create_time: float) -> bool:
+    import psutil
+
+    try:
+        return abs(psutil.Process(pid).create_time() - create_time) < 1.0
+    except psutil.Error:
+        return False
+
+
+def cleanup_stale_sessions() -> int:
+    """Kill the local Ray sessions whose ``lsnet`` driver is gone (e.g. killed with SIGKILL before its
+    watchdog could act); returns how many processes were ended."""
+    killed = 0
+    for record in _records_dir().glob("*.json"):
+        try:
+            info = json.loads(record.read_text())
+        except (OSError, json.JSONDecodeError):
+            record.unlink(missing_ok=True)
+            continue
+        if _driver_alive(info["pid"], info["create_time"]):
+            continue
+        killed += kill_session(info["session_dir"])
+        record.unlink(missing_ok=True)
+    return killed
+
+
+def _register(session_dir: str) -> None:
+    """Record the session and start its watchdog (in its own session: Ctrl-C of the driver's terminal
+    does not reach it, and it outlives a SIGKILL of the driver)."""
+    import psutil
+
+    me = psutil.Process()
+    info = {"pid": me.pid, "create_time": me.create_time(), "session_dir": session_dir}
+    (_records_dir() / f"{me.pid}.json").write_text(json.dumps(info))
+    subprocess.Popen([sys.executable, "-m", "pipelines.ray_local", "watch", str(me.pid), str(me.create_time()),
+                      session_dir], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True, cwd=str(Path(__file__).resolve().parent.parent))
+
+
+def watch(pid: int, create_time: float, session_dir: str, poll_s: float = 0.5) -> None:
+    """Wait for the driver to end; then kill what is left of its Ray session."""
+    while _driver_alive(pid, create_time):
+        time.sleep(poll_s)
+    kill_session(session_dir)
+    (_records_dir() / f"{pid}.json").unlink(missing_ok=True)
+
+
+def start_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool = True,
+              **init_kwargs: Any) -> bool:
+    """Connect to ``address`` (or ``$RAY_ADDRESS``), else start a private local Ray on 127.0.0.1 that
+    dies with this process. Returns True when a local Ray was started here. No-op when Ray is up."""
+    import ray
+
+    quiet_console()
+    if ray.is_initialized():
+        return False
+    common = {"log_to_driver": verbose, "configure_logging": False, **init_kwargs}
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and address != "local":
+        ray.init(address=address, **common)
+        return False
+    cleanup_stale_sessions()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    for attempt in (1, 2):
+        try:
+            context = ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1",
+                               dashboard_host="127.0.0.1", **common)
+            break
+        except Exception as err:
+            ray.shutdown()
+            if attempt == 2 or "timed out during startup" not in str(err):
+                raise RayStartError(f"a local Ray did not start: {one_line(err)[:300]} (an overloaded "
+                                    "machine? retry, or pass --address of a running cluster)") from err
+    _register(context.address_info["session_dir"])
+    return True
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "watch":
+        watch(int(sys.argv[2]), float(sys.argv[3]), sys.argv[4])
+    else:
+        sys.exit("usage: python -m pipelines.ray_local watch PID CREATE_TIME SESSION_DIR")
