@@ -19,7 +19,8 @@ from typing import Literal
 
 from lsnet.structures import TASK_NUM_POINTS
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext101_64x4d")
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext101_64x4d",
+             "res2net50_26w_4s", "res2net101_26w_4s", "res2net50d", "res2net101d")
 #: Strides of P3..P7 (paper §3.1: FPN P3–P7, strides 8…128).
 FPN_STRIDES = (8, 16, 32, 64, 128)
 
@@ -57,8 +58,11 @@ class ModelConfig:
     num_points: int | None = None
 
     # --- backbone (lsnet.modeling.backbone) ---
-    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext101_64x4d"] = "resnet50"
-    #: torchvision weights enum name ("ResNet50_Weights.IMAGENET1K_V1"), a local checkpoint path, or None.
+    #: torchvision ResNet/ResNeXt, or Res2Net from timm (res2net101d = the reference's R2-101 v1d)
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext101_64x4d", "res2net50_26w_4s",
+                      "res2net101_26w_4s", "res2net50d", "res2net101d"] = "resnet50"
+    #: torchvision weights enum name ("ResNet50_Weights.IMAGENET1K_V1"), "timm" (Res2Net: timm's
+    #: ImageNet weights), a local checkpoint path, or None.
     pretrained: str | None = None
     #: -1: nothing frozen; 0: the stem; k >= 1: the stem and stages 1..k (paper/mmdet: 1).
     frozen_stages: int = 1
@@ -66,6 +70,8 @@ class ModelConfig:
     norm_eval: bool = True
     #: ResNet stages (3, 4, 5 = c3..c5) whose 3x3 convs become deformable convolutions.
     dcn_stages: list[int] = field(default_factory=list)
+    #: "v1" deformable conv (DCN), "v2" modulated (DCNv2, the reference configs' choice).
+    dcn_type: Literal["v1", "v2"] = "v1"
 
     # --- FPN (lsnet.modeling.fpn) ---
     fpn_channels: int = 256
@@ -110,6 +116,8 @@ class ModelConfig:
         self.strides = tuple(self.strides)
         if self.backbone not in BACKBONES:
             raise ValueError(f"model.backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        if self.dcn_type not in ("v1", "v2"):
+            raise ValueError(f"model.dcn_type must be 'v1' (DCN) or 'v2' (modulated DCNv2), got {self.dcn_type!r}")
         bad = [s for s in self.dcn_stages if s not in (3, 4, 5)]
         if bad:
             raise ValueError(f"model.dcn_stages: stages are 3, 4, 5 (c3..c5), got {list(self.dcn_stages)}")

@@ -118,7 +118,7 @@ class LSNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = ResNetBackbone(cfg.backbone, cfg.pretrained, cfg.frozen_stages, cfg.norm_eval,
-                                       cfg.dcn_stages)
+                                       cfg.dcn_stages, cfg.dcn_type)
         self.fpn = FPN(self.backbone.out_channels, cfg.fpn_channels, cfg.fpn_extra_source)
         self.head = LSNetHead(
             cfg.fpn_channels, cfg.num_classes, cfg.num_points, cfg.strides, cfg.head_channels, cfg.head_convs,
