@@ -387,9 +387,9 @@ def test_postprocess_hand_computed():
     assert sorted(postprocess(out, None, cfg, (48, 48))[0].scores.tolist()) == pytest.approx([0.8, 0.9])
 
 
-@pytest.mark.parametrize("task", ["bbox", "pose"])
-def test_tta_identity_and_flip_equivariance(task):
-    cfg = tiny_cfg(task)
+@pytest.mark.parametrize("task,pose_box", [("bbox", "kps"), ("pose", "kps"), ("pose", "obj")])
+def test_tta_identity_and_flip_equivariance(task, pose_box):
+    cfg = tiny_cfg(task, pose_box=pose_box)
     cfg.test.score_thr = 0.0
     cfg.test.max_dets = 20
     model = build_model(cfg).eval()
@@ -406,6 +406,9 @@ def test_tta_identity_and_flip_equivariance(task):
     b = predict_with_tta(model, images.flip(-1), None, flip=True)[0]
     assert torch.allclose(a.scores, b.scores)
     assert torch.allclose(hflip_points(a.points, 128, task), b.points, atol=1e-4)
+    from lsnet.transforms import hflip_boxes
+
+    assert torch.allclose(hflip_boxes(a.boxes, 128), b.boxes, atol=1e-4)
     # multi-scale: points stay inside the valid region given in the metas
     ms = predict_with_tta(model, images, [(90, 120)], flip=True, scales=(0.75, 1.25))[0]
     assert 0 < len(ms) <= 20
@@ -497,3 +500,39 @@ def test_res2net_from_timm_with_dcn_frozen_stages_and_pretrained_handling(tmp_pa
     assert "timm/res2net50d" in str(err.value) and "model.pretrained" in str(err.value)
     with pytest.raises(PretrainedWeightsError, match="for the timm backbones"):
         ResNetBackbone("resnet18", "timm")
+
+
+def test_pose_box_branch_config_loss_and_decoding():
+    from lsnet.inference import select_candidates
+    from lsnet.modeling.detector import with_box_landmarks
+
+    assert tiny_cfg("pose", pose_box="obj").pose_box_vectors and not tiny_cfg("pose").pose_box_vectors
+    with pytest.raises(ValueError, match="pose task only"):
+        tiny_cfg("bbox", pose_box_vectors=True)
+    cfg = tiny_cfg("pose", pose_box="obj")
+    model = build_model(cfg).train()
+    assert model.head.num_points == 21 and model.head.point_indices == [0, 2, 4, 6, 8, 10, 12, 14, 16]
+    # targets: the box's edge midpoints appended (top, left, bottom, right), always visible
+    t = make_targets("pose", 17, [[10, 12, 70, 80]], [0])
+    ext = with_box_landmarks(t)
+    assert ext.points[0, 17:].tolist() == [[40, 12], [10, 46], [40, 80], [70, 46]] and ext.visible[0, 17:].all()
+    # a person without labelled keypoints (obj-box keeps it): no keypoint loss, a box loss
+    images, _ = two_image_batch()
+    unlabelled = make_targets("pose", 17, [[10, 12, 70, 80]], [0])
+    unlabelled.visible[:] = False
+    losses = model(images, [unlabelled, make_targets("pose", 17, [], [])])
+    assert losses["loss_vec_init"] == 0 and losses["loss_vec_refine"] == 0
+    assert losses["loss_box_init"] > 0 and losses["loss_box_refine"] > 0
+    lc = cfg.loss
+    expected = (losses["loss_cls"] + lc.box_beta * losses["loss_box_init"] + lc.box_gamma * losses["loss_box_refine"])
+    assert torch.allclose(losses["loss"], expected) and (lc.box_beta, lc.box_gamma) == (0.1, 0.2)
+    losses["loss"].backward()
+    assert model.head.init_out.weight.grad[17 * 4:].abs().sum() > 0  # the box vectors learn
+    # decoding: the box comes from the 4 box landmarks, the 17 keypoints are the points
+    vectors = torch.zeros(1, 21, 4)
+    vectors[0, :17] = torch.tensor([2.0, 2.0, 2.0, 2.0])  # keypoints: a 2-px cluster at the anchor
+    vectors[0, 17:] = torch.tensor([[30.0, 0, 0, 0], [0, 0, 20.0, 0], [0, 40.0, 0, 0], [0, 0, 0, 25.0]])
+    dets = select_candidates(torch.tensor([[5.0]]), vectors, torch.tensor([[50.0, 60.0]]), [1], (200, 200),
+                             with_point_scores=True, num_box_points=4)
+    assert dets.points.shape == (1, 17, 2) and dets.point_scores.shape == (1, 17)
+    assert dets.boxes.tolist() == [[30.0, 30.0, 75.0, 100.0]]

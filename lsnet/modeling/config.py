@@ -36,6 +36,10 @@ class LossConfig:
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     centroid_scale: float = 4.0  # stage-1 assigner: object side ~ scale × stride on its level
+    #: pose with a box branch (ModelConfig.pose_box_vectors): weights of the stage-1 / stage-2 box
+    #: vector losses, as the reference's obj-box pose configs (0.1 / 0.2 beside 1 / 2 for keypoints)
+    box_beta: float = 0.1
+    box_gamma: float = 0.2
     atss_topk: int = 9  # stage-2 assigner (ATSS)
     atss_anchor_scale: float = 8.0
 
@@ -93,16 +97,30 @@ class ModelConfig:
     #: which 9 landmarks drive the DCN kernel for N != 4 (None: sampled uniformly, see head.py).
     dcn_point_indices: list[int] | None = None
     #: pose only, consumed by the data side (record_to_targets): assign samples by the box of the
-    #: labelled keypoints ("kps") or by the object box ("obj"). Predicted boxes are always the box
-    #: of the predicted keypoints.
+    #: labelled keypoints ("kps") or by the object box ("obj").
     pose_box: Literal["kps", "obj"] = "kps"
+    #: pose only: also predict the person box as 4 more vectors (to the box's edge midpoints, in the
+    #: extreme-point order top, left, bottom, right) with their own cross-IOU loss (weights
+    #: loss.box_beta / box_gamma); detections take their box from them. An obj-box person's box is not
+    #: the box of its keypoints (or it has none labelled), so None = on for "obj", off for "kps" --
+    #: as the reference, which has the box branch in its obj-box pose head only.
+    pose_box_vectors: bool | None = None
 
     loss: LossConfig = field(default_factory=LossConfig)
     test: TestConfig = field(default_factory=TestConfig)
 
+    @property
+    def num_box_points(self) -> int:
+        """Landmarks the head predicts after the task's N for the person box (0 or 4)."""
+        return 4 if self.pose_box_vectors else 0
+
     def __post_init__(self) -> None:
         if self.num_points is None:
             self.num_points = TASK_NUM_POINTS[self.task]
+        if self.pose_box_vectors is None:
+            self.pose_box_vectors = self.task == "pose" and self.pose_box == "obj"
+        if self.pose_box_vectors and self.task != "pose":
+            raise ValueError("model.pose_box_vectors is for the pose task only")
         if self.task == "bbox" and self.num_points != 4:
             raise ValueError(f"model.num_points: the bbox task uses the 4 extreme points, got {self.num_points}")
         if self.task == "pose" and self.num_points != 17:
