@@ -46,7 +46,7 @@ from lsnet.config import ConfigError, flatten, to_dict
 from pipelines.config import ExperimentConfig, config_from_dict, default_run_name, load_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-LOSS_KEYS = ("loss", "loss_cls", "loss_vec_init", "loss_vec_refine")
+LOSS_KEYS = ("loss", "loss_cls", "loss_vec_init", "loss_vec_refine", "loss_box_init", "loss_box_refine")
 FAULT_MARKER = "fault_injected.marker"
 
 

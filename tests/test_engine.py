@@ -425,3 +425,24 @@ def test_engine_drives_the_real_lsnet():
     model.cfg.test.score_thr = 0.0  # a barely trained model: keep whatever it finds
     metrics = evaluate(model, [batch], gt, [3, 7], "bbox")
     assert set(metrics) >= {"bbox_AP", "bbox_AP50"} and 0.0 <= metrics["bbox_AP"] <= 1.0
+
+
+def test_pose_with_the_box_branch_is_evaluated_on_boxes_and_keypoints():
+    modeling = pytest.importorskip("lsnet.modeling")
+    kw = {"task": "pose", "num_classes": 1, "backbone": "resnet18", "pretrained": None, "fpn_channels": 32,
+          "head_channels": 32, "head_convs": 1, "norm_groups": 8}
+    gen = torch.Generator().manual_seed(0)
+    kps = torch.rand(1, 17, 2, generator=gen) * 30 + 10
+    target = LandmarkTargets(torch.tensor([[8.0, 6.0, 44.0, 50.0]]), torch.tensor([0]), kps,
+                             torch.ones(1, 17, dtype=torch.bool), torch.zeros(1, dtype=torch.bool))
+    batch = Batch(torch.randn(1, 3, 64, 64, generator=gen), [target], [ImageMeta(1, (64, 64), (64, 64), (1.0, 1.0))])
+    flat = torch.cat([kps[0], torch.full((17, 1), 2.0)], dim=1).reshape(-1).tolist()
+    gt = {"images": [{"id": 1, "height": 64, "width": 64}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": 1584.0,
+                           "bbox": [8.0, 6.0, 36.0, 44.0], "keypoints": flat, "num_keypoints": 17}],
+          "categories": [{"id": 1, "name": "person", "keypoints": [str(i) for i in range(17)], "skeleton": []}]}
+    for pose_box, expected in (("obj", {"bbox_AP", "kp_AP"}), ("kps", {"kp_AP"})):
+        model = modeling.build_model(modeling.ModelConfig(pose_box=pose_box, **kw))
+        model.cfg.test.score_thr = 0.0
+        metrics = evaluate(model, [batch], gt, [1], "pose")
+        assert {k for k in metrics if k in ("bbox_AP", "kp_AP")} == expected, pose_box
