@@ -47,7 +47,7 @@ from lsnet.errors import InputError, LsnetError, one_line
 from pipelines.config import ExperimentConfig, config_from_dict, default_run_name, load_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-LOSS_KEYS = ("loss", "loss_cls", "loss_vec_init", "loss_vec_refine")
+LOSS_KEYS = ("loss", "loss_cls", "loss_vec_init", "loss_vec_refine", "loss_box_init", "loss_box_refine")
 FAULT_MARKER = "fault_injected.marker"
 #: A worker that hits a data/config error (an LsnetError) writes it here (``rank{r}.json``); the driver
 #: stops the run at once instead of letting Ray spend ``run.max_failures`` restarts on it.

@@ -33,7 +33,7 @@ from lsnet.losses import vector_loss
 from lsnet.modeling.backbone import ResNetBackbone
 from lsnet.modeling.config import ModelConfig
 from lsnet.modeling.fpn import FPN
-from lsnet.modeling.head import HeadOutputs, LSNetHead
+from lsnet.modeling.head import HeadOutputs, LSNetHead, default_dcn_point_indices
 from lsnet.structures import Detections, LandmarkTargets
 
 
@@ -54,6 +54,18 @@ def _gather_positives(labels: Tensor, target: LandmarkTargets, anchors: Tensor):
     return pos, gt, vectors
 
 
+def with_box_landmarks(t: LandmarkTargets) -> LandmarkTargets:
+    """Pose targets with the person box appended as 4 always-visible landmarks: the midpoints of its
+    top, left, bottom and right edges (the extreme points of a box), for the pose box branch."""
+    x1, y1, x2, y2 = t.boxes.unbind(1)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    box_points = torch.stack([torch.stack([cx, y1], 1), torch.stack([x1, cy], 1),
+                              torch.stack([cx, y2], 1), torch.stack([x2, cy], 1)], dim=1)
+    visible = torch.ones(t.visible.shape[0], 4, dtype=torch.bool, device=t.visible.device)
+    return LandmarkTargets(t.boxes, t.labels, torch.cat([t.points, box_points.to(t.points.dtype)], 1),
+                           torch.cat([t.visible, visible], 1), t.iscrowd)
+
+
 def compute_losses(out: HeadOutputs, targets: list[LandmarkTargets], cfg: ModelConfig) -> dict[str, Tensor]:
     """The LSNet losses of one batch (see the module docstring).
 
@@ -61,8 +73,9 @@ def compute_losses(out: HeadOutputs, targets: list[LandmarkTargets], cfg: ModelC
         out: head outputs for B images.
         targets: B targets in the pixel frame of the images.
     Returns:
-        ``{"loss_cls", "loss_vec_init", "loss_vec_refine", "loss"}``; the first three are the
-        normalised, *unweighted* terms, ``loss`` the weighted total to backpropagate.
+        ``{"loss_cls", "loss_vec_init", "loss_vec_refine", "loss"}`` (+ ``loss_box_init``,
+        ``loss_box_refine`` with the pose box branch); the terms are normalised and *unweighted*,
+        ``loss`` the weighted total to backpropagate.
     """
     lc = cfg.loss
     logits = out.cls_logits
@@ -77,6 +90,8 @@ def compute_losses(out: HeadOutputs, targets: list[LandmarkTargets], cfg: ModelC
     stage = {1: ([], [], [], [], [], []), 2: ([], [], [], [], [], [])}  # pred, target, visible, boxes, anchors, count
     for i, t in enumerate(targets):
         t = t.to(device)
+        if cfg.num_box_points:
+            t = with_box_landmarks(t)
         if t.num_points != out.vec_init.shape[2]:
             raise ValueError(f"targets of image {i} have {t.num_points} landmarks, the model predicts "
                              f"{out.vec_init.shape[2]}")
@@ -101,13 +116,20 @@ def compute_losses(out: HeadOutputs, targets: list[LandmarkTargets], cfg: ModelC
     norm = {k: mean_over_workers(sum(stage[k][5]), device) for k in (1, 2)}
     losses["loss_cls"] = sigmoid_focal_loss(logits[valid], cls_targets[valid], alpha=lc.focal_alpha,
                                             gamma=lc.focal_gamma, reduction="sum") / norm[2]
+    n = cfg.num_points
     for k, name in ((1, "loss_vec_init"), (2, "loss_vec_refine")):
         pred, target, visible, boxes, pos_anchors = (torch.cat(x, dim=0) for x in stage[k][:5])
         losses[name] = vector_loss(
-            pred, target, visible if cfg.task == "pose" else None,
+            pred[:, :n], target[:, :n], visible[:, :n] if cfg.task == "pose" else None,
             form=lc.vector_loss_form, alpha=lc.alpha, reduction="mean", avg_factor=norm[k],
             anchors=pos_anchors, gt_boxes=boxes, task=cfg.task)
+        if cfg.num_box_points:  # the pose box branch: the box's 4 edge midpoints, as a bbox target
+            losses[name.replace("vec", "box")] = vector_loss(
+                pred[:, n:], target[:, n:], None, form=lc.vector_loss_form, alpha=lc.alpha, reduction="mean",
+                avg_factor=norm[k], anchors=pos_anchors, gt_boxes=boxes, task="bbox")
     losses["loss"] = losses["loss_cls"] + lc.beta * losses["loss_vec_init"] + lc.gamma * losses["loss_vec_refine"]
+    if cfg.num_box_points:
+        losses["loss"] = losses["loss"] + lc.box_beta * losses["loss_box_init"] + lc.box_gamma * losses["loss_box_refine"]
     return losses
 
 
@@ -118,12 +140,16 @@ class LSNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = ResNetBackbone(cfg.backbone, cfg.pretrained, cfg.frozen_stages, cfg.norm_eval,
-                                       cfg.dcn_stages)
+                                       cfg.dcn_stages, cfg.dcn_type)
         self.fpn = FPN(self.backbone.out_channels, cfg.fpn_channels, cfg.fpn_extra_source)
+        # pose box branch: 4 more vectors after the keypoints; the DCN kernel stays on keypoints
+        kernel = cfg.dcn_point_indices
+        if cfg.num_box_points and kernel is None:
+            kernel = default_dcn_point_indices(cfg.task, cfg.num_points)
         self.head = LSNetHead(
-            cfg.fpn_channels, cfg.num_classes, cfg.num_points, cfg.strides, cfg.head_channels, cfg.head_convs,
-            cfg.norm_groups, cfg.feature_mode, cfg.pyramid_fuse, cfg.dcn_offset_grad_scale,
-            cfg.dcn_point_indices, cfg.task)
+            cfg.fpn_channels, cfg.num_classes, cfg.num_points + cfg.num_box_points, cfg.strides, cfg.head_channels,
+            cfg.head_convs, cfg.norm_groups, cfg.feature_mode, cfg.pyramid_fuse, cfg.dcn_offset_grad_scale,
+            kernel, cfg.task)
 
     def forward_raw(self, images: Tensor) -> HeadOutputs:
         """Head outputs for a (B, 3, H, W) normalised image batch."""
