@@ -47,6 +47,9 @@ from pipelines.config import ExperimentConfig, config_from_dict, default_run_nam
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOSS_KEYS = ("loss", "loss_cls", "loss_vec_init", "loss_vec_refine")
+#: per-step training metrics that are not losses: the mean IoU of the output boxes at the positives
+#: (paper Figure 4, lsnet.modeling.detector.compute_losses)
+STEP_METRIC_KEYS = ("pos_iou",)
 FAULT_MARKER = "fault_injected.marker"
 
 
@@ -326,7 +329,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     def log_fn(step: int, values: dict[str, float]) -> None:
         if tracker is None:
             return
-        metrics = {k: v for k, v in values.items() if k in LOSS_KEYS or k in ("lr", "grad_norm")}
+        metrics = {k: v for k, v in values.items()
+                   if k in LOSS_KEYS or k in STEP_METRIC_KEYS or k in ("lr", "grad_norm")}
         # the rank-0 rate times the number of workers (all ranks take the same number of steps)
         metrics["images_per_s"] = values["images_per_s"] * world
         if use_cuda:
@@ -393,7 +397,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                          **{k: v for k, v in summary.items() if k != "images_per_s"},
                                          **eval_metrics}) + "\n")
                 if tracker is not None:
-                    epoch_metrics = {f"epoch_{k}": summary[k] for k in LOSS_KEYS if k in summary}
+                    epoch_metrics = {f"epoch_{k}": summary[k] for k in LOSS_KEYS + STEP_METRIC_KEYS if k in summary}
                     epoch_metrics.update(epoch=float(done), epoch_time_s=epoch_time,
                                          epoch_images_per_s=images_per_s, **eval_metrics)
                     tracker.log_metrics(epoch_metrics, state.global_step)
@@ -469,9 +473,10 @@ class TrainingOutcome:
 
 
 def run_training(cfg: ExperimentConfig, *, address: str | None = None, run_name: str | None = None,
-                 verbose: bool = True) -> TrainingOutcome:
+                 verbose: bool = True, extra_tags: dict[str, str] | None = None) -> TrainingOutcome:
     """Train ``cfg`` with a Ray Train ``TorchTrainer``; connects to ``address`` (``auto``,
-    ``ray://host:10001``) or starts/uses a local Ray."""
+    ``ray://host:10001``) or starts/uses a local Ray. ``extra_tags`` go onto the MLflow run (e.g.
+    ``mlflow.parentRunId`` of an ablation's parent run)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -499,7 +504,7 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None, run_name:
     tags = {"git_commit": git_commit(), "config_name": cfg.name or "",
             "dataset_manifest_sha256": manifest_hash(cfg.data.train_shards),
             "val_manifest_sha256": manifest_hash(cfg.data.val_shards) if cfg.data.val_shards else "none",
-            "task": cfg.model.task, **ray_job_ids()}
+            "task": cfg.model.task, **ray_job_ids(), **(extra_tags or {})}
     if cfg.tracking.enabled:
         from pipelines.tracking import prepare_sqlite_store, resolve_tracking_uri
 
