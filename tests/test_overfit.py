@@ -117,7 +117,7 @@ TABLE2_VARIANTS = {
     "smooth_l1_extreme": {"target_style": "extreme", "init_loss": "smooth_l1_points"},
     "cross_iou_extreme": {"target_style": "extreme", "init_loss": "cross_iou"},
 }
-TABLE2_STEPS = 150
+TABLE2_STEPS = 100
 
 
 @pytest.mark.slow
