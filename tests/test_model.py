@@ -126,7 +126,8 @@ def test_training_step_losses(task):
     targets = [make_targets(task, n, [[10, 12, 70, 80], [60, 20, 120, 60]], [0, 2]),
                make_targets(task, n, [[5, 30, 75, 120]], [1])]
     losses = model(images, targets)
-    assert set(losses) == {"loss_cls", "loss_vec_init", "loss_vec_refine", "loss"}
+    assert set(losses) == {"loss_cls", "loss_vec_init", "loss_vec_refine", "loss", "pos_iou"}
+    assert 0 <= losses.pop("pos_iou") <= 1
     for v in losses.values():
         assert v.dim() == 0 and torch.isfinite(v)
     # cross-IOU losses lie in [0, 1]; the total is L_cls + 1·L_vec1 + 2·L_vec2

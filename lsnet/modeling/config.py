@@ -43,6 +43,12 @@ class LossConfig:
     box_gamma: float = 0.2
     atss_topk: int = 9  # stage-2 assigner (ATSS)
     atss_anchor_scale: float = 8.0
+    #: the loss of each stage's vectors (paper Table 2): "cross_iou" (lsnet.losses.vector_loss),
+    #: "giou" / "smooth_l1_box" on the box of the landmarks, "smooth_l1_points" on the landmarks;
+    #: the smooth-l1 losses are normalised by 4 x the stride of the positive's level.
+    init_loss: Literal["cross_iou", "giou", "smooth_l1_box", "smooth_l1_points"] = "cross_iou"
+    refine_loss: Literal["cross_iou", "giou", "smooth_l1_box", "smooth_l1_points"] = "cross_iou"
+    smooth_l1_beta: float = 1.0 / 9
 
     def __post_init__(self) -> None:
         for name in ("beta", "gamma", "focal_gamma"):
@@ -121,6 +127,11 @@ class ModelConfig:
     #: the box of its keypoints (or it has none labelled), so None = on for "obj", off for "kps" --
     #: as the reference, which has the box branch in its obj-box pose head only.
     pose_box_vectors: bool | None = None
+    #: bbox only (Table 2): the 4 landmarks are the extreme points ("extreme") or the midpoints of
+    #: the box edges ("box": the rectangle itself, top/left/bottom/right like the extreme points).
+    target_style: Literal["extreme", "box"] = "extreme"
+    #: False: stage-1-only model (Table 2) — no refinement loss, detections from the stage-1 vectors.
+    refine: bool = True
 
     loss: LossConfig = field(default_factory=LossConfig)
     test: TestConfig = field(default_factory=TestConfig)
@@ -141,6 +152,8 @@ class ModelConfig:
             raise ValueError(f"model.num_points: the bbox task uses the 4 extreme points, got {self.num_points}")
         if self.task == "pose" and self.num_points != 17:
             raise ValueError(f"model.num_points: the pose task uses the 17 COCO keypoints, got {self.num_points}")
+        if self.target_style == "box" and self.task != "bbox":
+            raise ValueError(f"model.target_style: 'box' is a bbox target, not for task {self.task!r}")
         if self.num_points < 4:
             raise ValueError(f"model.num_points must be >= 4, got {self.num_points}")
         if self.num_classes < 1:
