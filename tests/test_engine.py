@@ -302,7 +302,8 @@ def test_fit_resume_matches_straight_fit(tmp_path):
 def test_fit_steps_with_the_global_batch_lr_times_the_schedule():
     """The lr of every optimiser step of fit() is scaled_lr(cfg, global_batch) x lr_factor(step), in
     every parameter group; without global_batch the global batch is cfg.batch_size (one worker)."""
-    cfg = _cfg(epochs=2, lr_steps=(1,), warmup_iters=3)  # lr_per_16_images 0.4, batch_size 2
+    # lr_per_16_images 0.4, batch_size 2; two parameter groups (decay / no decay)
+    cfg = _cfg(epochs=2, lr_steps=(1,), warmup_iters=3, decay_norm_and_bias=False)
     for global_batch, base in ((8, 0.2), (None, 0.05)):
         assert scaled_lr(cfg, global_batch or cfg.batch_size) == pytest.approx(base)
         seen: list[list[float]] = []
