@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("pipelines.train", "train an LSNet with Ray Train, tracked in MLflow"),
     "predict": ("lsnet.predict", "run a trained model on images: COCO JSON + PNG overlays"),
     "evaluate": ("lsnet.evaluation", "COCO metrics of a results JSON against a ground-truth JSON"),
+    "tune": ("pipelines.tune.cli", "search config values with Ray Tune: one MLflow parent run, a child per trial"),
+    "runs": ("pipelines.runs", "list and compare MLflow runs (e.g. the trials of a search)"),
     "test": ("lsnet.checkpoint_eval", "COCO metrics of a checkpoint on shards or a COCO JSON + images"),
     "mlflow-sync": ("pipelines.tracking", "upload runs buffered locally while the tracking server was down"),
     "demo": ("pipelines.demo", "the main job end to end on embedded defaults"),

@@ -96,6 +96,21 @@ def prepare_sqlite_store(tracking_uri: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def mlflow_system_tags(source_name: str, commit: str) -> dict[str, str]:
+    """The tags MLflow's own clients set and its UI shows (User, Source, Version): who ran it, which
+    command (``lsnet train`` / ``lsnet tune``), which git commit."""
+    import getpass
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        user = "unknown"
+    tags = {"mlflow.user": user, "mlflow.source.name": source_name, "mlflow.source.type": "LOCAL"}
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")
+    return tags
+
+
 def ui_command(tracking_uri: str, mlflow_bin: str = "mlflow") -> str:
     """The command that opens the MLflow UI on a local store (or the URL of a server)."""
     if tracking_uri.startswith(("http://", "https://")):
@@ -153,6 +168,11 @@ class Journal:
             if record["seq"] > after_seq:
                 out.append(record)
         return out
+
+    def end_status(self) -> str | None:
+        """The status of the run's last ``end`` record (None while the run has not ended)."""
+        ends = [r for r in self.records() if r["kind"] == "end"]
+        return ends[-1]["status"] if ends else None
 
     def append(self, kind: str, **fields: Any) -> dict:
         with self._lock:

@@ -657,7 +657,8 @@ def epoch_report(parts: TrainingParts, summary: dict[str, float], images_per_s: 
 
 
 def save_final(parts: TrainingParts, ctx: WorkerContext, tracker) -> None:
-    """Rank 0: ``model_final.pt`` (and the best weights) for ``lsnet predict``, logged to MLflow."""
+    """Rank 0: ``model_final.pt`` (and the best weights) for ``lsnet predict``, logged to MLflow with
+    PNG curves of the run (``curves/loss.png``, ``curves/<AP>.png``)."""
     from lsnet.engine import checkpoint_state, save_checkpoint
 
     if ctx.rank != 0:
@@ -665,9 +666,13 @@ def save_final(parts: TrainingParts, ctx: WorkerContext, tracker) -> None:
     final = save_checkpoint(checkpoint_state(parts.model, state=parts.state, extra=parts.checkpoint_metadata(),
                                              include_rng=False), ctx.run_dir / "model_final.pt")
     if tracker is not None:
+        from pipelines.plots import run_curve_plots
+
         tracker.log_artifact(final, "checkpoints")
         if (ctx.run_dir / "model_best.pt").exists():
             tracker.log_artifact(ctx.run_dir / "model_best.pt", "checkpoints")
+        for png in run_curve_plots(ctx.run_dir, parts.cfg.primary_metric, LOSS_KEYS):
+            tracker.log_artifact(png, "curves")
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -884,9 +889,13 @@ class TrainingOutcome:
 
 
 def run_training(cfg: ExperimentConfig, *, address: str | None = None, run_name: str | None = None,
-                 verbose: bool = True) -> TrainingOutcome:
+                 verbose: bool = True, callbacks: list | None = None,
+                 extra_tags: dict[str, str] | None = None) -> TrainingOutcome:
     """Train ``cfg`` with a Ray Train ``TorchTrainer``; connects to ``address`` (``auto``,
-    ``ray://host:10001``) or starts/uses a local Ray."""
+    ``ray://host:10001``) or starts/uses a local Ray.
+
+    ``callbacks``: Ray Train run callbacks (a Tune trial passes ``TuneReportCallback()``);
+    ``extra_tags``: more MLflow tags of the run (a trial's parent run id and searched values)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
@@ -922,10 +931,13 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None, run_name:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     start_ray(address=address, verbose=verbose)  # no-op when Ray is up; a local Ray ends with this process
     check_cluster_resources(cfg)
-    tags = {"git_commit": git_commit(), "config_name": cfg.name or "",
+    from pipelines.tracking import mlflow_system_tags
+
+    commit = git_commit()
+    tags = {**mlflow_system_tags("lsnet train", commit), "git_commit": commit, "config_name": cfg.name or "",
             "dataset_manifest_sha256": manifest_hash(cfg.data.train_shards),
             "val_manifest_sha256": manifest_hash(cfg.data.val_shards) if cfg.data.val_shards else "none",
-            "task": cfg.model.task, **ray_job_ids()}
+            "task": cfg.model.task, **ray_job_ids(), **(extra_tags or {})}
     if cfg.tracking.enabled:
         from pipelines.tracking import prepare_sqlite_store, resolve_tracking_uri
 
@@ -941,7 +953,7 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None, run_name:
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
                                      resources_per_worker=cfg.run.resources_per_worker),
         run_config=RunConfig(
-            name=name, storage_path=storage,
+            name=name, storage_path=storage, callbacks=list(callbacks or []),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoint_keep,
                                                checkpoint_score_attribute="checkpoint_score",
@@ -950,8 +962,9 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None, run_name:
     )
 
     def end_mlflow_run(status: str) -> None:
-        if cfg.tracking.enabled and Journal.exists(run_dir):
+        if cfg.tracking.enabled and Journal.exists(run_dir) and Journal(run_dir).end_status() != "FINISHED":
             # The workers are gone: the driver ends the MLflow run (same run, same journal).
+            # (Not when rank 0 had finished: a Tune trial stopped right after its last report.)
             RunTracker(run_dir, background=False, verbose=verbose).close(status, final_flush_timeout_s=5)
 
     def interrupted() -> KeyboardInterrupt:

@@ -444,4 +444,7 @@ def test_engine_drives_the_real_lsnet():
           "categories": [{"id": 3, "name": "a"}, {"id": 7, "name": "b"}]}
     model.cfg.test.score_thr = 0.0  # a barely trained model: keep whatever it finds
     metrics = evaluate(model, [batch], gt, [3, 7], "bbox")
-    assert set(metrics) >= {"bbox_AP", "bbox_AP50"} and 0.0 <= metrics["bbox_AP"] <= 1.0
+    assert set(metrics) >= {"bbox_AP", "bbox_AP50"}
+    # Two steps from random weights already find something (measured: AP50 0.061, AR100 0.35, with
+    # the torch seed of conftest); with the label -> category mapping off by one: 0.016 / 0.05.
+    assert metrics["bbox_AP50"] > 0.02 and metrics["bbox_AR100"] > 0.15, str(metrics)
