@@ -36,6 +36,12 @@ def test_console_drops_ray_noise_and_colours_when_not_a_tty(monkeypatch):
     assert err.getvalue() == "(RayTrainWorker pid=5) [epoch 1/2] loss 1.0\n"
     assert out.getvalue() == "[epoch 1/2 step 1/4] loss 1.0\n"
     assert os.environ["RAY_COLOR_PREFIX"] == "0"  # Ray's "(pid=...)" prefixes without ANSI codes
+    ray_local.mute_actor_output("TrainController")  # after lsnet kills a run: its dying words are muted
+    print("(TrainController pid=9) Traceback (most recent call last):", file=sys.stderr)
+    print("(RayTrainWorker pid=5) still shown", file=sys.stderr)
+    sys.stderr.flush()
+    assert err.getvalue().endswith("loss 1.0\n(RayTrainWorker pid=5) still shown\n")
+    ray_local._MUTED.clear()
     records: list[str] = []
 
     class Keep(logging.Handler):
