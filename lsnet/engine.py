@@ -483,8 +483,12 @@ def evaluate_detailed(
         seen.add(image_id)
         image_ids.append(image_id)
         results.extend(records)
-    coco: CocoEvaluation = evaluate_coco_detailed(gt, results, iou_types or TASK_IOU_TYPES[task],
-                                                  image_ids=image_ids, backend=backend)
+    if iou_types is None:
+        iou_types = TASK_IOU_TYPES[task]
+        # pose with the box branch predicts person boxes of its own: evaluate them too (as the reference)
+        if task == "pose" and getattr(getattr(unwrap_model(model), "cfg", None), "pose_box_vectors", False):
+            iou_types = ("bbox", *iou_types)
+    coco: CocoEvaluation = evaluate_coco_detailed(gt, results, iou_types, image_ids=image_ids, backend=backend)
     return EvalResult(coco.metrics, coco.per_category, results, image_ids)
 
 

@@ -7,8 +7,8 @@ Per image (paper §4, mmdet test settings of the reference):
 2. Their refined vectors decode to landmarks with the max rule of Appendix A
    (:func:`lsnet.coding.decode_offsets`); landmarks are clipped to the image's valid region.
 3. The box of a detection is the min/max of its landmarks: exact for the 4 extreme points, the
-   polygon's box for contours, and for pose the box of the 17 predicted keypoints (the model
-   predicts no separate person box).
+   polygon's box for contours, and for pose the box of the 17 predicted keypoints -- or, with the
+   pose box branch (``model.pose_box_vectors``, on for obj-box), the box of its 4 box landmarks.
 4. Class-aware NMS (:func:`torchvision.ops.batched_nms`, IoU 0.6) over all levels, then the
    ``max_dets`` (100) highest scores.
 
@@ -43,13 +43,15 @@ def clip_points(points: Tensor, image_size: tuple[float, float]) -> Tensor:
 
 def select_candidates(cls_logits: Tensor, vectors: Tensor, anchors: Tensor, num_points_per_level: list[int],
                       image_size: tuple[float, float], score_thr: float = 0.05, pre_nms_topk: int = 1000,
-                      with_point_scores: bool = False) -> Detections:
+                      with_point_scores: bool = False, num_box_points: int = 0) -> Detections:
     """Steps 1–3 of the module docstring for one image (before NMS).
 
     Args:
         cls_logits: (P, C); vectors: (P, N, 4) refined vectors; anchors: (P, 2).
         num_points_per_level: level sizes splitting ``P``.
         image_size: (h, w) valid region.
+        num_box_points: the last this many landmarks are the pose box branch's: the box is theirs,
+            and they are not part of the detection's points.
     Returns:
         Detections (K candidates, all levels) in the image's pixel frame.
     """
@@ -70,8 +72,13 @@ def select_candidates(cls_logits: Tensor, vectors: Tensor, anchors: Tensor, num_
     labels = torch.cat(keep_labels)
     scores = torch.cat(keep_scores)
     points = clip_points(decode_offsets(vectors[idx], anchors[idx]), image_size)
+    if num_box_points:  # pose box branch: the box from its own landmarks, not from the keypoints
+        boxes = boxes_from_points(points[:, -num_box_points:])
+        points = points[:, :-num_box_points]
+    else:
+        boxes = boxes_from_points(points)
     point_scores = scores[:, None].expand(-1, points.shape[1]).clone() if with_point_scores else None
-    return Detections(boxes_from_points(points), scores, labels, points, point_scores)
+    return Detections(boxes, scores, labels, points, point_scores)
 
 
 def nms_detections(dets: Detections, iou_threshold: float = 0.6, max_dets: int = 100) -> Detections:
@@ -111,7 +118,7 @@ def postprocess(out: HeadOutputs, image_sizes, cfg: ModelConfig, image_shape: tu
     results = []
     for i in range(b):
         dets = select_candidates(out.cls_logits[i], out.vec_refine[i], out.anchors, out.num_points_per_level,
-                                 sizes[i], test.score_thr, test.pre_nms_topk, cfg.task == "pose")
+                                 sizes[i], test.score_thr, test.pre_nms_topk, cfg.task == "pose", cfg.num_box_points)
         results.append(nms_detections(dets, test.nms_iou, test.max_dets))
     return results
 
@@ -142,7 +149,7 @@ def predict_with_tta(model, images: Tensor, metas=None, flip: bool = False,
         flip: add horizontally flipped passes.
         scales: resize factors of the batch.
     """
-    from lsnet.transforms import hflip_points
+    from lsnet.transforms import hflip_boxes, hflip_points
 
     cfg: ModelConfig = model.cfg
     test = cfg.test
@@ -164,11 +171,17 @@ def predict_with_tta(model, images: Tensor, metas=None, flip: bool = False,
             out = model.forward_raw(x)
             for i in range(b):
                 d = select_candidates(out.cls_logits[i], out.vec_refine[i], out.anchors, out.num_points_per_level,
-                                      scaled_sizes[i], test.score_thr, test.pre_nms_topk, cfg.task == "pose")
+                                      scaled_sizes[i], test.score_thr, test.pre_nms_topk, cfg.task == "pose",
+                                      cfg.num_box_points)
                 points = d.points
                 if flipped:
                     points = hflip_points(points, scaled_sizes[i][1], cfg.task)
                 points = clip_points(points / points.new_tensor([sx, sy]), sizes[i])
-                candidates[i].append(Detections(boxes_from_points(points), d.scores, d.labels, points,
-                                                d.point_scores))
+                if cfg.num_box_points:  # the pose box branch's box, mapped back like the points
+                    boxes = hflip_boxes(d.boxes, scaled_sizes[i][1]) if flipped else d.boxes
+                    corners = boxes.reshape(-1, 2, 2) / boxes.new_tensor([sx, sy])
+                    boxes = clip_points(corners, sizes[i]).reshape(-1, 4)
+                else:
+                    boxes = boxes_from_points(points)
+                candidates[i].append(Detections(boxes, d.scores, d.labels, points, d.point_scores))
     return [nms_detections(cat_detections(c), test.nms_iou, test.max_dets) for c in candidates]

@@ -47,7 +47,10 @@ from lsnet.errors import InputError, LsnetError, one_line
 from pipelines.config import ExperimentConfig, config_from_dict, default_run_name, load_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-LOSS_KEYS = ("loss", "loss_cls", "loss_vec_init", "loss_vec_refine")
+LOSS_KEYS = ("loss", "loss_cls", "loss_vec_init", "loss_vec_refine", "loss_box_init", "loss_box_refine")
+#: per-step training metrics that are not losses: the mean IoU of the output boxes at the positives
+#: (paper Figure 4, lsnet.modeling.detector.compute_losses)
+STEP_METRIC_KEYS = ("pos_iou",)
 FAULT_MARKER = "fault_injected.marker"
 #: A worker that hits a data/config error (an LsnetError) writes it here (``rank{r}.json``); the driver
 #: stops the run at once instead of letting Ray spend ``run.max_failures`` restarts on it.
@@ -520,7 +523,8 @@ def step_logger(tracker, ctx: WorkerContext, parts: TrainingParts | None = None)
                                      images_per_s, parts.cfg.train.batch_size * ctx.world), flush=True)
         if tracker is None:
             return
-        metrics = {k: v for k, v in values.items() if k in LOSS_KEYS or k in ("lr", "grad_norm")}
+        metrics = {k: v for k, v in values.items()
+                   if k in LOSS_KEYS or k in STEP_METRIC_KEYS or k in ("lr", "grad_norm")}
         # the rank-0 rate times the number of workers (all ranks take the same number of steps)
         metrics["images_per_s"] = images_per_s
         if ctx.use_cuda:
@@ -615,7 +619,7 @@ class EpochRecorder:
                                  **{k: v for k, v in summary.items() if k != "images_per_s"},
                                  **eval_metrics}) + "\n")
         if self.tracker is not None:
-            epoch_metrics = {f"epoch_{k}": summary[k] for k in LOSS_KEYS if k in summary}
+            epoch_metrics = {f"epoch_{k}": summary[k] for k in LOSS_KEYS + STEP_METRIC_KEYS if k in summary}
             epoch_metrics.update(epoch=float(done), epoch_time_s=epoch_time,
                                  epoch_images_per_s=images_per_s, **eval_metrics)
             self.tracker.log_metrics(epoch_metrics, state.global_step)

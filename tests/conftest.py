@@ -54,3 +54,18 @@ def ray_session():
                  configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """A private real Ray head (`ray start --head`, token auth, loopback, private temp dir) shared by
+    tests/test_jobs.py and tests/test_ablations.py, stopped at the end of the session."""
+    from pipelines.jobs.head import LocalRayHead
+
+    head = LocalRayHead(num_cpus=2, start_timeout_s=300)
+    head.start()
+    try:
+        yield head
+    finally:
+        head.stop()
+        assert head.temp_dir is None

@@ -80,6 +80,10 @@ def test_schedules_are_the_papers_and_the_references():
                            ("pose_x101_dcn_60e_objbox.yaml", "60e")):
         cfg = load_config(CONFIG_DIR / path)
         assert (cfg.train.epochs, tuple(cfg.train.lr_steps)) == SCHEDULES[schedule], path
+    for path, task in (("bbox_r2_101_dcn_2x.yaml", "bbox"), ("segm_r2_101_dcn_30e.yaml", "segm")):
+        r2 = load_config(CONFIG_DIR / path).model
+        assert (r2.task, r2.backbone, r2.pretrained, list(r2.dcn_stages), r2.dcn_type) == (
+            task, "res2net101d", "timm", [3, 4, 5], "v2")
     ft = load_config(CONFIG_DIR / "pose_x101_dcn_kpsbox_ft.yaml")
     assert (ft.train.epochs, ft.train.lr_steps, ft.model.pose_box) == (24, (12, 20), "kps")
     assert ft.train.init_from.endswith("pose_x101_dcn_60e_objbox/best.pt")

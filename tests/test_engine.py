@@ -302,7 +302,8 @@ def test_fit_resume_matches_straight_fit(tmp_path):
 def test_fit_steps_with_the_global_batch_lr_times_the_schedule():
     """The lr of every optimiser step of fit() is scaled_lr(cfg, global_batch) x lr_factor(step), in
     every parameter group; without global_batch the global batch is cfg.batch_size (one worker)."""
-    cfg = _cfg(epochs=2, lr_steps=(1,), warmup_iters=3)  # lr_per_16_images 0.4, batch_size 2
+    # lr_per_16_images 0.4, batch_size 2; two parameter groups (decay, no decay) so every group is checked
+    cfg = _cfg(epochs=2, lr_steps=(1,), warmup_iters=3, decay_norm_and_bias=False)
     for global_batch, base in ((8, 0.2), (None, 0.05)):
         assert scaled_lr(cfg, global_batch or cfg.batch_size) == pytest.approx(base)
         seen: list[list[float]] = []
@@ -448,3 +449,24 @@ def test_engine_drives_the_real_lsnet():
     # Two steps from random weights already find something (measured: AP50 0.061, AR100 0.35, with
     # the torch seed of conftest); with the label -> category mapping off by one: 0.016 / 0.05.
     assert metrics["bbox_AP50"] > 0.02 and metrics["bbox_AR100"] > 0.15, str(metrics)
+
+
+def test_pose_with_the_box_branch_is_evaluated_on_boxes_and_keypoints():
+    modeling = pytest.importorskip("lsnet.modeling")
+    kw = {"task": "pose", "num_classes": 1, "backbone": "resnet18", "pretrained": None, "fpn_channels": 32,
+          "head_channels": 32, "head_convs": 1, "norm_groups": 8}
+    gen = torch.Generator().manual_seed(0)
+    kps = torch.rand(1, 17, 2, generator=gen) * 30 + 10
+    target = LandmarkTargets(torch.tensor([[8.0, 6.0, 44.0, 50.0]]), torch.tensor([0]), kps,
+                             torch.ones(1, 17, dtype=torch.bool), torch.zeros(1, dtype=torch.bool))
+    batch = Batch(torch.randn(1, 3, 64, 64, generator=gen), [target], [ImageMeta(1, (64, 64), (64, 64), (1.0, 1.0))])
+    flat = torch.cat([kps[0], torch.full((17, 1), 2.0)], dim=1).reshape(-1).tolist()
+    gt = {"images": [{"id": 1, "height": 64, "width": 64}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": 1584.0,
+                           "bbox": [8.0, 6.0, 36.0, 44.0], "keypoints": flat, "num_keypoints": 17}],
+          "categories": [{"id": 1, "name": "person", "keypoints": [str(i) for i in range(17)], "skeleton": []}]}
+    for pose_box, expected in (("obj", {"bbox_AP", "kp_AP"}), ("kps", {"kp_AP"})):
+        model = modeling.build_model(modeling.ModelConfig(pose_box=pose_box, **kw))
+        model.cfg.test.score_thr = 0.0
+        metrics = evaluate(model, [batch], gt, [1], "pose")
+        assert {k for k in metrics if k in ("bbox_AP", "kp_AP")} == expected, pose_box

@@ -16,7 +16,8 @@ def reference() -> dict:
 def test_outputs_equal_the_recorded_reference(task, reference):
     torch.set_num_threads(1)  # the reference was recorded single-threaded (same reduction order)
     ref, now = reference[task], compute(task)
-    assert sorted(now) == sorted(ref)
+    # everything recorded is still there; the only addition since is the Figure-4 metric pos_iou
+    assert set(ref) <= set(now) and set(now) - set(ref) <= {"pos_iou"}, sorted(set(now) ^ set(ref))
     for key in ("cls_logits", "vec_init", "vec_refine"):
         torch.testing.assert_close(now[key], ref[key], rtol=1e-4, atol=1e-5, msg=f"{task} {key}")
     for key in ("loss_cls", "loss_vec_init", "loss_vec_refine", "loss"):
@@ -46,3 +47,49 @@ def test_the_reference_is_sensitive(reference, monkeypatch):
     ref, now = reference["bbox"], compute("bbox")
     assert not torch.allclose(now["cls_logits"], ref["cls_logits"], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(now["loss"], ref["loss"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode, expected", [("PP", [2, 3, 3, 3, 2]), ("PE", [1, 1, 1, 1, 1])])
+def test_sample_landmarks_sums_the_levels_it_samples(mode, expected):
+    """PP samples a level and its neighbours, PE the level alone; the result is the sum of the
+    per-level samples of :func:`sample_features` (the mean's 1/n is applied to the kernel)."""
+    from lsnet.modeling.head import LSNetHead, sample_features
+
+    head = LSNetHead(8, 3, 4, channels=8, num_convs=1, norm_groups=4, feature_mode=mode)
+    g = torch.Generator().manual_seed(0)
+    towers = [torch.randn(1, 8, 128 // s, 128 // s, generator=g) for s in head.strides]
+    for level, s in enumerate(head.strides):
+        h = w = 128 // s
+        positions = torch.rand(1, h * w, 9, 2, generator=g) * 128
+        sampled, n = head.sample_landmarks(towers, level, positions, (h, w))
+        assert n == expected[level]
+        sources = range(level - 1, level + 2) if mode == "PP" else [level]
+        manual = sum(sample_features(towers[m], positions, head.strides[m], (h, w))
+                     for m in sources if 0 <= m < len(towers))
+        torch.testing.assert_close(sampled, manual)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_benchmark_times_the_sampling_of_both_towers_on_every_level(train, monkeypatch):
+    """``lsnet bench model``'s floor: every level is sampled for both towers, with a backward
+    pass (to the features and the kernel positions) only when timing training."""
+    from lsnet.benchmarks.model import _landmark_sampling
+    from lsnet.modeling.head import LSNetHead
+
+    head = LSNetHead(8, 3, 4, channels=8, num_convs=1, norm_groups=4)
+    calls, grads = [], []
+    original = LSNetHead.sample_landmarks
+
+    def counting(self, towers, level, positions, out_hw):
+        sampled, n = original(self, towers, level, positions, out_hw)
+        calls.append(level)
+        if train:
+            assert sampled.requires_grad
+            sampled.register_hook(lambda grad: grads.append(level))
+        return sampled, n
+
+    monkeypatch.setattr(LSNetHead, "sample_landmarks", counting)
+    wall, cpu = _landmark_sampling(head, batch=1, image_size=128, train=train, seed=0)
+    assert sorted(calls) == sorted(list(range(5)) * 2)
+    assert sorted(grads) == (sorted(calls) if train else [])
+    assert wall > 0 and cpu >= 0

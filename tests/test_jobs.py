@@ -237,20 +237,6 @@ def test_schedule_without_cron_is_an_error(capsys):
 
 
 @pytest.fixture(scope="session")
-def ray_head():
-    """One private Ray head for the module (token auth, loopback, private temp dir), stopped at the end."""
-    from pipelines.jobs.head import LocalRayHead
-
-    head = LocalRayHead(num_cpus=2, start_timeout_s=300)
-    head.start()
-    try:
-        yield head
-    finally:
-        head.stop()
-        assert head.temp_dir is None
-
-
-@pytest.fixture(scope="session")
 def synth_data(tmp_path_factory):
     """A synthetic set of 4 images of 64 px."""
     from lsnet.data.synthetic import write_synthetic_coco

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from lsnet.mask_study import mask_study, polar_points
+from lsnet.mask_study import PROTOCOLS, mask_study, per_part_polygons, polar_points
 
 
 def test_polar_points_hand_values():
@@ -72,21 +72,40 @@ def test_mask_study_orders_representations_on_concave_shapes(concave_coco):
     study = mask_study(concave_coco, num_points=(18, 36, 72), polar_rays=36, include_gt=True)
     res = study["results"]
     assert study["num_images"] == 3 and study["num_instances"] == 5  # the crowd C is not a prediction
+    assert study["num_multipart"] == 1
     assert res["gt"]["AP"] == 1.0 and res["gt"]["mean_iou"] == 1.0
-    iou = {n: res[f"contour_{n}"]["mean_iou"] for n in (18, 36, 72)}
-    assert iou[18] < iou[36] < iou[72] <= 1.0
-    assert res["contour_18"]["AP"] <= res["contour_36"]["AP"] <= res["contour_72"]["AP"]
+    for protocol in PROTOCOLS:
+        iou = {n: res[f"{protocol}_{n}"]["mean_iou"] for n in (18, 36, 72)}
+        assert iou[18] < iou[36] < iou[72] <= 1.0, protocol
+    iou = {n: res[f"total_{n}"]["mean_iou"] for n in (18, 36, 72)}
+    assert res["total_18"]["AP"] <= res["total_36"]["AP"] <= res["total_72"]["AP"]
     assert iou[72] > 0.97
     # rays from the mass centre cannot follow the arms of a U or a C: they fill the cavity
     assert res["polar_36"]["mean_iou"] < iou[36] - 0.05
-    assert res["polar_36"]["AP"] < res["contour_36"]["AP"]
+    assert res["polar_36"]["AP"] < res["total_36"]["AP"]
 
 
-def test_mask_study_largest_part_loses_the_other_parts(concave_coco):
-    per_part = mask_study(concave_coco, num_points=(72,), polar_rays=None, multipart="per_part")["results"]
-    largest = mask_study(concave_coco, num_points=(72,), polar_rays=None, multipart="largest")["results"]
-    assert "polar_36" not in per_part
-    assert largest["contour_72"]["mean_iou"] < per_part["contour_72"]["mean_iou"]
+def test_the_three_multipart_protocols(concave_coco):
+    res = mask_study(concave_coco, num_points=(18, 72), polar_rays=None)["results"]
+    assert "polar_36" not in res
+    # with enough points, the largest part (which loses the C of the U + C object) is worst; at 18
+    # points the bridged total (15 points shared by a U and a C) can lose as much as dropping the C
+    assert res["largest_72"]["mean_iou"] < min(res["total_72"]["mean_iou"], res["per_part_72"]["mean_iou"])
+    assert res["largest_18"]["mean_iou"] < res["per_part_18"]["mean_iou"]
+    with pytest.raises(ValueError, match="unknown mask-study protocol"):
+        mask_study(concave_coco, num_points=(18,), protocols=("all",))
+
+
+def test_per_part_polygons_hand_values():
+    square = np.array([[0.0, 0.0], [0.0, 8.0], [8.0, 8.0], [8.0, 0.0]])  # counter-clockwise on screen
+    tiny = np.array([[20.0, 20.0], [22.0, 20.0], [22.0, 22.0]])  # area 2 px²: dropped
+    small = np.array([[30.0, 0.0], [34.0, 0.0], [34.0, 4.0], [30.0, 4.0]])
+    polys = per_part_polygons([square, tiny, small], 4)
+    assert len(polys) == 2
+    # clockwise from the first vertex, every perimeter / 4 (= a corner here)
+    np.testing.assert_allclose(polys[0], [[8, 0], [8, 8], [0, 8], [0, 0]])  # reversed: from the last vertex
+    np.testing.assert_allclose(per_part_polygons([small], 8)[0][:3], [[30, 0], [32, 0], [34, 0]])
+    assert len(per_part_polygons([tiny], 4)) == 1  # only tiny parts: the largest one stays
 
 
 @pytest.mark.tiny_coco
@@ -99,5 +118,6 @@ def test_mask_study_on_a_tiny_coco_subset(tiny_coco_dir, tmp_path):
     path.write_text(json.dumps(data))
     res = mask_study(path, num_points=(18, 72), polar_rays=36, include_gt=True)["results"]
     assert res["gt"]["AP"] == 1.0
-    assert 0.6 < res["contour_18"]["AP"] < res["contour_72"]["AP"] <= 1.0
-    assert res["polar_36"]["mean_iou"] < res["contour_72"]["mean_iou"]
+    assert 0.6 < res["total_18"]["AP"] < res["total_72"]["AP"] <= 1.0
+    assert res["largest_18"]["AP"] <= res["total_18"]["AP"] <= res["per_part_18"]["AP"]
+    assert res["polar_36"]["mean_iou"] < res["total_72"]["mean_iou"]

@@ -14,7 +14,7 @@ from torchvision.ops import FrozenBatchNorm2d, deform_conv2d
 from lsnet.config import ConfigError, from_dict
 from lsnet.inference import postprocess, predict_with_tta
 from lsnet.modeling import HeadOutputs, ModelConfig, build_model
-from lsnet.modeling.backbone import PretrainedWeightsError, ResNetBackbone
+from lsnet.modeling.backbone import DeformableConv, PretrainedWeightsError, ResNetBackbone
 from lsnet.modeling.head import default_dcn_point_indices, kernel_points, sample_features
 from lsnet.structures import LandmarkTargets
 
@@ -126,7 +126,8 @@ def test_training_step_losses(task):
     targets = [make_targets(task, n, [[10, 12, 70, 80], [60, 20, 120, 60]], [0, 2]),
                make_targets(task, n, [[5, 30, 75, 120]], [1])]
     losses = model(images, targets)
-    assert set(losses) == {"loss_cls", "loss_vec_init", "loss_vec_refine", "loss"}
+    assert set(losses) == {"loss_cls", "loss_vec_init", "loss_vec_refine", "loss", "pos_iou"}
+    assert 0 <= losses.pop("pos_iou") <= 1
     for v in losses.values():
         assert v.dim() == 0 and torch.isfinite(v)
     # cross-IOU losses lie in [0, 1]; the total is L_cls + 1·L_vec1 + 2·L_vec2
@@ -444,9 +445,9 @@ def test_postprocess_hand_computed():
     assert sorted(postprocess(out, None, cfg, (48, 48))[0].scores.tolist()) == pytest.approx([0.8, 0.9])
 
 
-@pytest.mark.parametrize("task", ["bbox", "pose"])
-def test_tta_identity_and_flip_equivariance(task):
-    cfg = tiny_cfg(task)
+@pytest.mark.parametrize("task,pose_box", [("bbox", "kps"), ("pose", "kps"), ("pose", "obj")])
+def test_tta_identity_and_flip_equivariance(task, pose_box):
+    cfg = tiny_cfg(task, pose_box=pose_box)
     cfg.test.score_thr = 0.0
     cfg.test.max_dets = 20
     model = build_model(cfg).eval()
@@ -463,6 +464,9 @@ def test_tta_identity_and_flip_equivariance(task):
     b = predict_with_tta(model, images.flip(-1), None, flip=True)[0]
     assert torch.allclose(a.scores, b.scores)
     assert torch.allclose(hflip_points(a.points, 128, task), b.points, atol=1e-4)
+    from lsnet.transforms import hflip_boxes
+
+    assert torch.allclose(hflip_boxes(a.boxes, 128), b.boxes, atol=1e-4)
     # multi-scale: one NMS over the union of the scales' candidates, so every merged detection is one
     # of a single-scale run's (same score, same points) and the best of them all survives. (Where
     # each scale maps its points back to: test_tta_multiscale_maps_back_to_image_pixels.)
@@ -547,3 +551,114 @@ def test_cpu_and_cuda_give_the_same_loss():
     gpu = model.cuda()(images.cuda(), [t.to("cuda") for t in targets])
     for k in cpu:
         assert torch.allclose(cpu[k], gpu[k].cpu(), atol=1e-4), k
+
+
+def test_dcnv2_is_torchvision_modulated_deform_conv_and_starts_at_half_the_conv():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=False)
+    x = torch.randn(2, 6, 11, 13)
+    v1, v2 = DeformableConv(conv), DeformableConv(conv, modulated=True)
+    assert v2.offset.out_channels == 27 and v1.offset.out_channels == 18
+    torch.testing.assert_close(v1(x), conv(x), rtol=1e-5, atol=1e-5)
+    # zero-initialised as mmcv's ModulatedDeformConv2dPack: offsets 0, masks sigmoid(0) = 0.5
+    torch.testing.assert_close(v2(x), 0.5 * conv(x), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        v2.offset.weight.normal_(0, 0.1)
+        v2.offset.bias.normal_(0, 0.5)
+    out = v2.offset(x)
+    expected = deform_conv2d(x, out[:, :18], conv.weight, stride=2, padding=1, mask=torch.sigmoid(out[:, 18:]))
+    torch.testing.assert_close(v2(x), expected)
+    assert not torch.allclose(v2(x), 0.5 * conv(x), atol=1e-3)
+    v2(x).sum().backward()
+    assert v2.offset.weight.grad.abs().sum() > 0
+
+
+def test_dcn_type_is_selected_per_config():
+    model = build_model(tiny_cfg("bbox", dcn_stages=[4, 5], dcn_type="v2"))
+    dcns = [m for m in model.backbone.modules() if hasattr(m, "modulated")]
+    assert len(dcns) == 4 and all(m.modulated and m.offset.out_channels == 27 for m in dcns)
+    assert not any(hasattr(m, "modulated") for m in model.backbone.layer2.modules())
+    with pytest.raises(ValueError, match="dcn_type"):
+        ModelConfig(dcn_type="v3")
+
+
+def test_res2net_from_timm_with_dcn_frozen_stages_and_pretrained_handling(tmp_path, monkeypatch):
+    pytest.importorskip("timm")
+    from timm.models import _builder as timm_builder
+
+    torch.manual_seed(0)
+    bb = ResNetBackbone("res2net50_26w_4s", None, frozen_stages=1, norm_eval=True, dcn_stages=[3, 4, 5],
+                        dcn_type="v2").train()
+    assert bb.out_channels == [512, 1024, 2048]
+    # DCN in every 3x3 conv of every block of c3-c5 (3 scales per block), none in c2
+    for layer, blocks in ((bb.layer2, 4), (bb.layer3, 6), (bb.layer4, 3)):
+        assert sum(isinstance(m, DeformableConv) for m in layer.modules()) == 3 * blocks
+    assert not any(isinstance(m, DeformableConv) for m in bb.layer1.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in bb.modules())  # frozen BN
+    assert all(not p.requires_grad for p in bb.stem.parameters()) and all(not p.requires_grad for p in bb.layer1.parameters())
+    for m in bb.modules():  # timm zero-initialises each block's last BN scale: no gradient would flow
+        if "FrozenBatchNorm2d" in type(m).__name__:
+            m.weight.fill_(1.0)
+    x = torch.randn(1, 3, 64, 64)
+    c3, c4, c5 = bb(x)
+    assert (c3.shape[-1], c4.shape[-1], c5.shape[-1]) == (8, 4, 2)
+    (c3.mean() + c4.mean() + c5.mean()).backward()
+    assert bb.layer2[0].convs[0].offset.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in bb.stem.parameters())
+    # a local file in timm's key layout is accepted (the classifier is ignored); a wrong one is refused
+    import timm
+
+    source = timm.create_model("res2net50_26w_4s")
+    torch.save(source.state_dict(), tmp_path / "r2.pth")
+    loaded = ResNetBackbone("res2net50_26w_4s", str(tmp_path / "r2.pth"), dcn_stages=[5])
+    assert torch.equal(loaded.layer3[0].convs[1].weight, source.layer3[0].convs[1].weight)
+    assert torch.equal(loaded.layer4[0].convs[1].conv.weight, source.layer4[0].convs[1].weight)  # into the DCN
+    with pytest.raises(PretrainedWeightsError, match="do not fit res2net50d"):
+        ResNetBackbone("res2net50d", str(tmp_path / "r2.pth"))
+
+    # no network: one clear error naming the weights and how to supply a local file
+    def offline(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(timm_builder, "load_pretrained", offline)
+    with pytest.raises(PretrainedWeightsError) as err:
+        ResNetBackbone("res2net50d", "timm")
+    assert "timm/res2net50d" in str(err.value) and "model.pretrained" in str(err.value)
+    with pytest.raises(PretrainedWeightsError, match="for the timm backbones"):
+        ResNetBackbone("resnet18", "timm")
+
+
+def test_pose_box_branch_config_loss_and_decoding():
+    from lsnet.inference import select_candidates
+    from lsnet.modeling.detector import with_box_landmarks
+
+    assert tiny_cfg("pose", pose_box="obj").pose_box_vectors and not tiny_cfg("pose").pose_box_vectors
+    with pytest.raises(ValueError, match="pose task only"):
+        tiny_cfg("bbox", pose_box_vectors=True)
+    cfg = tiny_cfg("pose", pose_box="obj")
+    model = build_model(cfg).train()
+    assert model.head.num_points == 21 and model.head.point_indices == [0, 2, 4, 6, 8, 10, 12, 14, 16]
+    # targets: the box's edge midpoints appended (top, left, bottom, right), always visible
+    t = make_targets("pose", 17, [[10, 12, 70, 80]], [0])
+    ext = with_box_landmarks(t)
+    assert ext.points[0, 17:].tolist() == [[40, 12], [10, 46], [40, 80], [70, 46]] and ext.visible[0, 17:].all()
+    # a person without labelled keypoints (obj-box keeps it): no keypoint loss, a box loss
+    images, _ = two_image_batch()
+    unlabelled = make_targets("pose", 17, [[10, 12, 70, 80]], [0])
+    unlabelled.visible[:] = False
+    losses = model(images, [unlabelled, make_targets("pose", 17, [], [])])
+    assert losses["loss_vec_init"] == 0 and losses["loss_vec_refine"] == 0
+    assert losses["loss_box_init"] > 0 and losses["loss_box_refine"] > 0
+    lc = cfg.loss
+    expected = (losses["loss_cls"] + lc.box_beta * losses["loss_box_init"] + lc.box_gamma * losses["loss_box_refine"])
+    assert torch.allclose(losses["loss"], expected) and (lc.box_beta, lc.box_gamma) == (0.1, 0.2)
+    losses["loss"].backward()
+    assert model.head.init_out.weight.grad[17 * 4:].abs().sum() > 0  # the box vectors learn
+    # decoding: the box comes from the 4 box landmarks, the 17 keypoints are the points
+    vectors = torch.zeros(1, 21, 4)
+    vectors[0, :17] = torch.tensor([2.0, 2.0, 2.0, 2.0])  # keypoints: a 2-px cluster at the anchor
+    vectors[0, 17:] = torch.tensor([[30.0, 0, 0, 0], [0, 0, 20.0, 0], [0, 40.0, 0, 0], [0, 0, 0, 25.0]])
+    dets = select_candidates(torch.tensor([[5.0]]), vectors, torch.tensor([[50.0, 60.0]]), [1], (200, 200),
+                             with_point_scores=True, num_box_points=4)
+    assert dets.points.shape == (1, 17, 2) and dets.point_scores.shape == (1, 17)
+    assert dets.boxes.tolist() == [[30.0, 30.0, 75.0, 100.0]]

@@ -20,7 +20,8 @@ from typing import Literal
 from lsnet.config import check_range
 from lsnet.structures import TASK_NUM_POINTS
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext101_64x4d")
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext101_64x4d",
+             "res2net50_26w_4s", "res2net101_26w_4s", "res2net50d", "res2net101d")
 #: Strides of P3..P7 (paper §3.1: FPN P3–P7, strides 8…128).
 FPN_STRIDES = (8, 16, 32, 64, 128)
 
@@ -36,8 +37,18 @@ class LossConfig:
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     centroid_scale: float = 4.0  # stage-1 assigner: object side ~ scale × stride on its level
+    #: pose with a box branch (ModelConfig.pose_box_vectors): weights of the stage-1 / stage-2 box
+    #: vector losses, as the reference's obj-box pose configs (0.1 / 0.2 beside 1 / 2 for keypoints)
+    box_beta: float = 0.1
+    box_gamma: float = 0.2
     atss_topk: int = 9  # stage-2 assigner (ATSS)
     atss_anchor_scale: float = 8.0
+    #: the loss of each stage's vectors (paper Table 2): "cross_iou" (lsnet.losses.vector_loss),
+    #: "giou" / "smooth_l1_box" on the box of the landmarks, "smooth_l1_points" on the landmarks;
+    #: the smooth-l1 losses are normalised by 4 x the stride of the positive's level.
+    init_loss: Literal["cross_iou", "giou", "smooth_l1_box", "smooth_l1_points"] = "cross_iou"
+    refine_loss: Literal["cross_iou", "giou", "smooth_l1_box", "smooth_l1_points"] = "cross_iou"
+    smooth_l1_beta: float = 1.0 / 9
 
     def __post_init__(self) -> None:
         for name in ("beta", "gamma", "focal_gamma"):
@@ -73,8 +84,11 @@ class ModelConfig:
     num_points: int | None = None
 
     # --- backbone (lsnet.modeling.backbone) ---
-    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext101_64x4d"] = "resnet50"
-    #: torchvision weights enum name ("ResNet50_Weights.IMAGENET1K_V1"), a local checkpoint path, or None.
+    #: torchvision ResNet/ResNeXt, or Res2Net from timm (res2net101d = the reference's R2-101 v1d)
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext101_64x4d", "res2net50_26w_4s",
+                      "res2net101_26w_4s", "res2net50d", "res2net101d"] = "resnet50"
+    #: torchvision weights enum name ("ResNet50_Weights.IMAGENET1K_V1"), "timm" (Res2Net: timm's
+    #: ImageNet weights), a local checkpoint path, or None.
     pretrained: str | None = None
     #: -1: nothing frozen; 0: the stem; k >= 1: the stem and stages 1..k (paper/mmdet: 1).
     frozen_stages: int = 1
@@ -82,6 +96,8 @@ class ModelConfig:
     norm_eval: bool = True
     #: ResNet stages (3, 4, 5 = c3..c5) whose 3x3 convs become deformable convolutions.
     dcn_stages: list[int] = field(default_factory=list)
+    #: "v1" deformable conv (DCN), "v2" modulated (DCNv2, the reference configs' choice).
+    dcn_type: Literal["v1", "v2"] = "v1"
 
     # --- FPN (lsnet.modeling.fpn) ---
     fpn_channels: int = 256
@@ -103,20 +119,41 @@ class ModelConfig:
     #: which 9 landmarks drive the DCN kernel for N != 4 (None: sampled uniformly, see head.py).
     dcn_point_indices: list[int] | None = None
     #: pose only, consumed by the data side (record_to_targets): assign samples by the box of the
-    #: labelled keypoints ("kps") or by the object box ("obj"). Predicted boxes are always the box
-    #: of the predicted keypoints.
+    #: labelled keypoints ("kps") or by the object box ("obj").
     pose_box: Literal["kps", "obj"] = "kps"
+    #: pose only: also predict the person box as 4 more vectors (to the box's edge midpoints, in the
+    #: extreme-point order top, left, bottom, right) with their own cross-IOU loss (weights
+    #: loss.box_beta / box_gamma); detections take their box from them. An obj-box person's box is not
+    #: the box of its keypoints (or it has none labelled), so None = on for "obj", off for "kps" --
+    #: as the reference, which has the box branch in its obj-box pose head only.
+    pose_box_vectors: bool | None = None
+    #: bbox only (Table 2): the 4 landmarks are the extreme points ("extreme") or the midpoints of
+    #: the box edges ("box": the rectangle itself, top/left/bottom/right like the extreme points).
+    target_style: Literal["extreme", "box"] = "extreme"
+    #: False: stage-1-only model (Table 2) — no refinement loss, detections from the stage-1 vectors.
+    refine: bool = True
 
     loss: LossConfig = field(default_factory=LossConfig)
     test: TestConfig = field(default_factory=TestConfig)
 
+    @property
+    def num_box_points(self) -> int:
+        """Landmarks the head predicts after the task's N for the person box (0 or 4)."""
+        return 4 if self.pose_box_vectors else 0
+
     def __post_init__(self) -> None:
         if self.num_points is None:
             self.num_points = TASK_NUM_POINTS[self.task]
+        if self.pose_box_vectors is None:
+            self.pose_box_vectors = self.task == "pose" and self.pose_box == "obj"
+        if self.pose_box_vectors and self.task != "pose":
+            raise ValueError("model.pose_box_vectors is for the pose task only")
         if self.task == "bbox" and self.num_points != 4:
             raise ValueError(f"model.num_points: the bbox task uses the 4 extreme points, got {self.num_points}")
         if self.task == "pose" and self.num_points != 17:
             raise ValueError(f"model.num_points: the pose task uses the 17 COCO keypoints, got {self.num_points}")
+        if self.target_style == "box" and self.task != "bbox":
+            raise ValueError(f"model.target_style: 'box' is a bbox target, not for task {self.task!r}")
         if self.num_points < 4:
             raise ValueError(f"model.num_points must be >= 4, got {self.num_points}")
         if self.num_classes < 1:
@@ -126,6 +163,8 @@ class ModelConfig:
         self.strides = tuple(self.strides)
         if self.backbone not in BACKBONES:
             raise ValueError(f"model.backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        if self.dcn_type not in ("v1", "v2"):
+            raise ValueError(f"model.dcn_type must be 'v1' (DCN) or 'v2' (modulated DCNv2), got {self.dcn_type!r}")
         bad = [s for s in self.dcn_stages if s not in (3, 4, 5)]
         if bad:
             raise ValueError(f"model.dcn_stages: stages are 3, 4, 5 (c3..c5), got {list(self.dcn_stages)}")

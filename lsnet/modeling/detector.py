@@ -22,19 +22,24 @@ without any object finite.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
-from lsnet.assigners import assign_atss, assign_centroid
-from lsnet.coding import encode_offsets
-from lsnet.losses import vector_loss
+from lsnet.assigners import _pairwise_iou_aligned, assign_atss, assign_centroid
+from lsnet.coding import decode_offsets, encode_offsets
+from lsnet.losses import giou_box_loss, smooth_l1_box_loss, smooth_l1_point_loss, vector_loss
 from lsnet.modeling.backbone import ResNetBackbone
 from lsnet.modeling.config import ModelConfig
 from lsnet.modeling.fpn import FPN
-from lsnet.modeling.head import HeadOutputs, LSNetHead
+from lsnet.modeling.head import HeadOutputs, LSNetHead, default_dcn_point_indices
 from lsnet.structures import Detections, LandmarkTargets
+
+#: LSNetHead members that only produce the refined vectors (frozen in stage-1-only models).
+REFINE_BRANCH = ("anchor_conv_reg", "landmark_weight_reg", "norm_reg", "refine_out")
 
 
 def mean_over_workers(value: float, device: torch.device) -> Tensor:
@@ -54,6 +59,58 @@ def _gather_positives(labels: Tensor, target: LandmarkTargets, anchors: Tensor):
     return pos, gt, vectors
 
 
+def with_box_landmarks(t: LandmarkTargets) -> LandmarkTargets:
+    """Pose targets with the person box appended as 4 always-visible landmarks: the midpoints of its
+    top, left, bottom and right edges (the extreme points of a box), for the pose box branch."""
+    x1, y1, x2, y2 = t.boxes.unbind(1)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    box_points = torch.stack([torch.stack([cx, y1], 1), torch.stack([x1, cy], 1),
+                              torch.stack([cx, y2], 1), torch.stack([x2, cy], 1)], dim=1)
+    visible = torch.ones(t.visible.shape[0], 4, dtype=torch.bool, device=t.visible.device)
+    return LandmarkTargets(t.boxes, t.labels, torch.cat([t.points, box_points.to(t.points.dtype)], 1),
+                           torch.cat([t.visible, visible], 1), t.iscrowd)
+
+
+def box_style_targets(t: LandmarkTargets) -> LandmarkTargets:
+    """The rectangle as 4 landmarks (Table 2 'rectangle'): the midpoints of the top, left, bottom and
+    right edges of each box — the order of the extreme points, and the same box when decoded."""
+    x1, y1, x2, y2 = t.boxes.unbind(-1)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    points = torch.stack([torch.stack([cx, y1], -1), torch.stack([x1, cy], -1),
+                          torch.stack([cx, y2], -1), torch.stack([x2, cy], -1)], dim=1)
+    return LandmarkTargets(t.boxes, t.labels, points, torch.ones_like(t.visible), t.iscrowd)
+
+
+def points_box(points: Tensor) -> Tensor:
+    """(P, N, 2) landmarks -> (P, 4) their enclosing box ``x1, y1, x2, y2``."""
+    return torch.cat([points.amin(dim=-2), points.amax(dim=-2)], dim=-1)
+
+
+def stage_loss(kind: str, pred: Tensor, target: Tensor, visible: Tensor, boxes: Tensor, anchors: Tensor,
+               strides: Tensor, norm: Tensor, cfg: ModelConfig) -> Tensor:
+    """One stage's vector loss (``LossConfig.init_loss`` / ``refine_loss``), summed and divided by ``norm``.
+
+    Args: pred/target (P, N, 4) vectors (target unsoftened), visible (P, N), boxes (P, 4) GT boxes,
+    anchors (P, 2), strides (P,) of each positive's level.
+    """
+    lc = cfg.loss
+    if kind == "cross_iou":
+        return vector_loss(pred, target, visible if cfg.task == "pose" else None, form=lc.vector_loss_form,
+                           alpha=lc.alpha, reduction="mean", avg_factor=norm, anchors=anchors, gt_boxes=boxes,
+                           task=cfg.task)
+    pred_points, gt_points = decode_offsets(pred, anchors), decode_offsets(target, anchors)
+    scale = 4.0 * strides  # the RepPoints normaliser: a loss of the same size on every level
+    if kind == "smooth_l1_points":
+        return smooth_l1_point_loss(pred_points, gt_points, scale, lc.smooth_l1_beta,
+                                    visible if cfg.task == "pose" else None, avg_factor=norm)
+    pred_box, gt_box = points_box(pred_points), points_box(gt_points)
+    if kind == "giou":
+        return giou_box_loss(pred_box, gt_box, avg_factor=norm)
+    if kind == "smooth_l1_box":
+        return smooth_l1_box_loss(pred_box, gt_box, scale, lc.smooth_l1_beta, avg_factor=norm)
+    raise ValueError(f"unknown vector loss {kind!r}")
+
+
 def compute_losses(out: HeadOutputs, targets: list[LandmarkTargets], cfg: ModelConfig) -> dict[str, Tensor]:
     """The LSNet losses of one batch (see the module docstring).
 
@@ -61,8 +118,12 @@ def compute_losses(out: HeadOutputs, targets: list[LandmarkTargets], cfg: ModelC
         out: head outputs for B images.
         targets: B targets in the pixel frame of the images.
     Returns:
-        ``{"loss_cls", "loss_vec_init", "loss_vec_refine", "loss"}``; the first three are the
-        normalised, *unweighted* terms, ``loss`` the weighted total to backpropagate.
+        ``{"loss_cls", "loss_vec_init", "loss_vec_refine", "loss", "pos_iou"}`` (+ ``loss_box_init``,
+        ``loss_box_refine`` with the pose box branch); the loss terms are normalised and *unweighted*,
+        ``loss`` the weighted total to backpropagate, ``pos_iou`` (no gradient) the mean IoU of the
+        output boxes at the ATSS positives with their objects' boxes (Figure 4; 0 without positives).
+        Stage-1-only models (``cfg.refine=False``) have ``loss_vec_refine = 0`` and their output boxes
+        are the stage-1 ones.
     """
     lc = cfg.loss
     logits = out.cls_logits
@@ -74,9 +135,17 @@ def compute_losses(out: HeadOutputs, targets: list[LandmarkTargets], cfg: ModelC
 
     cls_targets = torch.zeros_like(logits)
     valid = torch.ones(b, p, dtype=torch.bool, device=device)
-    stage = {1: ([], [], [], [], [], []), 2: ([], [], [], [], [], [])}  # pred, target, visible, boxes, anchors, count
+    # pred, target, visible, boxes, anchors, count, strides
+    stage = {1: ([], [], [], [], [], [], []), 2: ([], [], [], [], [], [], [])}
+    level_strides = torch.repeat_interleave(torch.tensor(strides, device=device, dtype=anchors.dtype),
+                                            torch.tensor(npl, device=device))
+    iou_sum = torch.zeros((), device=device)
     for i, t in enumerate(targets):
         t = t.to(device)
+        if cfg.target_style == "box":
+            t = box_style_targets(t)
+        if cfg.num_box_points:
+            t = with_box_landmarks(t)
         if t.num_points != out.vec_init.shape[2]:
             raise ValueError(f"targets of image {i} have {t.num_points} landmarks, the model predicts "
                              f"{out.vec_init.shape[2]}")
@@ -94,20 +163,36 @@ def compute_losses(out: HeadOutputs, targets: list[LandmarkTargets], cfg: ModelC
             bucket[3].append(t.boxes[gt])
             bucket[4].append(anchors[pos])
             bucket[5].append(pos.numel())
+            bucket[6].append(level_strides[pos])
             if k == 2 and pos.numel():
                 cls_targets[i, pos, t.labels[gt]] = 1.0
+                with torch.no_grad():
+                    output = (out.vec_refine if cfg.refine else out.vec_init)[i, pos].detach()
+                    if cfg.num_box_points:  # pose box branch: the output box is that of the box vectors
+                        output = output[:, cfg.num_points:]
+                    iou_sum = iou_sum + _pairwise_iou_aligned(
+                        points_box(decode_offsets(output.float(), anchors[pos])), t.boxes[gt]).sum()
 
     losses = {}
     norm = {k: mean_over_workers(sum(stage[k][5]), device) for k in (1, 2)}
     losses["loss_cls"] = sigmoid_focal_loss(logits[valid], cls_targets[valid], alpha=lc.focal_alpha,
                                             gamma=lc.focal_gamma, reduction="sum") / norm[2]
-    for k, name in ((1, "loss_vec_init"), (2, "loss_vec_refine")):
+    n = cfg.num_points
+    for k, name, kind in ((1, "loss_vec_init", lc.init_loss), (2, "loss_vec_refine", lc.refine_loss)):
+        if k == 2 and not cfg.refine:
+            losses[name] = torch.zeros((), device=device)
+            continue
         pred, target, visible, boxes, pos_anchors = (torch.cat(x, dim=0) for x in stage[k][:5])
-        losses[name] = vector_loss(
-            pred, target, visible if cfg.task == "pose" else None,
-            form=lc.vector_loss_form, alpha=lc.alpha, reduction="mean", avg_factor=norm[k],
-            anchors=pos_anchors, gt_boxes=boxes, task=cfg.task)
+        losses[name] = stage_loss(kind, pred[:, :n], target[:, :n], visible[:, :n], boxes, pos_anchors,
+                                  torch.cat(stage[k][6]), norm[k], cfg)
+        if cfg.num_box_points:  # the pose box branch: the box's 4 edge midpoints, as a bbox target
+            losses[name.replace("vec", "box")] = vector_loss(
+                pred[:, n:], target[:, n:], None, form=lc.vector_loss_form, alpha=lc.alpha, reduction="mean",
+                avg_factor=norm[k], anchors=pos_anchors, gt_boxes=boxes, task="bbox")
     losses["loss"] = losses["loss_cls"] + lc.beta * losses["loss_vec_init"] + lc.gamma * losses["loss_vec_refine"]
+    if cfg.num_box_points:
+        losses["loss"] = losses["loss"] + lc.box_beta * losses["loss_box_init"] + lc.box_gamma * losses["loss_box_refine"]
+    losses["pos_iou"] = iou_sum / max(sum(stage[2][5]), 1)
     return losses
 
 
@@ -118,18 +203,33 @@ class LSNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = ResNetBackbone(cfg.backbone, cfg.pretrained, cfg.frozen_stages, cfg.norm_eval,
-                                       cfg.dcn_stages)
+                                       cfg.dcn_stages, cfg.dcn_type)
         self.fpn = FPN(self.backbone.out_channels, cfg.fpn_channels, cfg.fpn_extra_source)
+        # pose box branch: 4 more vectors after the keypoints; the DCN kernel stays on keypoints
+        kernel = cfg.dcn_point_indices
+        if cfg.num_box_points and kernel is None:
+            kernel = default_dcn_point_indices(cfg.task, cfg.num_points)
         self.head = LSNetHead(
-            cfg.fpn_channels, cfg.num_classes, cfg.num_points, cfg.strides, cfg.head_channels, cfg.head_convs,
-            cfg.norm_groups, cfg.feature_mode, cfg.pyramid_fuse, cfg.dcn_offset_grad_scale,
-            cfg.dcn_point_indices, cfg.task)
+            cfg.fpn_channels, cfg.num_classes, cfg.num_points + cfg.num_box_points, cfg.strides, cfg.head_channels,
+            cfg.head_convs, cfg.norm_groups, cfg.feature_mode, cfg.pyramid_fuse, cfg.dcn_offset_grad_scale,
+            kernel, cfg.task)
+        if not cfg.refine:
+            # Stage-1-only (Table 2): the refinement branch gets no loss; frozen, it is left out of
+            # the optimiser and of DDP's gradient reduction (no unused-parameter errors).
+            for name in REFINE_BRANCH:
+                module = getattr(self.head, name, None)
+                if module is not None:
+                    module.requires_grad_(False)
 
     def forward_raw(self, images: Tensor) -> HeadOutputs:
-        """Head outputs for a (B, 3, H, W) normalised image batch."""
+        """Head outputs for a (B, 3, H, W) normalised image batch (stage-1-only models: the refined
+        vectors are the stage-1 vectors)."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
-        return self.head(self.fpn(self.backbone(images)))
+        out = self.head(self.fpn(self.backbone(images)))
+        if not self.cfg.refine:
+            out = dataclasses.replace(out, vec_refine=out.vec_init)
+        return out
 
     def forward(self, images: Tensor, targets: list[LandmarkTargets] | None = None,
                 image_sizes: list[tuple[int, int]] | None = None) -> dict[str, Tensor] | list[Detections]:

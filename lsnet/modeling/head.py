@@ -237,9 +237,15 @@ class LSNetHead(nn.Module):
         # Focal-loss prior (RetinaNet): every location starts as background with probability 1 - prior.
         nn.init.constant_(self.cls_out.bias, -math.log((1 - prior_prob) / prior_prob))
 
-    def _landmark_feature(self, towers: list[Tensor], weight: Tensor, level: int, positions: Tensor,
-                          out_hw: tuple[int, int]) -> Tensor:
-        """Landmark feature (B, C_out, H·W) of level ``level`` (steps 3–4 of the module doc)."""
+    def sample_landmarks(self, towers: list[Tensor], level: int, positions: Tensor,
+                         out_hw: tuple[int, int]) -> tuple[Tensor, int]:
+        """The sampling of steps 3–4 of the module doc: the tower features at the 9 kernel positions
+        ``positions`` (B, H·W, 9, 2) of level ``level``, summed over the sampled levels (``level``
+        alone for PE; ``level`` and its neighbours for PP).
+
+        Returns:
+            (B, C·9, H·W) summed samples and the number of sampled levels.
+        """
         if self.feature_mode == "PP":
             sources = [m for m in (level - 1, level, level + 1) if 0 <= m < len(towers)]
         else:
@@ -248,10 +254,20 @@ class LSNetHead(nn.Module):
         for m in sources:
             s = sample_features(towers[m], positions, self.strides[m], out_hw)
             sampled = s if sampled is None else sampled.add_(s)
-        if self.pyramid_fuse == "mean" and len(sources) > 1:
-            sampled = sampled.mul_(1.0 / len(sources))
-        # the convolution is linear: kernel(mean of sampled levels) = mean of the per-level DCNs
-        return torch.matmul(weight.reshape(weight.shape[0], -1), sampled)
+        return sampled, len(sources)
+
+    def _landmark_feature(self, towers: list[Tensor], weight: Tensor, level: int, positions: Tensor,
+                          out_hw: tuple[int, int]) -> Tensor:
+        """Landmark feature (B, C_out, H·W) of level ``level`` (steps 3–4 of the module doc)."""
+        sampled, num_sources = self.sample_landmarks(towers, level, positions, out_hw)
+        # The convolution is linear: kernel(mean of sampled levels) = mean of the per-level DCNs, and
+        # the mean's 1/num_sources goes on the small kernel rather than on the (B, C·9, H·W) samples.
+        kernel = weight.reshape(weight.shape[0], -1)
+        if self.pyramid_fuse == "mean" and num_sources > 1:
+            kernel = kernel * (1.0 / num_sources)
+        # bmm, not matmul: matmul folds a 2-D @ 3-D product by transposing the samples, a full copy
+        # of the largest tensor of the head (and another for its gradient).
+        return torch.bmm(kernel.expand(sampled.shape[0], -1, -1), sampled)
 
     def forward(self, feats: list[Tensor]) -> HeadOutputs:
         if len(feats) != len(self.strides):

@@ -1,1 +1,68 @@
-"""`lsnet ablation` (being written)."""
+"""``lsnet ablation run|render TABLE...`` (pipelines/ablations/runner.py; specs in jobs/ablations/)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lsnet.config import ConfigError
+
+DEFAULT_OUT = "results/ablations"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True)
+    for action in ("run", "render"):
+        p = sub.add_parser(action, help={"run": "train the variants and render the table",
+                                         "render": "re-render from MLflow runs (no training)"}[action])
+        p.add_argument("tables", nargs="+", help="table names (jobs/ablations/NAME.yaml) or spec paths")
+        p.add_argument("--scale", default="tiny", choices=["tiny", "small", "full"])
+        p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+        p.add_argument("--tracking-uri", default=None,
+                       help="MLflow store (default $MLFLOW_TRACKING_URI, else sqlite:///<out>/mlflow.db)")
+        p.add_argument("--experiment", default=None, help="MLflow experiment (default: the spec's)")
+        p.add_argument("--fail-on-regression", action="store_true",
+                       help="exit 1 when a variant regressed beyond the spec's tolerance")
+        if action == "run":
+            p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                           help="config override applied to every variant")
+            p.add_argument("--address", default=None, help="Ray address for the training runs")
+        else:
+            p.add_argument("--run", dest="parent", default=None, help="parent run id (default: latest finished)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except ConfigError as err:
+        print(f"lsnet ablation {args.action}: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from pipelines.ablations.runner import build_report, default_tracking_uri, run_ablation
+    from pipelines.ablations.spec import load_ablation_spec
+
+    specs = [load_ablation_spec(t) for t in args.tables]  # all validated before anything runs
+    for spec in specs:
+        spec.scale(args.scale, str(spec.name))
+    out = Path(args.out)
+    uri = args.tracking_uri or default_tracking_uri(out)
+    regressed = 0
+    for spec in specs:
+        if args.experiment:
+            spec = dataclasses.replace(spec, experiment=args.experiment)
+        if args.action == "run":
+            report = run_ablation(spec, args.scale, out, uri, args.overrides, args.address)
+        else:
+            report = build_report(spec, args.scale, uri, args.parent)
+            report.write(out / f"{spec.name}-{args.scale}")
+        print(report.markdown())
+        print(f"written: {', '.join(str(p) for p in report.files)}")
+        regressed += len(report.regressions)
+    if regressed and args.fail_on_regression:
+        print(f"lsnet ablation: {regressed} regression(s) (see the reports)", file=sys.stderr)
+        return 1
+    return 0

@@ -53,11 +53,17 @@ def _need_address(args) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipelines.jobs.client import JobServerError
+    from pipelines.jobs.head import HeadStartError
+
     try:
         return _run(args)
     except ConfigError as err:
         print(f"lsnet jobs {args.action}: {err}", file=sys.stderr)
         return 2
+    except (JobServerError, HeadStartError, TimeoutError) as err:
+        print(f"lsnet jobs {args.action}: {err}", file=sys.stderr)
+        return 1
 
 
 def _run(args: argparse.Namespace) -> int:

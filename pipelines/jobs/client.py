@@ -105,8 +105,39 @@ def run_job(spec: JobSpec, *, address: str | None = None, wait: bool = False, fo
                              timeout_s, out)
 
 
+class JobServerError(RuntimeError):
+    """The job server could not be reached / did not answer (one line: address and cause)."""
+
+
+def submit_with_retries(client, address: str, spec: JobSpec, extra_args, submission_id, attempts: int = 3,
+                        backoff_s: float = 5.0) -> str:
+    """``submit_spec`` retried on dropped connections (a loaded head may close the upload); a fixed
+    submission id makes a retry after a lost *response* fail as a duplicate rather than run twice."""
+    import secrets
+
+    import requests
+
+    submission_id = submission_id or f"raysubmit_lsnet_{secrets.token_hex(6)}"
+    for attempt in range(1, attempts + 1):
+        try:
+            return submit_spec(client, spec, extra_args, submission_id)
+        except requests.exceptions.ConnectionError as err:
+            if attempt == attempts:
+                raise JobServerError(f"cannot reach the Ray job server at {address} after {attempts} attempts "
+                                     f"({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
+            time.sleep(backoff_s * attempt)
+        except RuntimeError as err:
+            if "already exists" in str(err) and attempt > 1:  # the previous attempt did go through
+                return submission_id
+            if "Failed to get head node agent" in str(err) and attempt < attempts:  # agent still starting
+                time.sleep(backoff_s * attempt)
+                continue
+            raise
+    raise AssertionError("unreachable")
+
+
 def _submit_and_watch(client, address, spec, wait, follow, extra_args, submission_id, timeout_s, out) -> JobOutcome:
-    sid = submit_spec(client, spec, extra_args, submission_id)
+    sid = submit_with_retries(client, address, spec, extra_args, submission_id)
     print(f"submitted {spec.name} as {sid} to {address}", file=out, flush=True)
     if not (wait or follow):
         return JobOutcome(sid, str(client.get_job_status(sid).value), address)

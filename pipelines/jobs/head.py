@@ -60,6 +60,7 @@ class LocalRayHead:
     temp_dir: Path | None = None
     _proc: subprocess.Popen | None = None
     _log: Path | None = None
+    _agent_port: int = 0
 
     @property
     def headers(self) -> dict[str, str]:
@@ -97,6 +98,7 @@ class LocalRayHead:
             self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                           start_new_session=True)
         self.address = f"http://127.0.0.1:{dashboard_port}"
+        self._agent_port = ports["--dashboard-agent-listen-port"]
         self._wait_ready()
         return self
 
@@ -107,16 +109,24 @@ class LocalRayHead:
             return "(no log)"
 
     def _wait_ready(self) -> None:
-        """Poll the job server's version endpoint (with the token) until it answers."""
+        """Poll the job server's version endpoint (with the token) until it answers, then the
+        dashboard agent's port: the job server gives up on an absent agent after 10 s (Ray's
+        WAIT_AVAILABLE_AGENT_TIMEOUT), which a loaded machine can exceed at start-up."""
         deadline = time.monotonic() + self.start_timeout_s
         request = urllib.request.Request(f"{self.address}/api/version", headers=self.headers)
+        server_up = False
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
+                code = self._proc.returncode
+                tail = self._log_tail()
                 self.stop()
-                raise HeadStartError(f"ray start exited with code {self._proc.returncode}:\n{self._log_tail()}")
+                raise HeadStartError(f"ray start exited with code {code}:\n{tail}")
             try:
-                with urllib.request.urlopen(request, timeout=5) as resp:
-                    if resp.status == 200:
+                if not server_up:
+                    with urllib.request.urlopen(request, timeout=5) as resp:
+                        server_up = resp.status == 200
+                if server_up:
+                    with socket.create_connection(("127.0.0.1", self._agent_port), timeout=5):
                         return
             except (urllib.error.URLError, OSError):
                 pass

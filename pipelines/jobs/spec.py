@@ -34,7 +34,8 @@ import yaml
 from lsnet.config import ConfigError, from_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_EXCLUDES = [".git", ".venv", "results", "data", "mlruns", "*.arrow", "*.pt", "*.db"]
+DEFAULT_EXCLUDES = [".git", ".venv", "results", "data", "mlruns", "*.arrow", "*.pt", "*.db", ".ruff_cache",
+                    ".pytest_cache", "__pycache__"]
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 #: RayCronJob -> RayJob -> RayCluster names get suffixes; KubeRay keeps the base name short.
 MAX_NAME_LEN = 40

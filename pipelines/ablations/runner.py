@@ -1,0 +1,383 @@
+"""``lsnet ablation run|render TABLE``: train the variants of a paper ablation table, render it.
+
+A run (one table at one scale):
+
+1. prepares the scale's dataset (synthetic / COCO JSON + images -> shards, cached under
+   ``<out>/data/``; ``executor="local"`` preprocessing for the small sets);
+2. opens an MLflow *parent run* (tags ``ablation_table``, ``ablation_scale``, ``git_commit``) and
+   trains every variant as a sequential Ray Train run (:func:`pipelines.train.run_training`) whose
+   MLflow run is a *child* of the parent (``mlflow.parentRunId``; tags ``ablation_variant``). The
+   Tune helper's trial module (``pipelines/tune/``) had not landed when this was written; the
+   variants run one after the other on the same Ray;
+3. reads the children's final metrics back from MLflow (the same code path as ``render``), compares
+   them with the previous finished parent run of the same table and scale (per variant, the spec's
+   tolerance) and with the paper's ranking, renders Markdown + HTML into ``<out>/<table>-<scale>/``,
+   logs both as artifacts of the parent run and tags it ``regressions=<count>``.
+
+``render`` does step 3 only, for an existing parent run (default: the latest finished one).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lsnet.config import ConfigError
+from pipelines.ablations.spec import REPO_ROOT, AblationSpec, ScaleSpec
+
+#: metrics shown as percentages (the paper's unit)
+PERCENT_PREFIXES = ("bbox_AP", "segm_AP", "kp_AP", "mask_AP")
+#: per-variant extras read from the child runs (Figure 4: final mean IoU of positives, classification loss)
+EXTRA_METRICS = ("epoch_pos_iou", "epoch_loss_cls")
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+
+
+def prepare_dataset(spec: AblationSpec, scale: ScaleSpec, data_root: Path) -> tuple[str, str, str | None]:
+    """Shards for the scale: ``(train_shards, val_shards, mask_study_json)`` (cached, idempotent)."""
+    from pipelines.preprocess import preprocess
+
+    d = scale.data
+    root = data_root / f"{spec.task}-{scale.dataset_name}"
+    points = tuple(d.contour_points)
+    if d.source == "shards":
+        if not d.train_shards:
+            raise ConfigError(f"{spec.name}: data.source=shards needs data.train_shards")
+        return d.train_shards, d.val_shards or d.train_shards, d.val_ann or d.ann
+    if d.source == "synthetic":
+        from lsnet.data.synthetic import write_synthetic_coco
+
+        synth = write_synthetic_coco(root / "synth", num_images=d.num_images, image_size=(d.image_size, d.image_size),
+                                     seed=d.seed, objects_per_image=(1, 3), person_prob=d.person_prob)
+        ann = synth.keypoints_json if spec.task == "pose" else synth.instances_json
+        images = synth.image_dir
+        val_ann = val_images = None
+    else:
+        ann, images, val_ann, val_images = (_repo_path(x) for x in (d.ann, d.images, d.val_ann, d.val_images))
+        if ann is None or images is None:
+            raise ConfigError(f"{spec.name}: data.source=coco needs data.ann and data.images")
+        if not Path(ann).exists():
+            raise ConfigError(f"{spec.name}: dataset annotations not found: {ann}")
+    train = root / "shards" / "train"
+    preprocess(ann, images, train, max_size=d.max_size, contour_points=points, executor="local", verbose=False)
+    if val_ann is None:  # no held-out split: evaluate on the training images (said in the report)
+        return str(train), str(train), str(ann)
+    val = root / "shards" / "val"
+    preprocess(val_ann, val_images, val, max_size=d.max_size, contour_points=points, executor="local",
+               verbose=False)
+    return str(train), str(val), str(val_ann)
+
+
+def _repo_path(path: str | None) -> str | None:
+    if path is None or "://" in path or Path(path).is_absolute():
+        return path
+    return str((REPO_ROOT / path).resolve())
+
+
+# --------------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------------
+
+
+def _mlflow(uri: str):
+    import mlflow
+
+    from pipelines.tracking import prepare_sqlite_store
+
+    prepare_sqlite_store(uri)
+    mlflow.set_tracking_uri(uri)
+    return mlflow
+
+
+def default_tracking_uri(out: Path) -> str:
+    import os
+
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(out / 'mlflow.db').resolve()}"
+
+
+def run_ablation(spec: AblationSpec, scale_name: str, out: Path, tracking_uri: str | None = None,
+                 overrides: list[str] | None = None, address: str | None = None, verbose: bool = True) -> Report:
+    """Train every variant of ``spec`` at ``scale_name``; returns the rendered :class:`Report`."""
+    import dataclasses
+
+    from lsnet.bench import git_commit
+    from pipelines.train import run_training
+
+    scale = spec.scale(scale_name)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri or default_tracking_uri(out)
+    configs = variant_configs(spec, scale, "/validate/train", "/validate/val", uri, out, overrides)  # fail fast
+    mlflow = _mlflow(uri)
+    train_shards, val_shards, mask_json = prepare_dataset(spec, scale, out / "data")
+    configs = variant_configs(spec, scale, train_shards, val_shards, uri, out, overrides)
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%d-%H%M%S")
+    mlflow.set_experiment(spec.experiment)
+    any_cfg = next(iter(configs.values()), None)
+    with mlflow.start_run(run_name=f"{spec.name}-{scale_name}-{stamp}") as parent:
+        mlflow.set_tags({"ablation_table": spec.name, "ablation_scale": scale_name, "git_commit": git_commit(),
+                         "dataset": scale.dataset_name, "schedule": scale.schedule,
+                         "backbone": any_cfg.model.backbone if any_cfg else "none",
+                         "ablation_kind": "parent"})
+        parent_id = parent.info.run_id
+        for v in spec.variants:
+            tags = {"mlflow.parentRunId": parent_id, "ablation_table": spec.name, "ablation_scale": scale_name,
+                    "ablation_variant": v.name}
+            if v.kind == "mask_upper_bound":
+                _mask_upper_bound_child(mlflow, spec, v, mask_json, tags)
+                continue
+            cfg = configs[v.name]
+            cfg = dataclasses.replace(cfg, name=f"{spec.name}-{scale_name}-{v.name}")
+            if verbose:
+                print(f"[ablation {spec.name}/{scale_name}] training variant {v.name}", flush=True)
+            run_training(cfg, address=address or scale.address, run_name=f"{spec.name}-{scale_name}-{v.name}-{stamp}",
+                         verbose=False, extra_tags=tags)
+        report = build_report(spec, scale_name, uri, parent_id)
+        report.write(out / f"{spec.name}-{scale_name}")
+        for path in report.files:
+            mlflow.log_artifact(str(path), "report")
+        mlflow.set_tags({"regressions": str(len(report.regressions)),
+                         "regression_list": "; ".join(report.regressions)[:4000] or "none"})
+    return report
+
+
+def variant_configs(spec: AblationSpec, scale: ScaleSpec, train_shards: str, val_shards: str, uri: str, out: Path,
+                    overrides: list[str] | None = None) -> dict:
+    """The validated experiment config of every trained variant (errors name the table and variant)."""
+    from pipelines.config import load_config
+
+    configs = {}
+    for v in spec.variants:
+        if v.kind != "train":
+            continue
+        items = [*spec.base_overrides, *scale.overrides, *v.overrides, *(overrides or []),
+                 f"data.train_shards={train_shards}", f"data.val_shards={val_shards}",
+                 f"tracking.uri={uri}", f"tracking.experiment={spec.experiment}",
+                 f"run.storage_path={(Path(out) / 'runs').resolve()}"]
+        try:
+            configs[v.name] = load_config(_repo_path(scale.config), items)
+        except ConfigError as err:
+            raise ConfigError(f"{spec.name} variant {v.name}: {err}") from None
+    return configs
+
+
+def _mask_upper_bound_child(mlflow, spec: AblationSpec, v, mask_json: str | None, tags: dict) -> None:
+    """§4.4 without training: GT masks quantised to ``num_points`` contour points, evaluated as predictions."""
+    from lsnet.mask_study import mask_study
+
+    if mask_json is None:
+        raise ConfigError(f"{spec.name} variant {v.name}: the dataset has no annotation JSON for the mask study")
+    study = mask_study(mask_json, (v.num_points,), None)
+    result = study["results"][f"contour_{v.num_points}"]
+    with mlflow.start_run(run_name=f"{spec.name}-{v.name}", nested=True, tags=tags):
+        mlflow.log_metrics({spec.metric: float(result["AP"]), "mask_mean_iou": float(result["mean_iou"]),
+                            "num_instances": float(study["num_instances"])})
+        mlflow.log_param("num_points", v.num_points)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading back + rendering
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    name: str
+    label: str
+    paper: float | None
+    ours: float | None  # in display units (percent for AP metrics)
+    previous: float | None = None
+    extras: dict[str, float] = field(default_factory=dict)
+    paper_rank: int | None = None
+    our_rank: int | None = None
+    run_id: str | None = None
+
+
+@dataclass
+class Report:
+    spec: AblationSpec
+    scale: str
+    parent_run_id: str
+    previous_run_id: str | None
+    rows: list[Row]
+    header: dict[str, str]
+    regressions: list[str]
+    ranking_notes: list[str]
+    files: list[Path] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        return render_markdown(self)
+
+    def write(self, folder: Path) -> list[Path]:
+        folder.mkdir(parents=True, exist_ok=True)
+        md, page = folder / "table.md", folder / "table.html"
+        md.write_text(render_markdown(self))
+        page.write_text(render_html(self))
+        (folder / "table.json").write_text(json.dumps(
+            {"table": self.spec.name, "scale": self.scale, "parent_run_id": self.parent_run_id,
+             "previous_run_id": self.previous_run_id, "regressions": self.regressions,
+             "rows": [r.__dict__ for r in self.rows]}, indent=1))
+        self.files = [md, page, folder / "table.json"]
+        return self.files
+
+
+def _display(metric: str, value: float | None) -> float | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return value * 100 if metric.startswith(PERCENT_PREFIXES) else value
+
+
+def _ranks(values: list[float | None], higher_is_better: bool) -> list[int | None]:
+    present = sorted((v for v in values if v is not None), reverse=higher_is_better)
+    return [None if v is None else present.index(v) + 1 for v in values]
+
+
+def _children(client, experiment_ids: list[str], parent_id: str) -> dict[str, object]:
+    runs = client.search_runs(experiment_ids, filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+                              max_results=1000)
+    return {r.data.tags.get("ablation_variant"): r for r in runs}
+
+
+def find_parent_runs(client, experiment_id: str, table: str, scale: str) -> list:
+    """Finished parent runs of ``table``/``scale``, newest first."""
+    return client.search_runs(
+        [experiment_id],
+        filter_string=(f"tags.ablation_table = '{table}' and tags.ablation_scale = '{scale}' "
+                       "and tags.ablation_kind = 'parent'"),
+        order_by=["attributes.start_time DESC"], max_results=100)
+
+
+def build_report(spec: AblationSpec, scale: str, tracking_uri: str, parent_id: str | None = None) -> Report:
+    """Read the variants of a parent run (default: the latest finished one) back from MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(spec.experiment)
+    if experiment is None:
+        raise ConfigError(f"no MLflow experiment {spec.experiment!r} at {tracking_uri}")
+    parents = find_parent_runs(client, experiment.experiment_id, spec.name, scale)
+    if parent_id is None:
+        finished = [r for r in parents if r.info.status == "FINISHED"]
+        if not finished:
+            raise ConfigError(f"no finished {spec.name}/{scale} ablation run in experiment {spec.experiment!r}")
+        parent_id = finished[0].info.run_id
+    parent = client.get_run(parent_id)
+    # the previous *finished* run of the same table and scale, started before this one
+    previous = next((r for r in parents if r.info.status == "FINISHED" and r.info.run_id != parent_id
+                     and r.info.start_time < parent.info.start_time), None)
+    ours = _children(client, [experiment.experiment_id], parent_id)
+    before = _children(client, [experiment.experiment_id], previous.info.run_id) if previous else {}
+    rows = []
+    for v in spec.variants:
+        run = ours.get(v.name)
+        value = run.data.metrics.get(spec.metric) if run else None
+        prev_run = before.get(v.name)
+        prev = prev_run.data.metrics.get(spec.metric) if prev_run else None
+        extras = {k: run.data.metrics[k] for k in EXTRA_METRICS if run and k in run.data.metrics}
+        rows.append(Row(v.name, v.label or v.name, v.paper, _display(spec.metric, value),
+                        _display(spec.metric, prev), extras, run_id=run.info.run_id if run else None))
+    for row, rank in zip(rows, _ranks([r.paper for r in rows], spec.higher_is_better)):
+        row.paper_rank = rank
+    for row, rank in zip(rows, _ranks([r.ours for r in rows], spec.higher_is_better)):
+        row.our_rank = rank
+    tol = spec.tolerance * (100 if spec.metric.startswith(PERCENT_PREFIXES) else 1)
+    regressions = []
+    for row in rows:
+        if row.ours is None:
+            regressions.append(f"{row.name}: no {spec.metric} in this run")
+            continue
+        if row.previous is None:
+            continue
+        drop = (row.previous - row.ours) if spec.higher_is_better else (row.ours - row.previous)
+        if drop > tol:
+            regressions.append(f"{row.name}: {spec.metric} {row.ours:.2f} vs {row.previous:.2f} in the previous "
+                               f"run (worse by {drop:.2f} > tolerance {tol:.2f})")
+    ranking_notes = _ranking_notes(rows)
+    if spec.scales[scale].check_paper_ranking and ranking_notes:
+        regressions += [f"ranking: {n}" for n in ranking_notes]
+    tags = parent.data.tags
+    header = {"Table": spec.title, "Paper": spec.paper_source, "Scale": scale,
+              "Dataset": tags.get("dataset", ""), "Schedule": tags.get("schedule", ""),
+              "Backbone": tags.get("backbone", ""), "Metric": spec.metric,
+              "Commit": tags.get("git_commit", ""), "MLflow parent run": parent_id,
+              "Compared with": previous.info.run_id if previous else "(no previous finished run)"}
+    return Report(spec, scale, parent_id, previous.info.run_id if previous else None, rows, header, regressions,
+                  ranking_notes)
+
+
+def _ranking_notes(rows: list[Row]) -> list[str]:
+    """Pairs ordered one way by the paper and the other way by us."""
+    notes = []
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            if None in (a.paper_rank, b.paper_rank, a.our_rank, b.our_rank) or a.paper_rank == b.paper_rank:
+                continue
+            if (a.paper_rank < b.paper_rank) != (a.our_rank < b.our_rank):
+                notes.append(f"paper ranks {a.name} {'above' if a.paper_rank < b.paper_rank else 'below'} {b.name}, "
+                             "we do not")
+    return notes
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _table_cells(report: Report) -> tuple[list[str], list[list[str]]]:
+    columns = ["Variant", "Paper", "Ours", "Paper rank", "Our rank", "Previous run", "pos IoU (final)",
+               "cls loss (final)"]
+    digits = 1 if report.spec.metric.startswith(PERCENT_PREFIXES) else 3
+    body = []
+    for r in report.rows:
+        body.append([r.label, _fmt(r.paper, 1), _fmt(r.ours, digits), _fmt(r.paper_rank, 0), _fmt(r.our_rank, 0),
+                     _fmt(r.previous, digits), _fmt(r.extras.get("epoch_pos_iou"), 3),
+                     _fmt(r.extras.get("epoch_loss_cls"), 3)])
+    return columns, body
+
+
+def _caveat(report: Report) -> str:
+    if report.scale == "full":
+        return "Full scale: the numbers are comparable with the paper's."
+    return (f"Scale `{report.scale}`: absolute numbers are NOT comparable with the paper's (tiny data, short "
+            "schedule, no pretraining); compare the rankings.")
+
+
+def render_markdown(report: Report) -> str:
+    lines = [f"# {report.spec.title} — {report.scale}", ""]
+    lines += [f"- **{k}**: {v}" for k, v in report.header.items() if v]
+    lines += ["", f"> {_caveat(report)}", ""]
+    columns, body = _table_cells(report)
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    lines += ["", f"Paper ranking: {', '.join(r.name for r in sorted(report.rows, key=_rank_key('paper_rank')))}",
+              f"Our ranking: {', '.join(r.name for r in sorted(report.rows, key=_rank_key('our_rank')))}"]
+    if report.ranking_notes:
+        lines += ["", "Ranking differences:"] + [f"- {n}" for n in report.ranking_notes]
+    lines += ["", f"## Regressions ({len(report.regressions)})"]
+    lines += [f"- REGRESSION {r}" for r in report.regressions] or ["- none"]
+    if report.spec.notes:
+        lines += ["", report.spec.notes.strip()]
+    return "\n".join(lines) + "\n"
+
+
+def _rank_key(attr: str):
+    return lambda r: (getattr(r, attr) is None, getattr(r, attr) or 0)
+
+
+def render_html(report: Report) -> str:
+    esc = html.escape
+    columns, body = _table_cells(report)
+    head = "".join(f"<li><b>{esc(k)}</b>: {esc(str(v))}</li>" for k, v in report.header.items() if v)
+    table = ("<table border=1 cellpadding=4><tr>" + "".join(f"<th>{esc(c)}</th>" for c in columns) + "</tr>"
+             + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in body) + "</table>")
+    regs = "".join(f"<li style='color:#b00'>REGRESSION {esc(r)}</li>" for r in report.regressions) or "<li>none</li>"
+    notes = "".join(f"<li>{esc(n)}</li>" for n in report.ranking_notes)
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(report.spec.title)}</title></head><body>"
+            f"<h1>{esc(report.spec.title)} — {esc(report.scale)}</h1><ul>{head}</ul><p><i>{esc(_caveat(report))}</i></p>"
+            f"{table}<h2>Ranking differences</h2><ul>{notes or '<li>none</li>'}</ul>"
+            f"<h2>Regressions ({len(report.regressions)})</h2><ul>{regs}</ul></body></html>\n")

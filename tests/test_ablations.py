@@ -1,0 +1,230 @@
+"""Ablation tables (issue 10): specs, MLflow parent/child runs, rendering, regressions.
+
+- every spec under jobs/ablations/ validates, and every variant's config at every scale loads;
+- bad specs fail with one line naming the file;
+- the report is built from MLflow alone: rows of the children of a parent run, paper numbers and
+  ranks beside ours, the previous finished run of the same table/scale compared per variant;
+  a planted regression (one stored metric edited in a copy of the store) is flagged and
+  ``--fail-on-regression`` exits 1, the untouched store is not;
+- the tiny Table 2 end to end through the Jobs API on the real Ray head of tests/test_jobs.py
+  (4 trained variants, real numbers), and ``render`` from MLflow gives the same table.
+"""
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.ablations.spec import ABLATION_DIR, AblationSpecError, load_ablation_spec
+
+SPECS = sorted(ABLATION_DIR.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
+def test_every_ablation_spec_validates(path, tmp_path):
+    from pipelines.ablations.runner import variant_configs
+
+    spec = load_ablation_spec(path)
+    assert spec.name == path.stem and set(spec.scales) == {"tiny", "small", "full"}
+    for name, scale in spec.scales.items():
+        configs = variant_configs(spec, scale, "/x/train", "/x/val", "sqlite:///x.db", tmp_path)
+        trained = [v for v in spec.variants if v.kind == "train"]
+        assert len(configs) == len(trained), name
+        for cfg in configs.values():
+            assert cfg.model.task == spec.task and cfg.tracking.experiment == spec.experiment
+
+
+def test_table2_variants_configure_the_model(tmp_path):
+    from pipelines.ablations.runner import variant_configs
+
+    spec = load_ablation_spec("table2")
+    cfgs = variant_configs(spec, spec.scales["tiny"], "/x", "/x", "sqlite:///x.db", tmp_path)
+    got = {k: (c.model.refine, c.model.target_style, c.model.loss.init_loss) for k, c in cfgs.items()}
+    assert got == {"giou_rectangle": (False, "box", "giou"), "smooth_l1_rectangle": (False, "box", "smooth_l1_box"),
+                   "smooth_l1_extreme": (False, "extreme", "smooth_l1_points"),
+                   "cross_iou_extreme": (False, "extreme", "cross_iou")}
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(colour="red"), "unknown config key colour"),
+    (lambda d: d["scales"].update(huge=d["scales"]["tiny"]), "scales: unknown scale 'huge'"),
+    (lambda d: d["scales"]["tiny"].update(config="configs/nope.yaml"), "scales.tiny.config: file not found"),
+    (lambda d: d["variants"].append(dict(d["variants"][0])), "duplicate names"),
+    (lambda d: d["variants"][0].update(overrides=["model.refine"]), "is not key=value"),
+    (lambda d: d["variants"][0].update(pape=3), "unknown config key variants[0].pape"),
+])
+def test_bad_ablation_specs_fail_with_one_line(tmp_path, edit, message):
+    data = yaml.safe_load((ABLATION_DIR / "table2.yaml").read_text())
+    edit(data)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(AblationSpecError) as info:
+        load_ablation_spec(path)
+    assert "\n" not in str(info.value) and str(info.value).startswith(str(path)) and message in str(info.value)
+
+
+def test_unknown_table_and_bad_variant_override_exit_2(tmp_path, capsys):
+    from pipelines.cli import main
+
+    assert main(["ablation", "run", "table99", "--out", str(tmp_path)]) == 2
+    assert "ablation spec not found (known tables: " in capsys.readouterr().err
+    data = yaml.safe_load((ABLATION_DIR / "table2.yaml").read_text())
+    data["variants"][1]["overrides"] = ["model.loss.init_los=giou"]
+    path = tmp_path / "table2.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["ablation", "run", str(path), "--out", str(tmp_path)]) == 2  # before any data or training
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "variant smooth_l1_rectangle" in err and "model.loss.init_los" in err
+    assert not (tmp_path / "data").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Reports from MLflow (no training: runs with logged metrics, as the trainer leaves them)
+# ----------------------------------------------------------------------------------------------
+
+
+def _fake_run(uri: str, spec, scale: str, values: dict[str, float]) -> str:
+    """A finished parent run with one child per variant carrying ``spec.metric`` (0-1)."""
+    import mlflow
+
+    from pipelines.tracking import prepare_sqlite_store
+
+    prepare_sqlite_store(uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(spec.experiment)
+    with mlflow.start_run(run_name="parent") as parent:
+        mlflow.set_tags({"ablation_table": spec.name, "ablation_scale": scale, "ablation_kind": "parent",
+                         "dataset": "synthetic", "schedule": "2 steps", "backbone": "resnet18"})
+        for name, value in values.items():
+            with mlflow.start_run(run_name=name, nested=True,
+                                  tags={"ablation_variant": name, "mlflow.parentRunId": parent.info.run_id}):
+                mlflow.log_metric(spec.metric, value, step=4)
+                mlflow.log_metric("epoch_pos_iou", 0.5, step=4)
+    return parent.info.run_id
+
+
+TABLE2_VALUES = {"giou_rectangle": 0.30, "smooth_l1_rectangle": 0.20, "smooth_l1_extreme": 0.10,
+                 "cross_iou_extreme": 0.25}
+
+
+def test_report_from_mlflow_ranks_and_previous(tmp_path):
+    from pipelines.ablations.runner import build_report
+
+    spec = load_ablation_spec("table2")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = _fake_run(uri, spec, "tiny", TABLE2_VALUES)
+    second = _fake_run(uri, spec, "tiny", {**TABLE2_VALUES, "smooth_l1_extreme": 0.12})
+    _fake_run(uri, spec, "small", {k: 0.0 for k in TABLE2_VALUES})  # another scale: never compared
+    report = build_report(spec, "tiny", uri)
+    assert report.parent_run_id == second and report.previous_run_id == first
+    rows = {r.name: r for r in report.rows}
+    assert rows["giou_rectangle"].ours == pytest.approx(30.0) and rows["giou_rectangle"].paper == 34.6
+    assert [rows[k].our_rank for k in TABLE2_VALUES] == [1, 3, 4, 2]
+    assert [rows[k].paper_rank for k in TABLE2_VALUES] == [1, 3, 4, 2]  # 34.6 > 34.3 > 33.8 > 31.5
+    assert rows["smooth_l1_extreme"].previous == pytest.approx(10.0)
+    assert report.regressions == [] and report.ranking_notes == []
+    md = report.markdown()
+    assert "| GIoU, rectangle | 34.6 | 30.0 | 1 | 1 | 30.0 | 0.500 |" in md
+    assert "absolute numbers are NOT comparable" in md and "Backbone**: resnet18" in md
+    first_report = build_report(spec, "tiny", uri, parent_id=first)
+    assert first_report.previous_run_id is None
+
+
+def _edit_metric(db: Path, run_id: str, key: str, value: float) -> None:
+    with sqlite3.connect(db) as con:
+        n = con.execute("UPDATE metrics SET value = ? WHERE run_uuid = ? AND key = ?", (value, run_id, key)).rowcount
+        con.execute("UPDATE latest_metrics SET value = ? WHERE run_uuid = ? AND key = ?", (value, run_id, key))
+    assert n == 1
+
+
+def test_planted_regression_is_flagged(tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.ablations.runner import build_report
+    from pipelines.cli import main
+
+    spec = load_ablation_spec("table2")
+    db = tmp_path / "store" / "mlflow.db"
+    db.parent.mkdir()
+    uri = f"sqlite:///{db}"
+    _fake_run(uri, spec, "tiny", TABLE2_VALUES)
+    latest = _fake_run(uri, spec, "tiny", TABLE2_VALUES)
+    clean = build_report(spec, "tiny", uri)
+    assert clean.regressions == []
+    # plant: in a copy of the store, the latest run's cross-IOU variant lost 10 AP points (tolerance 5)
+    copy = tmp_path / "copy" / "mlflow.db"
+    copy.parent.mkdir()
+    shutil.copy(db, copy)
+    child = MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_experiment_by_name(spec.experiment).experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{latest}' and tags.ablation_variant = 'cross_iou_extreme'")[0]
+    _edit_metric(copy, child.info.run_id, "bbox_AP", 0.15)
+    planted = build_report(spec, "tiny", f"sqlite:///{copy}")
+    assert len(planted.regressions) == 1 and planted.regressions[0].startswith("cross_iou_extreme: bbox_AP 15.00 vs 25.00")
+    out = tmp_path / "out"
+    assert main(["ablation", "render", "table2", "--tracking-uri", f"sqlite:///{copy}", "--out", str(out),
+                 "--fail-on-regression"]) == 1
+    text = (out / "table2-tiny" / "table.md").read_text()
+    assert "REGRESSION cross_iou_extreme" in text and "Regressions (1)" in text
+    assert "REGRESSION cross_iou_extreme" in (out / "table2-tiny" / "table.html").read_text()
+    assert main(["ablation", "render", "table2", "--tracking-uri", uri, "--out", str(out),
+                 "--fail-on-regression"]) == 0  # the untouched store
+    # within the tolerance: not a regression
+    _edit_metric(copy, child.info.run_id, "bbox_AP", 0.21)
+    assert build_report(spec, "tiny", f"sqlite:///{copy}").regressions == []
+
+
+def test_paper_ranking_check_at_full_scale(tmp_path):
+    from pipelines.ablations.runner import build_report
+
+    spec = load_ablation_spec("table2")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _fake_run(uri, spec, "full", {**TABLE2_VALUES, "smooth_l1_extreme": 0.35})  # best, the paper's worst
+    report = build_report(spec, "full", uri)
+    assert report.ranking_notes and all(r.startswith("ranking: ") for r in report.regressions)
+    assert any("smooth_l1_extreme" in r for r in report.regressions)
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end: the tiny Table 2 through the Jobs API on the real head
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_tiny_table2_job_end_to_end(ray_head, tmp_path, monkeypatch, capsys):
+    import json
+
+    from pipelines.ablations.runner import build_report
+    from pipelines.cli import main
+
+    monkeypatch.setattr("pipelines.jobs.client.make_client",
+                        lambda address, headers=None: _client(address, ray_head.headers))
+    out = tmp_path / "ablations"
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    spec_path = tmp_path / "table2-tiny.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "name": "table2-tiny", "command": "ablation",
+        "args": ["run", "table2", "--scale", "tiny", "--out", str(out), "--tracking-uri", uri,
+                 "--fail-on-regression", "--set", "train.epochs=2", "--set", "train.eval_every=2"],
+        "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1"}}}))
+    code = main(["jobs", "submit", str(spec_path), "--address", ray_head.address, "--wait", "--timeout", "1500"])
+    captured = capsys.readouterr()
+    assert code == 0, captured
+    table = json.loads((out / "table2-tiny" / "table.json").read_text())
+    assert len(table["rows"]) == 4 and all(isinstance(r["ours"], float) for r in table["rows"])
+    assert all(0 <= r["extras"]["epoch_pos_iou"] <= 1 for r in table["rows"])
+    md = (out / "table2-tiny" / "table.md").read_text()
+    # re-rendering from MLflow (no training) gives the same table
+    spec = load_ablation_spec("table2")
+    assert build_report(spec, "tiny", uri).markdown() == md
+    assert main(["ablation", "render", "table2", "--tracking-uri", uri, "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "table2-tiny" / "table.md").read_text() == md
+
+
+def _client(address, headers):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address, headers=headers)
