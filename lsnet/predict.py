@@ -37,6 +37,7 @@ from lsnet.data.augment import AugmentConfig, augment_sample, collate_batch
 from lsnet.engine import load_checkpoint
 from lsnet.errors import InputError
 from lsnet.evaluation import detections_to_coco, rescale_detections
+from lsnet.progress import Progress
 from lsnet.structures import ImageMeta, LandmarkTargets
 from lsnet.visualize import draw_detections, save_png
 
@@ -196,6 +197,7 @@ def predict_files(
     flip_tta: bool = False,
     batch_size: int = 1,
     device: str | torch.device = "cpu",
+    progress: bool = False,
 ) -> list[dict]:
     """Predict every image, write predictions.json, images.json and overlays; return the records.
 
@@ -217,6 +219,7 @@ def predict_files(
 
     records: list[dict] = []
     used_names: set[str] = set()
+    bar = Progress(len(paths), "predict", "images", enabled=progress)
     for start in range(0, len(paths), batch_size):
         chunk = slice(start, start + batch_size)
         batch, metas = prepare_images(images[chunk], image_ids[chunk], loaded.short_side, loaded.max_size)
@@ -236,6 +239,8 @@ def predict_files(
                 name += "_"
             used_names.add(name)
             save_png(out_dir / f"{name}.png", overlay)
+        bar.update(len(metas))
+    bar.close()
 
     (out_dir / "predictions.json").write_text(json.dumps(records))
     index = {
@@ -265,7 +270,8 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_model(args.checkpoint, args.config, device, args.short_side, args.max_size)
     print(describe_resize(loaded), file=sys.stderr if loaded.resize_source == "default" else sys.stdout)
-    records = predict_files(loaded, args.images, args.out, args.score_thr, args.flip_tta, args.batch_size, device)
+    records = predict_files(loaded, args.images, args.out, args.score_thr, args.flip_tta, args.batch_size, device,
+                            progress=True)
     shown = sum(r["score"] >= args.score_thr for r in records)
     print(f"{len(args.images)} images, {len(records)} detections ({shown} with score >= {args.score_thr}) "
           f"-> {Path(args.out) / 'predictions.json'} and {len(args.images)} overlay PNGs in {args.out}")

@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tune": ("pipelines.tune.cli", "search config values with Ray Tune: one MLflow parent run, a child per trial"),
     "runs": ("pipelines.runs", "list and compare MLflow runs (e.g. the trials of a search)"),
     "test": ("lsnet.checkpoint_eval", "COCO metrics of a checkpoint on shards or a COCO JSON + images"),
+    "browse": ("pipelines.browse", "draw ground truth and landmark targets onto images (check data before training)"),
     "mlflow-sync": ("pipelines.tracking", "upload runs buffered locally while the tracking server was down"),
     "demo": ("pipelines.demo", "the main job end to end on embedded defaults"),
     "bench": ("pipelines.bench_cmd", "run a benchmark spec from jobs/bench and write results/bench/NAME.json"),

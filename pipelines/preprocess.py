@@ -64,6 +64,7 @@ from lsnet.data.shards import (
     shard_schema,
 )
 from lsnet.errors import LsnetError
+from lsnet.progress import Progress
 from lsnet.targets import TargetConfig, compute_image_targets, empty_record, scale_record
 
 #: Test hook: ``"N"`` exits the process (os._exit) right after the N-th shard of this run is written;
@@ -692,6 +693,9 @@ def _processed_tables(items: list[dict], image_root: str, category_to_label: dic
     # One map operator: Ray Data's per-operator reservation (half the CPUs by default) would only
     # cap it -- measured on 2 CPUs it ran one task at a time.
     ds.context.op_resource_reservation_enabled = False
+    # Ray Data's own bars are terminal animations (ANSI codes in a log file); _process_and_write
+    # prints lsnet.progress lines instead.
+    ds.context.enable_progress_bars = False
     ds = ds.map_batches(process_batch, batch_format="pyarrow", batch_size=per_block, fn_kwargs=kwargs,
                         concurrency=num_cpus or None)
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
@@ -736,11 +740,14 @@ def _process_and_write(todo, count, image_root, category_to_label, cfg, out_dir,
         return current
 
     if items:
+        bar = Progress(len(items), "preprocess", "images", enabled=verbose)
         for table in _processed_tables(items, image_root, category_to_label, cfg, num_cpus, address, executor):
+            bar.update(table.num_rows)
             shard_col = table["shard"].to_numpy()
             starts = (np.flatnonzero(np.diff(shard_col)) + 1).tolist()
             for lo, hi in zip([0, *starts], [*starts, len(shard_col)]):
                 shard(int(shard_col[lo])).add(table.slice(lo, hi - lo))
+        bar.close()
     while order:
         finish_next()
 

@@ -42,8 +42,22 @@ NOISE_PATTERNS = (
     # A new local Ray enables token auth by default (we keep it on) and says so on every start.
     re.compile(r"Token authentication is enabled for this Ray cluster"),
 )
+#: Patterns added at run time (:func:`mute_actor_output`).
+_MUTED: list[re.Pattern] = []
+
 #: The logger of Ray's token-auth start-up message.
 TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def mute_actor_output(*actor_names: str) -> None:
+    """Drop the forwarded output of these actors from now on (e.g. the tracebacks of a Ray Train
+    controller and workers that lsnet itself is killing after Ctrl-C)."""
+    for name in actor_names:
+        _MUTED.append(re.compile(rf"^\({re.escape(name)} pid="))
+
+
+def _is_noise(line: str) -> bool:
+    return any(p.search(line) for p in NOISE_PATTERNS) or any(p.search(line) for p in _MUTED)
 
 
 class _FilteredStream:
@@ -57,13 +71,13 @@ class _FilteredStream:
     def write(self, text: str) -> int:
         self._pending += text
         *lines, self._pending = self._pending.split("\n")
-        kept = [line for line in lines if not any(p.search(line) for p in NOISE_PATTERNS)]
+        kept = [line for line in lines if not _is_noise(line)]
         if kept:
             self._stream.write("\n".join(kept) + "\n")
         return len(text)
 
     def flush(self) -> None:
-        if self._pending and not any(p.search(self._pending) for p in NOISE_PATTERNS):
+        if self._pending and not _is_noise(self._pending):
             self._stream.write(self._pending)
             self._pending = ""
         self._stream.flush()

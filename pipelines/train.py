@@ -830,7 +830,11 @@ class RunGuard:
     def stop(self, reason: str) -> None:
         import ray
 
+        from pipelines.ray_local import mute_actor_output
+
         self.reason = self.reason or reason
+        if reason == "interrupted":  # the command ends: what the dying actors print is not the user's concern
+            mute_actor_output("TrainController", "RayTrainWorker")
         if self.controller is not None:
             with contextlib.suppress(Exception):
                 ray.kill(self.controller, no_restart=True)

@@ -326,7 +326,8 @@ def test_missing_image_root_and_too_many_rejections_fail(synth, tmp_path, capsys
     # An existing root without the files: every image rejected -> error, after the manifest is written.
     (tmp_path / "empty").mkdir()
     assert main([*args, "--images", str(tmp_path / "empty")]) == 2
-    err = capsys.readouterr().err.strip()
+    progress, err = capsys.readouterr().err.strip().splitlines()
+    assert progress.startswith("[preprocess] 7/7 images (100%)")  # a plain line (item 15), no \r
     assert err.startswith("lsnet preprocess: error: 7 of 7 images rejected (100% > --max-reject-fraction 0.5): "
                           "7 images (missing_file 7)") and err.endswith("manifest.json") and "\n" not in err
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())

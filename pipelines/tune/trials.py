@@ -275,8 +275,9 @@ def run_trials(base: ExperimentConfig, space: SearchSpace | list[dict[str, Any]]
     # The task's AP arrives only on evaluation epochs; ASHA skips results without it (Tune's strict
     # check would instead fail the trial).
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=verbose, configure_logging=False)
+    from pipelines.ray_local import start_ray
+
+    start_ray(address=address, verbose=verbose)  # a local Ray on 127.0.0.1 that ends with this command
     need = trial_resources(base)
     n_variants = len(space) if isinstance(space, list) else None
     max_concurrent = concurrent_trials(need, ray.cluster_resources(), settings.max_concurrent)
