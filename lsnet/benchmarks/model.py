@@ -25,6 +25,7 @@ import time
 import torch
 import torchvision
 
+from lsnet.assigners import anchor_points
 from lsnet.bench import BenchResult
 from lsnet.modeling import ModelConfig, build_model
 from lsnet.modeling.head import LSNetHead
@@ -55,7 +56,7 @@ def _random_objects(batch: int, size: int, num_objects: int, num_classes: int, s
 def _landmark_sampling(head: LSNetHead, batch: int, image_size: int, train: bool, seed: int) -> tuple[float, float]:
     """Wall and process-CPU seconds of the head's landmark sampling alone (both towers, every level,
     the pyramid's neighbours included: :meth:`LSNetHead.sample_landmarks`), on tower-shaped random
-    features and random kernel positions inside the image; with ``train`` also its backward (to the
+    features and random kernel positions near each anchor point; with ``train`` also its backward (to the
     features and the positions). This is the part of LSNet's extra cost over FCOS that no
     rearrangement of the head removes, so it bounds what the speed work can reach."""
     g = torch.Generator().manual_seed(seed)
@@ -63,7 +64,10 @@ def _landmark_sampling(head: LSNetHead, batch: int, image_size: int, train: bool
     sizes = [(image_size // s, image_size // s) for s in head.strides]
     towers = {name: [torch.randn(batch, channels, h, w, generator=g).requires_grad_(train) for h, w in sizes]
               for name in ("cls", "reg")}
-    positions = [(torch.rand(batch, h * w, 9, 2, generator=g) * image_size).requires_grad_(train) for h, w in sizes]
+    # Kernel positions within two strides of their anchor point, as the landmarks of the head
+    # (uniform positions over the whole image would measure cache misses a real head does not have).
+    positions = [(anchors[:, None, :] + (torch.rand(batch, h * w, 9, 2, generator=g) * 4 - 2) * s).requires_grad_(train)
+                 for (h, w), s, anchors in zip(sizes, head.strides, anchor_points(sizes, head.strides))]
     cpu, start = time.process_time(), time.perf_counter()
     with torch.set_grad_enabled(train):
         for level, (h, w) in enumerate(sizes):
