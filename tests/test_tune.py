@@ -49,9 +49,11 @@ def shards(tmp_path_factory, ray_session):
     return root
 
 
+# run.max_failures=1: Ray Train's placement-group cleaner can take a live controller for dead when the
+# state API lags on a loaded machine and remove its workers; one restart from the checkpoint absorbs it.
 BASE_OVERRIDES = ["data.scale_range=[64,64]", "data.max_size=64", "data.test_scale=64", "train.epochs=2",
                   "train.lr_steps=[]", "train.eval_every=1", "train.warmup_iters=2", "train.log_every=1",
-                  "eval.num_overlays=0", "run.num_workers=1", "run.max_failures=0",
+                  "eval.num_overlays=0", "run.num_workers=1", "run.max_failures=1",
                   "tracking.flush_interval_s=0.5"]
 
 
