@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,8 +34,27 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
 
 
+@pytest.fixture(scope="session")
+def ray_started():
+    """ray.init with retries: on a heavily loaded machine a local raylet may miss Ray's fixed 30-s
+    registration window. Session-scoped so that it runs before ray_session, which then finds Ray
+    running and shuts it down at the end."""
+    import ray
+
+    for attempt in range(3):
+        if ray.is_initialized():
+            break
+        try:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
+        except Exception:  # "The current node timed out during startup"
+            ray.shutdown()
+            if attempt == 2:
+                raise
+
+
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory, ray_session):
+def shards(tmp_path_factory, ray_started, ray_session):
     """Synthetic train (8 images) and val (4 images) sets, 64 px, contours of 18 points."""
     from lsnet.data.synthetic import write_synthetic_coco
     from pipelines.preprocess import preprocess
@@ -49,9 +69,11 @@ def shards(tmp_path_factory, ray_session):
     return root
 
 
+# run.max_failures=1: Ray Train's placement-group cleaner can take a live controller for dead when the
+# state API lags on a loaded machine and remove its workers; one restart from the checkpoint absorbs it.
 BASE_OVERRIDES = ["data.scale_range=[64,64]", "data.max_size=64", "data.test_scale=64", "train.epochs=2",
                   "train.lr_steps=[]", "train.eval_every=1", "train.warmup_iters=2", "train.log_every=1",
-                  "eval.num_overlays=0", "run.num_workers=1", "run.max_failures=0",
+                  "eval.num_overlays=0", "run.num_workers=1", "run.max_failures=1",
                   "tracking.flush_interval_s=0.5"]
 
 
@@ -194,14 +216,22 @@ def _tune_cmd(shards: Path, space: Path, *extra: str) -> list[str]:
             *extra]
 
 
+RAY_START_TIMEOUT = "The current node timed out during startup"
+
+
 def test_killed_driver_resumes_without_rerunning_finished_trials(shards):
     space = write_space(shards / "resume.yaml", {"model.loss.alpha": {"grid": [0.0, 0.2]}})
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "RAY_ADDRESS": "local"}
     env.pop("MLFLOW_TRACKING_URI", None)
     search_dir = shards / "killed" / "resumed"
-    log = (shards / "killed_driver.log").open("w")
-    driver = subprocess.Popen(_tune_cmd(shards, space), cwd=REPO_ROOT, env=env, stdout=log, stderr=log,
-                              start_new_session=True)  # its own process group: its Ray dies with it
+    log_path = shards / "killed_driver.log"
+
+    def start_driver() -> subprocess.Popen:
+        log = log_path.open("w")
+        return subprocess.Popen(_tune_cmd(shards, space), cwd=REPO_ROOT, env=env, stdout=log, stderr=log,
+                                start_new_session=True)  # its own process group: its Ray dies with it
+
+    driver = start_driver()
 
     def first_trial_done() -> Path | None:
         """The trial Tune has recorded as TERMINATED in its saved experiment state."""
@@ -217,8 +247,12 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(shards):
         return None
 
     deadline = time.monotonic() + 600
+    restarts = 0
     while (done := first_trial_done()) is None:
-        assert driver.poll() is None, (shards / "killed_driver.log").read_text()[-3000:]
+        if driver.poll() is not None and RAY_START_TIMEOUT in log_path.read_text() and restarts < 2:
+            shutil.rmtree(search_dir, ignore_errors=True)  # Ray never came up: start over
+            driver, restarts = start_driver(), restarts + 1
+        assert driver.poll() is None, log_path.read_text()[-3000:]
         assert time.monotonic() < deadline, "the first trial did not finish"
         time.sleep(1)
     os.killpg(driver.pid, signal.SIGKILL)
@@ -226,8 +260,11 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(shards):
     epochs_before = (done / "epochs.jsonl").read_text()
     parent_before = json.loads((search_dir / "parent" / "mlflow_journal" / "state.json").read_text())["run_id"]
 
-    resumed = subprocess.run(_tune_cmd(shards, space, "--resume"), cwd=REPO_ROOT, env=env, capture_output=True,
-                             text=True, timeout=900, check=False)
+    for _ in range(3):
+        resumed = subprocess.run(_tune_cmd(shards, space, "--resume"), cwd=REPO_ROOT, env=env,
+                                 capture_output=True, text=True, timeout=900, check=False)
+        if RAY_START_TIMEOUT not in resumed.stderr:
+            break
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert (done / "epochs.jsonl").read_text() == epochs_before  # not trained again
     trial_dirs = sorted((search_dir / "trials").iterdir())
@@ -242,7 +279,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(shards):
 @pytest.mark.parametrize("space, message", [
     ({"model.loss.alfa": {"grid": [0.1]}}, "unknown config key model.loss.alfa"),
     ({"model.loss.alpha": {"grid": ["high"]}}, "model.loss.alpha: expected float, got 'high'"),
-    ({"model.num_points": {"uniform": [18, 36]}}, "model.num_points: expected int, got 18.0"),
+    ({"model.num_points": {"uniform": [18, 36]}}, "model.num_points: 18.0 matches none of int"),
     ({"model.num_points": {"grid": [18, 36]}}, "model.num_points: 36 is not in the shards"),
     ({"model.loss.alpha": {"between": [0, 1]}}, "model.loss.alpha: expected one of {grid"),
 ])

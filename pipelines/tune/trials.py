@@ -334,7 +334,7 @@ def run_trials(base: ExperimentConfig, space: SearchSpace | list[dict[str, Any]]
             tune_config=tune.TuneConfig(
                 metric=settings.metric, mode=settings.mode, search_alg=search_algorithm,
                 scheduler=_scheduler(settings, base.train.epochs),
-                num_samples=1 if n_variants else settings.num_samples, max_concurrent_trials=max_concurrent,
+                num_samples=1 if n_variants else settings.num_samples,  # (concurrency: search_alg)
                 trial_name_creator=lambda trial: trial.trial_id,
                 trial_dirname_creator=lambda trial: trial.trial_id),
             run_config=tune.RunConfig(
