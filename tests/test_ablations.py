@@ -208,7 +208,7 @@ def test_tiny_table2_job_end_to_end(ray_head, tmp_path, monkeypatch, capsys):
     spec_path.write_text(yaml.safe_dump({
         "name": "table2-tiny", "command": "ablation",
         "args": ["run", "table2", "--scale", "tiny", "--out", str(out), "--tracking-uri", uri,
-                 "--fail-on-regression", "--set", "train.epochs=2", "--set", "train.eval_every=2"],
+                 "--fail-on-regression", "--set", "train.epochs=1", "--set", "train.eval_every=1"],
         "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1"}}}))
     code = main(["jobs", "submit", str(spec_path), "--address", ray_head.address, "--wait", "--timeout", "1500"])
     captured = capsys.readouterr()

