@@ -662,3 +662,27 @@ def test_pose_box_branch_config_loss_and_decoding():
                              with_point_scores=True, num_box_points=4)
     assert dets.points.shape == (1, 17, 2) and dets.point_scores.shape == (1, 17)
     assert dets.boxes.tolist() == [[30.0, 30.0, 75.0, 100.0]]
+
+
+def test_atss_on_init_assigns_with_the_stage1_boxes(monkeypatch):
+    from lsnet.coding import decode_offsets
+    from lsnet.modeling import detector
+
+    with pytest.raises((ValueError, ConfigError), match="atss_on"):
+        from_dict(ModelConfig, {"loss": {"atss_on": "boxes"}})
+    images, _ = two_image_batch()
+    targets = [make_targets("bbox", 4, [[10, 12, 70, 80]], [0]), make_targets("bbox", 4, [[5, 30, 75, 120]], [1])]
+    model = build_model(tiny_cfg("bbox")).train()
+    out = model.forward_raw(images)
+    seen = []
+    real = detector.assign_atss
+    monkeypatch.setattr(detector, "assign_atss", lambda *a, **kw: seen.append(kw["anchor_boxes"]) or real(*a, **kw))
+    cfg_anchors, cfg_init = tiny_cfg("bbox"), tiny_cfg("bbox")
+    cfg_init.loss.atss_on = "init"
+    by_anchors = detector.compute_losses(out, targets, cfg_anchors)
+    assert seen == [None, None]
+    by_init = detector.compute_losses(out, targets, cfg_init)
+    pts = decode_offsets(out.vec_init[1].detach(), out.anchors)
+    assert torch.equal(seen[3], torch.cat([pts.amin(1), pts.amax(1)], dim=1))
+    # an untrained stage 1 predicts boxes of ~1 stride: other positives than the 8-stride squares
+    assert not torch.equal(by_anchors["loss_cls"], by_init["loss_cls"])

@@ -49,6 +49,10 @@ class LossConfig:
     init_loss: Literal["cross_iou", "giou", "smooth_l1_box", "smooth_l1_points"] = "cross_iou"
     refine_loss: Literal["cross_iou", "giou", "smooth_l1_box", "smooth_l1_points"] = "cross_iou"
     smooth_l1_beta: float = 1.0 / 9
+    #: what ATSS measures its IoUs with: "anchors" = a fixed square of atss_anchor_scale x stride per
+    #: point (ATSS's own anchor); "init" = the box of the point's stage-1 landmarks (detached), as the
+    #: reference's refine stage does.
+    atss_on: Literal["anchors", "init"] = "anchors"
 
     def __post_init__(self) -> None:
         for name in ("beta", "gamma", "focal_gamma"):
@@ -144,6 +148,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.num_points is None:
             self.num_points = TASK_NUM_POINTS[self.task]
+        if self.loss.atss_on not in ("anchors", "init"):
+            raise ValueError(f"model.loss.atss_on must be 'anchors' or 'init', got {self.loss.atss_on!r}")
         if self.pose_box_vectors is None:
             self.pose_box_vectors = self.task == "pose" and self.pose_box == "obj"
         if self.pose_box_vectors and self.task != "pose":

@@ -6,7 +6,8 @@
     L = L_cls + beta · L_vec1 + gamma · L_vec2          (beta = 1, gamma = 2)
 
 - ``L_cls``: sigmoid focal loss (gamma 2, alpha 0.25) of the stage-2 class logits, positives from
-  ATSS (:func:`lsnet.assigners.assign_atss`), summed over all non-ignored points and divided by the
+  ATSS (:func:`lsnet.assigners.assign_atss`; IoUs with fixed anchor squares, or with the stage-1
+  landmarks' boxes when ``loss.atss_on == "init"``), summed over all non-ignored points and divided by the
   number of ATSS positives.
 - ``L_vec1``: cross-IOU loss (:func:`lsnet.losses.vector_loss`) of the stage-1 vectors at the
   centroid-assigned positives (one per object, :func:`lsnet.assigners.assign_centroid`), divided by
@@ -151,8 +152,13 @@ def compute_losses(out: HeadOutputs, targets: list[LandmarkTargets], cfg: ModelC
                              f"{out.vec_init.shape[2]}")
         ignore = t.iscrowd
         labels1 = assign_centroid(anchors, npl, strides, t.boxes, ignore, scale=lc.centroid_scale)
+        init_boxes = None
+        if lc.atss_on == "init":  # the boxes of the stage-1 landmarks (pose box branch: its own box)
+            landmarks = decode_offsets(out.vec_init[i].detach()[:, -4:] if cfg.num_box_points
+                                       else out.vec_init[i].detach(), anchors)
+            init_boxes = torch.cat([landmarks.amin(dim=1), landmarks.amax(dim=1)], dim=1)
         labels2 = assign_atss(anchors, npl, strides, t.boxes, ignore, topk=lc.atss_topk,
-                              anchor_scale=lc.atss_anchor_scale)
+                              anchor_scale=lc.atss_anchor_scale, anchor_boxes=init_boxes)
         valid[i] = labels2 != -2
         for k, labels, pred in ((1, labels1, out.vec_init[i]), (2, labels2, out.vec_refine[i])):
             pos, gt, vectors = _gather_positives(labels, t, anchors)
