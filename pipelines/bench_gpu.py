@@ -56,8 +56,10 @@ def ray_train_smoke(config: str, num_images: int, image_size: int, use_gpu: bool
     if started_ray:  # a private local cluster, never one another process started on this machine
         import torch
 
-        ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), num_gpus=torch.cuda.device_count(),
-                 include_dashboard=False, log_to_driver=False, configure_logging=False)
+        from pipelines.ray_local import init_local_ray
+
+        init_local_ray(num_cpus=max(2, os.cpu_count() or 2), num_gpus=torch.cuda.device_count(),
+                       include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         outcome = run_training(cfg, run_name="gpu-smoke", verbose=False)
     finally:

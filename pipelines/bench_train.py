@@ -30,7 +30,8 @@ import ray
 from pipelines.config import load_config
 from pipelines.train import run_training
 args = json.loads(sys.argv[1])
-ray.init(num_cpus=args["num_cpus"], include_dashboard=False, log_to_driver=False, configure_logging=False)
+from pipelines.ray_local import init_local_ray
+init_local_ray(num_cpus=args["num_cpus"], include_dashboard=False, log_to_driver=False, configure_logging=False)
 cfg = load_config(args["config"], args["overrides"])
 out = run_training(cfg, run_name=args["name"], verbose=False)
 print("RUN_DIR " + str(out.run_dir))

@@ -74,8 +74,9 @@ def preprocess_run(ann: str, images: str, out: str, cpus: int, warmup_images: in
 
     from lsnet.benchmarks.data import proc_status_kb
     from pipelines.preprocess import preprocess
+    from pipelines.ray_local import init_local_ray
 
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    init_local_ray(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     warm_dir = Path(tempfile.mkdtemp(prefix="warm-"))
     warm_json = _subset_json(Path(ann), warm_dir / "warm.json", warmup_images)
     preprocess(warm_json, images, warm_dir / "out", verbose=False, max_rows_per_shard=1)

@@ -186,6 +186,41 @@ def watch(pid: int, create_time: float, session_dir: str, poll_s: float = 0.5) -
     (_records_dir() / f"{pid}.json").unlink(missing_ok=True)
 
 
+def _free_port(host: str = "127.0.0.1") -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def init_local_ray(**init_kwargs: Any):
+    """``ray.init(address="local", **init_kwargs)`` whose processes all know their own cluster.
+
+    Ray's helpers that run inside the cluster find "their" GCS through ``RAY_ADDRESS`` or, without it,
+    by scanning the machine's processes: with two Rays on one machine (two ``lsnet`` commands, a test
+    session beside a ``ray start`` head) that scan fails or picks the other cluster. Ray Train's
+    placement-group cleaner is such a helper: it then never frees the workers' CPUs after a trial is
+    stopped, or frees those of a live run. So the GCS port is chosen here and ``RAY_ADDRESS`` is in the
+    environment that the GCS, the raylet and every worker inherit; this process's own environment is
+    restored afterwards (a later ``ray.init`` must not connect to a cluster that has ended).
+    """
+    import ray
+
+    port = _free_port()
+    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+    try:
+        return ray.init(address="local", **init_kwargs)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def start_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool = True,
               **init_kwargs: Any) -> bool:
     """Connect to ``address`` (or ``$RAY_ADDRESS``), else start a private local Ray on 127.0.0.1 that
@@ -204,8 +239,8 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, verbose: 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     for attempt in (1, 2):
         try:
-            context = ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1",
-                               dashboard_host="127.0.0.1", **common)
+            context = init_local_ray(num_cpus=num_cpus, _node_ip_address="127.0.0.1",
+                                     dashboard_host="127.0.0.1", **common)
             break
         except Exception as err:
             ray.shutdown()

@@ -15,11 +15,14 @@ def reference() -> dict:
 @pytest.mark.parametrize("task", TASKS)
 def test_outputs_equal_the_recorded_reference(task, reference):
     torch.set_num_threads(1)  # the reference was recorded single-threaded (same reduction order)
+    # Tolerances: the reference was recorded on another CPU; kernels differ by ~1e-4 relative between
+    # CPUs (seen: pose cls_logits 6e-5, vec_refine 2e-4 relative on an AMD EPYC); a change of the math
+    # moves them by far more (test_the_reference_is_sensitive; issue 14's planted bugs: 0.08 / 16 %).
     ref, now = reference[task], compute(task)
     # everything recorded is still there; the only addition since is the Figure-4 metric pos_iou
     assert set(ref) <= set(now) and set(now) - set(ref) <= {"pos_iou"}, sorted(set(now) ^ set(ref))
     for key in ("cls_logits", "vec_init", "vec_refine"):
-        torch.testing.assert_close(now[key], ref[key], rtol=1e-4, atol=1e-5, msg=f"{task} {key}")
+        torch.testing.assert_close(now[key], ref[key], rtol=1e-3, atol=2e-4, msg=f"{task} {key}")
     for key in ("loss_cls", "loss_vec_init", "loss_vec_refine", "loss"):
         torch.testing.assert_close(now[key], ref[key], rtol=1e-5, atol=1e-6, msg=f"{task} {key}")
     for key in (k for k in ref if k.startswith("grad")):
@@ -29,7 +32,8 @@ def test_outputs_equal_the_recorded_reference(task, reference):
         if key.endswith("labels"):
             assert torch.equal(now[key], ref[key]), f"{task} {key}"
         else:
-            torch.testing.assert_close(now[key], ref[key], rtol=1e-5, atol=1e-3, msg=f"{task} {key}")
+            # points and boxes in pixels: 0.05 px covers the CPU-to-CPU differences (seen 0.022)
+            torch.testing.assert_close(now[key], ref[key], rtol=1e-5, atol=0.05, msg=f"{task} {key}")
 
 
 def test_the_reference_is_sensitive(reference, monkeypatch):

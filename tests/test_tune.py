@@ -45,8 +45,10 @@ def ray_started():
         if ray.is_initialized():
             break
         try:
-            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
+            from pipelines.ray_local import init_local_ray
+
+            init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                           _node_ip_address="127.0.0.1")
         except Exception:  # "The current node timed out during startup"
             ray.shutdown()
             if attempt == 2:
@@ -180,12 +182,14 @@ def test_runs_compare_and_list(four_trials, capsys):
 
 
 def test_asha_stops_zero_lr_and_failed_trial_is_recorded(shards, monkeypatch):
-    """Variants run one at a time in order: lr 0.08, lr 0 (loss stays at its initial level: stopped at
-    the epoch-1 rung by ASHA on the loss), 0 training images (raises in the worker, retried once)."""
+    """Variants run one at a time in order: lr 0.08, lr 1e-12 (loss stays at its initial level: stopped
+    at the epoch-1 rung by ASHA on the loss; the config refuses lr 0), training shards that do not exist
+    (raises inside the trial, retried once)."""
     from pipelines.tune.trials import SearchSettings, run_trials
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    variants = [{"train.lr_per_16_images": 0.08}, {"train.lr_per_16_images": 0.0}, {"data.max_train_images": 0}]
+    variants = [{"train.lr_per_16_images": 0.08}, {"train.lr_per_16_images": 1e-12},
+                {"data.train_shards": str(shards / "shards" / "nope")}]
     settings = SearchSettings(name="asha", metric="loss", mode="min", scheduler="asha", grace_period=1,
                               reduction_factor=2, max_concurrent=1, max_failures=1)
     out = run_trials(base_config(shards, "asha"), variants, settings, verbose=False)
@@ -193,7 +197,7 @@ def test_asha_stops_zero_lr_and_failed_trial_is_recorded(shards, monkeypatch):
     good, zero_lr, broken = (by_values[json.dumps(v)] for v in variants)
     assert (good.status, good.epochs_run) == ("FINISHED", 2)
     assert (zero_lr.status, zero_lr.epochs_run) == ("EARLY_STOPPED", 1)
-    assert broken.status == "FAILED" and "0 training images for 1 workers" in broken.error
+    assert broken.status == "FAILED" and "nope/manifest.json: no manifest" in broken.error
     assert out.best is good
 
     _, runs = mlflow_runs(out.tracking_uri)
@@ -202,7 +206,7 @@ def test_asha_stops_zero_lr_and_failed_trial_is_recorded(shards, monkeypatch):
     stopped = by_id[zero_lr.mlflow_run_id]
     assert stopped.info.status == "FINISHED" and stopped.data.tags["lsnet.early_stopped"] == "true"
     failed = by_id[broken.mlflow_run_id]
-    assert failed.info.status == "FAILED" and "0 training images" in failed.data.tags["lsnet.error"]
+    assert failed.info.status == "FAILED" and "nope/manifest.json: no manifest" in failed.data.tags["lsnet.error"]
     assert failed.data.tags["mlflow.parentRunId"] == out.parent_run_id
     assert by_id[good.mlflow_run_id].info.status == "FINISHED"
     parent = by_id[out.parent_run_id].data
