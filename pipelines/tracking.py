@@ -72,6 +72,33 @@ def resolve_tracking_uri(run_dir: str | Path, uri: str | None = None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(run_dir)
 
 
+def _migrate_new_sqlite_store(path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments(max_results=1)  # runs the migrations
+
+
+def _empty_store_template() -> Path | None:
+    """An empty, fully migrated SQLite store for this MLflow version, built once per machine and copied
+    for every new store (MLflow's dozens of migrations take 2-7 s; a copy takes milliseconds).
+    ``$LSNET_CACHE_DIR`` (default ``~/.cache/lsnet``); None when that directory is not writable."""
+    import mlflow
+
+    cache = Path(os.environ.get("LSNET_CACHE_DIR") or Path.home() / ".cache" / "lsnet")
+    template = cache / f"mlflow-{mlflow.__version__}-empty.db"
+    if template.is_file():
+        return template
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = cache / f".{template.name}.tmp{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        _migrate_new_sqlite_store(tmp)
+        os.replace(tmp, template)  # built whole, then renamed: another process never copies half of it
+    except OSError:
+        return None
+    return template
+
+
 def prepare_sqlite_store(tracking_uri: str) -> None:
     """Create an embedded SQLite store atomically: MLflow builds a new database with dozens of
     schema migrations, and a process killed half-way (a Ray worker whose group is restarted) would
@@ -85,9 +112,11 @@ def prepare_sqlite_store(tracking_uri: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.unlink(missing_ok=True)
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments(max_results=1)  # runs the migrations
+    template = _empty_store_template()
+    if template is not None:
+        shutil.copyfile(template, tmp)
+    else:
+        _migrate_new_sqlite_store(tmp)
     try:
         os.link(tmp, path)  # fails if another process got there first: keep theirs
     except FileExistsError:

@@ -14,6 +14,13 @@ COCO_MINI_DIR = SHARED_DIR / "data" / "coco_mini"
 GOLDEN_DIR = SHARED_DIR / "golden"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_dir(tmp_path_factory):
+    """lsnet's machine-wide cache (the empty MLflow store template) in a directory of this session, for
+    every process the tests start (Ray workers, CLI subprocesses inherit the variable)."""
+    os.environ["LSNET_CACHE_DIR"] = str(tmp_path_factory.mktemp("lsnet_cache"))
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_seed():
     torch.manual_seed(0)

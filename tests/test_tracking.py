@@ -86,6 +86,33 @@ def mlflow_server(tmp_path):
     server.stop()
 
 
+def test_new_stores_are_copies_of_one_migrated_template(tmp_path, monkeypatch):
+    """The first new store builds the template (MLflow's migrations); later ones copy it and are
+    complete, independent MLflow stores."""
+    import mlflow
+
+    from pipelines.tracking import prepare_sqlite_store
+
+    monkeypatch.setenv("LSNET_CACHE_DIR", str(tmp_path / "cache"))
+    template = tmp_path / "cache" / f"mlflow-{mlflow.__version__}-empty.db"
+    first, second = tmp_path / "a" / "mlflow.db", tmp_path / "b" / "mlflow.db"
+    prepare_sqlite_store(f"sqlite:///{first}")
+    assert template.is_file() and first.read_bytes() == template.read_bytes()
+    prepare_sqlite_store(f"sqlite:///{second}")
+    assert second.read_bytes() == template.read_bytes()
+    ids = []
+    for path in (first, second):
+        client = _client(f"sqlite:///{path}")
+        run = client.create_run(client.create_experiment("e"))
+        client.log_metric(run.info.run_id, "m", 2.5)
+        ids.append(run.info.run_id)
+    assert _client(f"sqlite:///{second}").get_run(ids[1]).data.metrics == {"m": 2.5}
+    assert _client(f"sqlite:///{first}").search_runs(["1"])[0].info.run_id == ids[0]  # not the other's
+    assert template.read_bytes() != first.read_bytes()  # the template itself is never written to
+    prepare_sqlite_store(f"sqlite:///{first}")  # an existing store is left alone
+    assert _client(f"sqlite:///{first}").get_run(ids[0]).data.metrics == {"m": 2.5}
+
+
 def test_embedded_sqlite_store_default(tmp_path, monkeypatch):
     """Default URI is sqlite:///<run_dir>/mlflow.db; params/metrics/tags/artifacts land in it."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
