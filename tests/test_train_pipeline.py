@@ -4,8 +4,8 @@
   under the documented names, with params, tags and artifacts;
 - a worker killed mid-run (``os._exit`` after a given step, once): Ray restarts the worker group from
   the latest checkpoint and the final weights equal the uninterrupted run's exactly;
-- two simulated nodes (``ray.cluster_utils.Cluster``, in a subprocess with its own Ray): one worker on
-  each;
+- two simulated nodes (``ray.cluster_utils.Cluster``, in a subprocess with its own Ray), one worker on
+  each, reading through Ray Data: the same weights again;
 - config errors from ``lsnet train``.
 
 Tiny model (ResNet-18, 64 channels), 128-px images, 8 training images, 2 epochs of 2 steps per worker.
@@ -191,19 +191,6 @@ def test_killed_worker_resumes_to_identical_weights(shards, uninterrupted):
     assert sorted(m.step for m in client.get_metric_history(out.mlflow_run_id, "loss")) == [1, 2, 3, 4]
 
 
-def test_ray_data_reader_trains_identically(shards, uninterrupted):
-    """data.reader=ray_data streams the same per-rank samples through Ray Data tasks: same weights.
-    (Workers take half a CPU each so the Ray Data tasks have room on this 2-CPU Ray.)"""
-    from pipelines.train import run_training
-
-    cfg = tiny_config(shards, "data.reader=ray_data", "run.resources_per_worker={CPU: 0.5}",
-                      "tracking.enabled=false", "data.val_shards=null")
-    out = run_training(cfg, run_name="ray_data", verbose=False)
-    streamed = _weights(out.run_dir / "model_final.pt")
-    reference = _weights(uninterrupted.run_dir / "model_final.pt")
-    assert all(torch.equal(streamed[k], reference[k]) for k in reference)
-
-
 MULTINODE_SCRIPT = textwrap.dedent("""
     import json, sys
     import ray
@@ -211,36 +198,45 @@ MULTINODE_SCRIPT = textwrap.dedent("""
     from pipelines.config import load_config
     from pipelines.train import run_training
 
-    root = sys.argv[1]
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    cluster.add_node(num_cpus=1)
+    # 2 CPUs per node: one for the node's training worker, one for Ray Data's read tasks; the custom
+    # resource "node_slot" (one per node, one per worker) puts one worker on each node
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"node_slot": 1},
+                                                            "include_dashboard": False})
+    cluster.add_node(num_cpus=2, resources={"node_slot": 1})
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
     nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
-    cfg = load_config("configs/tiny_bbox.yaml", [
-        f"data.train_shards={root}/shards/train", f"data.val_shards=null", f"run.storage_path={root}/runs",
-        "train.epochs=1", "train.lr_steps=[]", "tracking.enabled=false", "run.resources_per_worker={CPU: 1}",
-        "data.max_train_images=4"])
-    out = run_training(cfg, run_name="multinode", verbose=False)
+    out = run_training(load_config(sys.argv[1]), run_name="multinode", verbose=False)
     workers = [json.load(open(f"{out.run_dir}/workers/rank{r}.json")) for r in range(2)]
     print("RESULT " + json.dumps({"nodes": nodes, "workers": [w["node_id"] for w in workers],
-                                  "step": out.metrics["global_step"]}))
+                                  "step": out.metrics["global_step"], "run_dir": str(out.run_dir)}))
     ray.shutdown()
     cluster.shutdown()
 """)
 
 
-def test_two_simulated_nodes_one_worker_each(shards, tmp_path):
+def test_two_simulated_nodes_with_the_ray_data_reader_train_identically(shards, uninterrupted):
+    """Two simulated nodes (one worker each) and data.reader=ray_data, which streams the same per-rank
+    samples through Ray Data tasks: the final weights equal the one-node map-style run's bit for bit.
+    """
+    cfg = tiny_config(shards, "data.reader=ray_data", "run.resources_per_worker={CPU: 1, node_slot: 1}",
+                      "tracking.enabled=false", "data.val_shards=null", f"run.storage_path={shards / 'runs_2n'}")
+    config_file = shards / "two_nodes.yaml"
+    config_file.write_text(cfg.to_yaml())
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, "-c", MULTINODE_SCRIPT, str(shards)], cwd=REPO_ROOT, env=env,
-                          check=False, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run([sys.executable, "-c", MULTINODE_SCRIPT, str(config_file)], cwd=REPO_ROOT,
+                          env=env, check=False, capture_output=True, text=True, timeout=900)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
     result = json.loads(lines[-1].removeprefix("RESULT "))
     assert len(result["nodes"]) == 2
     # one worker on each node: the two workers report the two different nodes of the cluster
     assert sorted(result["workers"]) == result["nodes"]
-    assert result["step"] == 1  # 4 images / 2 workers / batch 2
+    assert result["step"] == 4  # 8 images / 2 workers / batch 2, 2 epochs
+    streamed = _weights(Path(result["run_dir"]) / "model_final.pt")
+    reference = _weights(uninterrupted.run_dir / "model_final.pt")
+    assert streamed.keys() == reference.keys()
+    assert all(torch.equal(streamed[k], reference[k]) for k in reference)
 
 
 def test_cli_config_errors(tmp_path, capsys):

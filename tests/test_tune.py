@@ -102,35 +102,35 @@ def mlflow_runs(tracking_uri: str):
 
 
 @pytest.fixture(scope="module")
-def four_trials(shards):
-    """``lsnet tune`` of 4 alpha values, 2 trials at once; returns the search directory."""
+def two_trials(shards):
+    """``lsnet tune`` of 2 alpha values, both at once; returns the search directory."""
     from pipelines.cli import main
 
     mp = pytest.MonkeyPatch()
     mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-    space = write_space(shards / "alpha.yaml", {"model.loss.alpha": {"grid": [0.0, 0.1, 0.2, 0.3]}},
+    space = write_space(shards / "alpha.yaml", {"model.loss.alpha": {"grid": [0.0, 0.3]}},
                         scheduler={"name": "fifo"})
-    sets = [x for kv in base_args(shards, "search4") for x in ("--set", kv)]
+    sets = [x for kv in base_args(shards, "search2") for x in ("--set", kv)]
     try:
         assert main(["tune", str(REPO_ROOT / "configs" / "tiny_bbox.yaml"), "--space", str(space), *sets,
-                     "--max-concurrent", "2", "--name", "four"]) == 0
+                     "--max-concurrent", "2", "--name", "two"]) == 0
     finally:
         mp.undo()
-    return shards / "search4" / "four"
+    return shards / "search2" / "two"
 
 
-def test_four_trial_search_two_at_once(four_trials):
-    search_dir = four_trials
+def test_two_trial_search_both_at_once(two_trials):
+    search_dir = two_trials
     client, runs = mlflow_runs(f"sqlite:///{search_dir / 'mlflow.db'}")
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 1 and len(children) == 4
+    assert len(parents) == 1 and len(children) == 2
     parent = parents[0]
     assert parent.info.status == "FINISHED" and parent.data.params["max_concurrent"] == "2"
     assert parent.data.tags["mlflow.source.name"] == "lsnet tune" and len(parent.data.tags["git_commit"]) >= 40
-    assert parent.data.params["space.model.loss.alpha"] == "grid [0.0, 0.1, 0.2, 0.3]"
+    assert parent.data.params["space.model.loss.alpha"] == "grid [0.0, 0.3]"
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
-    assert sorted(float(c.data.params["model.loss.alpha"]) for c in children) == [0.0, 0.1, 0.2, 0.3]
+    assert sorted(float(c.data.params["model.loss.alpha"]) for c in children) == [0.0, 0.3]
     for child in children:
         assert child.info.status == "FINISHED"
         assert child.data.tags["model.loss.alpha"] == child.data.params["model.loss.alpha"]
@@ -156,27 +156,27 @@ def test_four_trial_search_two_at_once(four_trials):
     assert {"best/best_config.yaml", "results/results.csv", "results/results.md",
             "plots/bbox_AP_vs_model.loss.alpha.png", "plots/bbox_AP_vs_epoch.png"} <= artifacts
     rows = (search_dir / "parent" / "report" / "results.csv").read_text().splitlines()
-    assert len(rows) == 5 and rows[0].startswith("trial,model.loss.alpha,status,epochs")
+    assert len(rows) == 3 and rows[0].startswith("trial,model.loss.alpha,status,epochs")
 
 
-def test_runs_compare_and_list(four_trials, capsys):
+def test_runs_compare_and_list(two_trials, capsys):
     from pipelines.cli import main
 
-    db = str(four_trials / "mlflow.db")
-    parent = json.loads((four_trials / "parent" / "mlflow_journal" / "state.json").read_text())["run_id"]
+    db = str(two_trials / "mlflow.db")
+    parent = json.loads((two_trials / "parent" / "mlflow_journal" / "state.json").read_text())["run_id"]
     assert main(["runs", "compare", parent, "--tracking-uri", db, "--sort", "--csv"]) == 0
     rows = capsys.readouterr().out.strip().splitlines()
     # only the searched param differs between the trials; best first
-    assert rows[0] == "run,model.loss.alpha,status,final bbox_AP,best bbox_AP,duration" and len(rows) == 5
+    assert rows[0] == "run,model.loss.alpha,status,final bbox_AP,best bbox_AP,duration" and len(rows) == 3
     best = [float(r.split(",")[4]) for r in rows[1:]]
     assert best == sorted(best, reverse=True)
-    assert sorted(r.split(",")[1] for r in rows[1:]) == ["0.0", "0.1", "0.2", "0.3"]
+    assert sorted(r.split(",")[1] for r in rows[1:]) == ["0.0", "0.3"]
     assert main(["runs", "compare", "lsnet-tiny", "--tracking-uri", db, "--metric", "loss", "--mode", "min"]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0] == "experiment lsnet-tiny: 5 runs" and "final loss" in table[1]
+    assert table[0] == "experiment lsnet-tiny: 3 runs" and "final loss" in table[1]
     assert main(["runs", "list", "--tracking-uri", db]) == 0
     listing = capsys.readouterr().out.splitlines()
-    assert len(listing) == 2 + 5 and [line.split()[4] for line in listing[2:]].count(parent[:8]) == 4
+    assert len(listing) == 2 + 3 and [line.split()[4] for line in listing[2:]].count(parent[:8]) == 2
     assert main(["runs", "compare", "nope", "--tracking-uri", db]) == 2
     assert "no experiment 'nope'" in capsys.readouterr().err
 
