@@ -177,6 +177,31 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def read_yaml_mapping(path: str | Path, error_type: type[Exception] | None = None, kind: str = "YAML file",
+                      missing_hint: str = "") -> dict:
+    """The mapping at the top of a YAML file (an empty file is ``{}``), or ``error_type`` with one line
+    naming the file and what is wrong. Shared by configs, search spaces, job and ablation specs.
+
+    ``kind`` names the file in messages (``config file``, ``job spec``...); ``missing_hint`` is appended
+    to the not-found message (e.g. the tables that do exist).
+    """
+    error_type = error_type or ConfigError
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise error_type(f"{kind} not found: {path}{missing_hint}") from None
+    except IsADirectoryError:
+        raise error_type(f"{path}: is a directory, not a {kind}") from None
+    except yaml.YAMLError as err:
+        raise error_type(f"{path}: invalid YAML ({' '.join(str(err).split())})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise error_type(f"{path}: a {kind} must be a mapping (its top level is a {type(data).__name__})")
+    return data
+
+
 def load_yaml(path: str | Path, origins: dict[str, Path] | None = None, _chain: tuple[Path, ...] = ()) -> dict:
     """Read a YAML mapping, with ``_base_: other.yaml`` (relative path) merged underneath.
 
@@ -184,17 +209,8 @@ def load_yaml(path: str | Path, origins: dict[str, Path] | None = None, _chain: 
     about a key can name the ``_base_`` file that holds the typo).
     """
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        where = f" (the _base_ of {_chain[-1]})" if _chain else ""
-        raise ConfigError(f"config file not found: {path}{where}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, not a config file") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
+    data = read_yaml_mapping(path, ConfigError, "config file",
+                             missing_hint=f" (the _base_ of {_chain[-1]})" if _chain else "")
     base = data.pop("_base_", None)
     if origins is not None:  # this file's own keys override its bases': recorded after them below
         own_keys = _dotted_keys(data)

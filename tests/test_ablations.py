@@ -70,7 +70,8 @@ def test_unknown_table_and_bad_variant_override_exit_2(tmp_path, capsys):
     from pipelines.cli import main
 
     assert main(["ablation", "run", "table99", "--out", str(tmp_path)]) == 2
-    assert "ablation spec not found (known tables: " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "ablation spec not found: " in err and "(known tables: " in err and "table2" in err
     data = yaml.safe_load((ABLATION_DIR / "table2.yaml").read_text())
     data["variants"][1]["overrides"] = ["model.loss.init_los=giou"]
     path = tmp_path / "table2.yaml"

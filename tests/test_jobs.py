@@ -63,7 +63,7 @@ def _write(tmp_path, text: str) -> Path:
     ("name: x\ncommand: train\nruntime_env: {env_vars: {A: 1}}\n", "runtime_env.env_vars.A: expected str"),
     ("name: x\ncommand: train\ncluster: {workers: [{gpus: 2}]}\n", "unknown config key cluster.workers[0].gpus"),
     ("command: train\n", "name"),
-    ("[1, 2]\n", "a job spec is a mapping"),
+    ("[1, 2]\n", "a job spec must be a mapping"),
 ])
 def test_bad_specs_fail_with_one_line(tmp_path, body, message):
     path = _write(tmp_path, body)

@@ -26,9 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import yaml
-
-from lsnet.config import ConfigError, from_dict
+from lsnet.config import ConfigError, from_dict, read_yaml_mapping
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ABLATION_DIR = REPO_ROOT / "jobs" / "ablations"
@@ -135,15 +133,8 @@ def resolve_ablation_path(table: str) -> Path:
 def load_ablation_spec(table: str | Path) -> AblationSpec:
     """``table2`` (-> jobs/ablations/table2.yaml) or a path; errors are one line naming the file."""
     path = resolve_ablation_path(str(table))
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        known = ", ".join(sorted(p.stem for p in ABLATION_DIR.glob("*.yaml")))
-        raise AblationSpecError(f"{path}: ablation spec not found (known tables: {known})") from None
-    except yaml.YAMLError as err:
-        raise AblationSpecError(f"{path}: invalid YAML ({' '.join(str(err).split())})") from None
-    if not isinstance(data, dict):
-        raise AblationSpecError(f"{path}: an ablation spec is a mapping")
+    known = ", ".join(sorted(p.stem for p in ABLATION_DIR.glob("*.yaml")))
+    data = read_yaml_mapping(path, AblationSpecError, "ablation spec", missing_hint=f" (known tables: {known})")
     try:
         return from_dict(AblationSpec, data)
     except ConfigError as err:

@@ -29,9 +29,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from lsnet.config import ConfigError, from_dict
+from lsnet.config import ConfigError, from_dict, read_yaml_mapping
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_EXCLUDES = [".git", ".venv", "results", "data", "mlruns", "*.arrow", "*.pt", "*.db", ".ruff_cache",
@@ -184,15 +182,7 @@ def job_spec_from_dict(data: dict, source: str = "<spec>") -> JobSpec:
 
 def load_job_spec(path: str | Path) -> JobSpec:
     """Read and validate a job spec; a bad file raises :class:`JobSpecError` (one line)."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise JobSpecError(f"{path}: job spec not found") from None
-    except yaml.YAMLError as err:
-        raise JobSpecError(f"{path}: invalid YAML ({' '.join(str(err).split())})") from None
-    if not isinstance(data, dict):
-        raise JobSpecError(f"{path}: a job spec is a mapping, got {type(data).__name__}")
+    data = read_yaml_mapping(path, JobSpecError, "job spec")
     return job_spec_from_dict(data, str(path))
 
 

@@ -25,9 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from lsnet.config import ConfigError, apply_overrides, from_dict, to_dict
+from lsnet.config import ConfigError, apply_overrides, from_dict, read_yaml_mapping, to_dict
 from pipelines.config import ExperimentConfig, config_from_dict
 
 #: domain kind -> what its value must be
@@ -105,13 +103,8 @@ def _parse_domain(source: str, key: str, spec: Any) -> tuple[str, list[Any]]:
 def load_space(path: str | Path) -> SearchSpace:
     """Read and parse a space file (domains only; :func:`validate_space` checks them against a config)."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"space file not found: {path}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML: {err}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("space"), dict) or not data["space"]:
+    data = read_yaml_mapping(path, ConfigError, "space file")
+    if not isinstance(data.get("space"), dict) or not data["space"]:
         raise ConfigError(f"{path}: expected a mapping with a non-empty 'space:' section of dotted config keys")
     data = dict(data)
     raw = data.pop("space")
