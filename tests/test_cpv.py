@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lsnet.config import ConfigError, from_dict, to_dict
-from lsnet.inference import postprocess
+from lsnet.inference import boxes_from_points, postprocess
 from lsnet.modeling import HeadOutputs, ModelConfig, build_model
 from lsnet.modeling.cpv import (
     corner_pool,
@@ -202,3 +202,22 @@ def test_postprocess_with_cpv_moves_the_box_not_the_landmarks():
     torch.testing.assert_close(plain.boxes[0], torch.tensor([10.0, 10.0, 30.0, 30.0]))
     plain = postprocess(out, [(32, 32)], ModelConfig(task="bbox", num_classes=1), (32, 32))[0]
     torch.testing.assert_close(plain.boxes[0], torch.tensor([10.0, 10.0, 30.0, 30.0]))
+
+
+def test_cpv_model_with_flip_and_multiscale_tta_keeps_refined_boxes_in_the_image():
+    torch.manual_seed(1)
+    cfg = tiny_cfg("bbox", cpv=True)
+    cfg.test.score_thr, cfg.test.max_dets = 0.0, 50
+    model = build_model(cfg).eval()
+    images, sizes = two_image_batch()
+    with torch.no_grad():
+        plain = model(images, image_sizes=sizes)
+        model.cfg.test.flip, model.cfg.test.scales = True, [1.0, 0.5]
+        tta = model(images, image_sizes=sizes)
+    for p, d, (h, w) in zip(plain, tta, sizes):
+        assert len(d) == 50
+        for dets in (p, d):
+            assert (dets.boxes[:, 0::2] >= 0).all() and (dets.boxes[:, 0::2] <= w).all()
+            assert (dets.boxes[:, 1::2] >= 0).all() and (dets.boxes[:, 1::2] <= h).all()
+        # CPV boxes are not the landmarks' boxes for the refined (P4-P7) detections
+        assert not torch.allclose(p.boxes, boxes_from_points(p.points))

@@ -6,9 +6,9 @@
     L = L_cls + beta · L_vec1 + gamma · L_vec2          (beta = 1, gamma = 2)
 
 - ``L_cls``: sigmoid focal loss (gamma 2, alpha 0.25) of the stage-2 class logits, positives from
-  ATSS (:func:`lsnet.assigners.assign_atss`; IoUs with fixed anchor squares, or with the stage-1
-  landmarks' boxes when ``loss.atss_on == "init"``), summed over all non-ignored points and divided by the
-  number of ATSS positives.
+  ATSS (:func:`lsnet.assigners.assign_atss`; IoUs with the boxes of the stage-1 landmarks, as the
+  reference, with ``loss.atss_on == "init"`` (default), or with fixed anchor squares), summed over
+  all non-ignored points and divided by the number of ATSS positives.
 - ``L_vec1``: cross-IOU loss (:func:`lsnet.losses.vector_loss`) of the stage-1 vectors at the
   centroid-assigned positives (one per object, :func:`lsnet.assigners.assign_centroid`), divided by
   their number.
