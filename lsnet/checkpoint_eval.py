@@ -1,13 +1,16 @@
 """``lsnet test``: COCO metrics of a checkpoint on a dataset in one command (mmdetection's ``tools/test.py``).
 
     lsnet test results/runs/x/model_best.pt --shards data/coco/shards/val2017 [--out preds.json]
-    lsnet test model.pt --ann instances_val2017.json --images val2017/ [--tta flip|ms|flip+ms]
+    lsnet test model.pt --ann instances_val2017.json --images val2017/ [--tta none|flip|ms|flip+ms|atss]
 
 - The model, class ids/names and the test resize come from the checkpoint (every checkpoint of
   ``lsnet train`` stores them; ``--config`` / ``--short-side`` / ``--max-size`` override, as for
   ``lsnet predict``).
 - ``--shards``: a directory written by ``lsnet preprocess`` (its ``gt.json`` is the ground truth);
   ``--ann`` + ``--images``: a COCO JSON and its image folder, read directly.
+- ``--tta``: default ``config`` = the model config's ``model.test`` (single scale unless it sets
+  ``flip`` / ``scales``); ``atss`` = the paper's multi-scale test (ATSS's 12 sizes as factors of the
+  test size, flip, ATSS's scale ranges and box voting, :mod:`lsnet.inference`).
 - Prints the COCO metrics and the per-category AP table; ``--out`` writes the COCO results JSON and
   ``--metrics-out`` the metrics + table as JSON. A progress line goes to stderr (readable in logs).
 """
@@ -24,9 +27,21 @@ from lsnet.errors import InputError
 from lsnet.progress import Progress
 from lsnet.structures import Batch
 
-#: --tta choices -> (flip, scales) of lsnet.inference.predict_with_tta
-TTA = {"none": (False, (1.0,)), "flip": (True, (1.0,)), "ms": (False, (0.8, 1.0, 1.2)),
-       "flip+ms": (True, (0.8, 1.0, 1.2))}
+#: --tta choices -> keyword arguments of lsnet.inference.predict_with_tta ("config": none, i.e. the
+#: model config's model.test; "atss" is filled in from the test size by tta_arguments)
+TTA = {"config": {}, "none": {"flip": False, "scales": (1.0,)}, "flip": {"flip": True, "scales": (1.0,)},
+       "ms": {"flip": False, "scales": (0.8, 1.0, 1.2)}, "flip+ms": {"flip": True, "scales": (0.8, 1.0, 1.2)},
+       "atss": None}
+
+
+def tta_arguments(tta: str, short_side: int) -> dict:
+    """The ``predict_with_tta`` keyword arguments of a ``--tta`` choice at test size ``short_side``."""
+    from lsnet.inference import ATSS_SCALE_RANGES, atss_test_scales
+
+    if tta == "atss":
+        return {"flip": True, "scales": atss_test_scales(short_side), "scale_ranges": ATSS_SCALE_RANGES,
+                "merge": "vote"}
+    return dict(TTA[tta])
 
 
 def _shard_batches(shards: str, loaded, batch_size: int) -> tuple[Iterator[Batch], int, str | Path, list[int]]:
@@ -72,7 +87,7 @@ def _file_batches(ann: str, images: str, loaded, batch_size: int):
 
 
 def evaluate_checkpoint(checkpoint: str | Path, *, shards: str | None = None, ann: str | None = None,
-                    images: str | None = None, config: str | None = None, tta: str = "none",
+                    images: str | None = None, config: str | None = None, tta: str = "config",
                     batch_size: int = 2, device: str | None = None, short_side: int | None = None,
                     max_size: int | None = None, progress: bool = True):
     """Evaluate ``checkpoint`` on a dataset; returns ``(EvalResult, LoadedModel)``."""
@@ -90,11 +105,11 @@ def evaluate_checkpoint(checkpoint: str | Path, *, shards: str | None = None, an
         batches, total, gt, _ = _file_batches(ann, images, loaded, batch_size)
     if total == 0:
         raise InputError(f"{shards or ann}: no images to test on")
-    flip, scales = TTA[tta]
+    tta_kwargs = tta_arguments(tta, loaded.short_side)
     bar = Progress(total, "test", "images", enabled=progress)
 
     def predict(model, batch_images, metas):
-        dets = predict_with_tta(model, batch_images, metas, flip=flip, scales=scales)
+        dets = predict_with_tta(model, batch_images, metas, **tta_kwargs)
         bar.update(len(metas))
         return dets
 
@@ -110,7 +125,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ann", default=None, help="COCO annotation JSON (with --images)")
     parser.add_argument("--images", default=None, help="the image folder of --ann")
     parser.add_argument("--config", default=None, help="experiment/model YAML (default: stored in the checkpoint)")
-    parser.add_argument("--tta", choices=sorted(TTA), default="none", help="test-time augmentation")
+    parser.add_argument("--tta", choices=sorted(TTA), default="config",
+                        help="test-time augmentation (default: the config's model.test; atss: the paper's multi-scale test)")
     parser.add_argument("--out", default=None, help="write the COCO results (predictions) JSON here")
     parser.add_argument("--metrics-out", default=None, help="write metrics + per-category AP as JSON here")
     parser.add_argument("--batch-size", type=int, default=2)

@@ -41,6 +41,7 @@ def build_case(task: str) -> torch.nn.Module:
     """
     cfg = ModelConfig(task=task, num_classes=NUM_CLASSES if task != "pose" else 1, backbone="resnet18",
                       fpn_channels=64, head_channels=64, head_convs=2, norm_groups=32)
+    cfg.loss.atss_on = "anchors"  # recorded before the default became "init" (issue 11 item 10)
     cfg.test.pre_nms_topk = 50
     model = build_model(cfg)
     with torch.no_grad():

@@ -467,12 +467,12 @@ def test_tta_identity_and_flip_equivariance(task, pose_box):
     from lsnet.transforms import hflip_boxes
 
     assert torch.allclose(hflip_boxes(a.boxes, 128), b.boxes, atol=1e-4)
-    # multi-scale: one NMS over the union of the scales' candidates, so every merged detection is one
+    # multi-scale with merge="nms": one NMS over the union of the scales' candidates, so every merged detection is one
     # of a single-scale run's (same score, same points) and the best of them all survives. (Where
     # each scale maps its points back to: test_tta_multiscale_maps_back_to_image_pixels.)
     metas = [(90, 120)]
-    ms = predict_with_tta(model, images, metas, flip=True, scales=(0.75, 1.25))[0]
-    singles = [predict_with_tta(model, images, metas, flip=True, scales=(s,))[0] for s in (0.75, 1.25)]
+    ms = predict_with_tta(model, images, metas, flip=True, scales=(0.75, 1.25), merge="nms")[0]
+    singles = [predict_with_tta(model, images, metas, flip=True, scales=(s,), merge="nms")[0] for s in (0.75, 1.25)]
     pool_scores = torch.cat([d.scores for d in singles])
     pool_points = torch.cat([d.points for d in singles])
     assert ms.scores[0] == pool_scores.max()
@@ -678,7 +678,8 @@ def test_atss_on_init_assigns_with_the_stage1_boxes(monkeypatch):
     real = detector.assign_atss
     monkeypatch.setattr(detector, "assign_atss", lambda *a, **kw: seen.append(kw["anchor_boxes"]) or real(*a, **kw))
     cfg_anchors, cfg_init = tiny_cfg("bbox"), tiny_cfg("bbox")
-    cfg_init.loss.atss_on = "init"
+    assert cfg_init.loss.atss_on == "init"  # the default, from the overfit measurement (issue 11 item 10)
+    cfg_anchors.loss.atss_on = "anchors"
     by_anchors = detector.compute_losses(out, targets, cfg_anchors)
     assert seen == [None, None]
     by_init = detector.compute_losses(out, targets, cfg_init)

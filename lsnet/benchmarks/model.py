@@ -4,6 +4,8 @@ Measures, at the same input size and batch (default 512×512, batch 2):
 
 - the time of one training step (forward with targets, backward, SGD step) and of one inference
   forward (eval mode, ``torch.inference_mode``, post-processing included) of both models;
+- the same two timings of LSNet with CPV (``model.cpv``, the Table 1 LSNet-CPV rows), the cost
+  of its corner branch (``with_cpv``; its rows do not enter the checks);
 - parameter counts of both and of the three task models (bbox N=4 / segm N=36 with 80 classes,
   pose N=17 with 1 class).
 
@@ -94,7 +96,7 @@ def _lsnet_task_params() -> list[dict]:
 
 def run(image_size: int = 512, batch_size: int = 2, num_objects: int = 5, warmup: int = 1, repeats: int = 3,
         num_threads: int | None = None, seed: int = 0, train_target: float = 1.3,
-        infer_target: float = 1.2) -> BenchResult:
+        infer_target: float = 1.2, with_cpv: bool = True) -> BenchResult:
     if num_threads:
         torch.set_num_threads(num_threads)
     torch.manual_seed(seed)
@@ -107,6 +109,9 @@ def run(image_size: int = 512, batch_size: int = 2, num_objects: int = 5, warmup
         "lsnet_r50_bbox": build_model(ModelConfig(task="bbox", num_classes=80, frozen_stages=-1, norm_eval=False)),
         "fcos_r50_fpn": fcos,
     }
+    if with_cpv:
+        models["lsnet_r50_bbox_cpv"] = build_model(ModelConfig(task="bbox", num_classes=80, frozen_stages=-1,
+                                                               norm_eval=False, cpv=True))
     fcos_images = list(images)  # FCOS takes a list of (3, H, W) images
 
     def train_step(name: str) -> float:
@@ -144,7 +149,7 @@ def run(image_size: int = 512, batch_size: int = 2, num_objects: int = 5, warmup
             t_infer, c_infer = infer(name)
             if i >= warmup:
                 times[(name, "train")].append(t_train)
-                if name.startswith("lsnet"):
+                if name == "lsnet_r50_bbox":
                     for kind in ("train", "infer"):
                         t, c = _landmark_sampling(model_head, batch_size, image_size, kind == "train", seed)
                         sampling[kind].append(t)

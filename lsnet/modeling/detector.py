@@ -6,13 +6,15 @@
     L = L_cls + beta · L_vec1 + gamma · L_vec2          (beta = 1, gamma = 2)
 
 - ``L_cls``: sigmoid focal loss (gamma 2, alpha 0.25) of the stage-2 class logits, positives from
-  ATSS (:func:`lsnet.assigners.assign_atss`; IoUs with fixed anchor squares, or with the stage-1
-  landmarks' boxes when ``loss.atss_on == "init"``), summed over all non-ignored points and divided by the
-  number of ATSS positives.
+  ATSS (:func:`lsnet.assigners.assign_atss`; IoUs with the boxes of the stage-1 landmarks, as the
+  reference, with ``loss.atss_on == "init"`` (default), or with fixed anchor squares), summed over
+  all non-ignored points and divided by the number of ATSS positives.
 - ``L_vec1``: cross-IOU loss (:func:`lsnet.losses.vector_loss`) of the stage-1 vectors at the
   centroid-assigned positives (one per object, :func:`lsnet.assigners.assign_centroid`), divided by
   their number.
 - ``L_vec2``: cross-IOU loss of the refined vectors at the ATSS positives, divided by their number.
+- with CPV (``cfg.cpv``), ``+ 0.25 · L_heatmap + 1 · L_offset`` of the corner branch
+  (:func:`lsnet.modeling.cpv.cpv_losses`; weights ``loss.cpv_heatmap_weight`` / ``cpv_offset_weight``).
 
 Targets are the vectors from each positive's anchor point to its object's landmarks
 (:func:`lsnet.coding.encode_offsets`; softened inside the loss), with the landmarks' visibility
@@ -35,6 +37,7 @@ from lsnet.coding import decode_offsets, encode_offsets
 from lsnet.losses import giou_box_loss, smooth_l1_box_loss, smooth_l1_point_loss, vector_loss
 from lsnet.modeling.backbone import ResNetBackbone
 from lsnet.modeling.config import ModelConfig
+from lsnet.modeling.cpv import corner_targets, cpv_losses
 from lsnet.modeling.fpn import FPN
 from lsnet.modeling.head import HeadOutputs, LSNetHead, default_dcn_point_indices
 from lsnet.structures import Detections, LandmarkTargets
@@ -120,7 +123,7 @@ def compute_losses(out: HeadOutputs, targets: list[LandmarkTargets], cfg: ModelC
         targets: B targets in the pixel frame of the images.
     Returns:
         ``{"loss_cls", "loss_vec_init", "loss_vec_refine", "loss", "pos_iou"}`` (+ ``loss_box_init``,
-        ``loss_box_refine`` with the pose box branch); the loss terms are normalised and *unweighted*,
+        ``loss_box_refine`` with the pose box branch, ``loss_heatmap``, ``loss_offset`` with CPV); the loss terms are normalised and *unweighted*,
         ``loss`` the weighted total to backpropagate, ``pos_iou`` (no gradient) the mean IoU of the
         output boxes at the ATSS positives with their objects' boxes (Figure 4; 0 without positives).
         Stage-1-only models (``cfg.refine=False``) have ``loss_vec_refine = 0`` and their output boxes
@@ -141,8 +144,13 @@ def compute_losses(out: HeadOutputs, targets: list[LandmarkTargets], cfg: ModelC
     level_strides = torch.repeat_interleave(torch.tensor(strides, device=device, dtype=anchors.dtype),
                                             torch.tensor(npl, device=device))
     iou_sum = torch.zeros((), device=device)
+    corner = ([], [], []) if out.corner_logits is not None else None  # heat, offset, positive targets
     for i, t in enumerate(targets):
         t = t.to(device)
+        if corner is not None:
+            for bucket, value in zip(corner, corner_targets(out.level_sizes, strides, t.boxes[~t.iscrowd],
+                                                            lc.cpv_gaussian_iou)):
+                bucket.append(value)
         if cfg.target_style == "box":
             t = box_style_targets(t)
         if cfg.num_box_points:
@@ -198,6 +206,14 @@ def compute_losses(out: HeadOutputs, targets: list[LandmarkTargets], cfg: ModelC
     losses["loss"] = losses["loss_cls"] + lc.beta * losses["loss_vec_init"] + lc.gamma * losses["loss_vec_refine"]
     if cfg.num_box_points:
         losses["loss"] = losses["loss"] + lc.box_beta * losses["loss_box_init"] + lc.box_gamma * losses["loss_box_refine"]
+    if corner is not None:
+        heat_t, offset_t, positive = (torch.cat(x) for x in corner)
+        num_pos = torch.stack([mean_over_workers(int(positive[:, c].sum()), device) for c in range(2)])
+        losses["loss_heatmap"], losses["loss_offset"] = cpv_losses(
+            out.corner_logits.reshape(-1, 2), out.corner_offsets.reshape(-1, 4), heat_t, offset_t, positive, num_pos,
+            lc.smooth_l1_beta)
+        losses["loss"] = (losses["loss"] + lc.cpv_heatmap_weight * losses["loss_heatmap"]
+                          + lc.cpv_offset_weight * losses["loss_offset"])
     losses["pos_iou"] = iou_sum / max(sum(stage[2][5]), 1)
     return losses
 
@@ -218,7 +234,7 @@ class LSNet(nn.Module):
         self.head = LSNetHead(
             cfg.fpn_channels, cfg.num_classes, cfg.num_points + cfg.num_box_points, cfg.strides, cfg.head_channels,
             cfg.head_convs, cfg.norm_groups, cfg.feature_mode, cfg.pyramid_fuse, cfg.dcn_offset_grad_scale,
-            kernel, cfg.task)
+            kernel, cfg.task, cpv=cfg.cpv)
         if not cfg.refine:
             # Stage-1-only (Table 2): the refinement branch gets no loss; frozen, it is left out of
             # the optimiser and of DDP's gradient reduction (no unused-parameter errors).
@@ -241,9 +257,12 @@ class LSNet(nn.Module):
                 image_sizes: list[tuple[int, int]] | None = None) -> dict[str, Tensor] | list[Detections]:
         """With ``targets``: the loss dict of :func:`compute_losses`. Without: B × Detections in the
         pixel frame of ``images``, landmarks clipped to each image's valid region ``image_sizes``
-        ((h, w) per image, default the whole tensor)."""
-        from lsnet.inference import postprocess  # inference imports this module for TTA
+        ((h, w) per image, default the whole tensor) -- test-time augmented
+        (:func:`lsnet.inference.predict_with_tta`) when ``cfg.test`` sets ``flip`` or ``scales``."""
+        from lsnet.inference import postprocess, predict_with_tta  # inference imports this module for TTA
 
+        if targets is None and self.cfg.test.augmented:  # model.test.flip / scales: test-time augmentation
+            return predict_with_tta(self, images, image_sizes)
         out = self.forward_raw(images)
         if targets is not None:
             return compute_losses(out, targets, self.cfg)

@@ -62,6 +62,7 @@ from torch import Tensor, nn
 
 from lsnet.assigners import anchor_points
 from lsnet.coding import decode_offsets
+from lsnet.modeling.cpv import CPVBranch
 
 #: Upper bound of the exponent of the vector parameterisation (exp(8) ≈ 3000 strides), for stability.
 MAX_LOG_SCALE = 8.0
@@ -76,6 +77,8 @@ class HeadOutputs:
     - ``vec_refine`` (B, P, N, 4) stage-2 (refined) vectors in pixels.
     - ``anchors``    (P, 2) anchor points ``x, y`` (cell centres, :func:`lsnet.assigners.anchor_points`).
     - ``num_points_per_level`` list of ``H_l * W_l``; ``strides`` per level.
+    - with CPV (:mod:`lsnet.modeling.cpv`): ``corner_logits`` (B, P, 2) top-left / bottom-right
+      heatmap logits, ``corner_offsets`` (B, P, 4) their offsets in cells, ``level_sizes`` (H_l, W_l).
     """
 
     cls_logits: Tensor
@@ -84,6 +87,9 @@ class HeadOutputs:
     anchors: Tensor
     num_points_per_level: list[int]
     strides: tuple[int, ...]
+    corner_logits: Tensor | None = None
+    corner_offsets: Tensor | None = None
+    level_sizes: list[tuple[int, int]] | None = None
 
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -185,6 +191,8 @@ class LSNetHead(nn.Module):
         dcn_point_indices: list[int] | None = None,
         task: str = "bbox",
         prior_prob: float = 0.01,
+        cpv: bool = False,
+        cpv_corner_dim: int = 64,
     ):
         super().__init__()
         if feature_mode not in ("PA", "PE", "PP"):
@@ -236,6 +244,15 @@ class LSNetHead(nn.Module):
                 nn.init.zeros_(m.bias)
         # Focal-loss prior (RetinaNet): every location starts as background with probability 1 - prior.
         nn.init.constant_(self.cls_out.bias, -math.log((1 - prior_prob) / prior_prob))
+        # CPV (corner point verification): corner heatmaps/offsets from the regression tower, and
+        # the 1x1 projections of its 6 output maps added to the stage-2 features (lsnet.modeling.cpv)
+        self.cpv = CPVBranch(channels, norm_groups, cpv_corner_dim, prior_prob) if cpv else None
+        if cpv:
+            self.cpv_embed_cls = nn.Conv2d(6, channels, 1)
+            self.cpv_embed_reg = nn.Conv2d(6, channels, 1)
+            for m in (self.cpv_embed_cls, self.cpv_embed_reg):
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.zeros_(m.bias)
 
     def sample_landmarks(self, towers: list[Tensor], level: int, positions: Tensor,
                          out_hw: tuple[int, int]) -> tuple[Tensor, int]:
@@ -279,7 +296,7 @@ class LSNetHead(nn.Module):
 
         b = feats[0].shape[0]
         n = self.num_points
-        cls_all, init_all, refine_all = [], [], []
+        cls_all, init_all, refine_all, heat_all, offset_all = [], [], [], [], []
         for level, (reg_t, cls_t) in enumerate(zip(reg_towers, cls_towers)):
             stride = self.strides[level]
             h, w = sizes[level]
@@ -298,6 +315,13 @@ class LSNetHead(nn.Module):
                                                              positions, (h, w))
                 reg_feat = reg_feat + self._landmark_feature(reg_towers, self.landmark_weight_reg, level,
                                                              positions, (h, w))
+            if self.cpv is not None:
+                heat, offsets = self.cpv(reg_t)
+                joint = torch.cat([heat, offsets], dim=1).flatten(2)  # (B, 6, HW)
+                cls_feat = cls_feat + F.conv1d(joint, self.cpv_embed_cls.weight.squeeze(-1), self.cpv_embed_cls.bias)
+                reg_feat = reg_feat + F.conv1d(joint, self.cpv_embed_reg.weight.squeeze(-1), self.cpv_embed_reg.bias)
+                heat_all.append(heat.flatten(2).permute(0, 2, 1))
+                offset_all.append(offsets.flatten(2).permute(0, 2, 1))
             cls_feat = F.relu(self.norm_cls(cls_feat))
             reg_feat = F.relu(self.norm_reg(reg_feat))
 
@@ -318,4 +342,7 @@ class LSNetHead(nn.Module):
             anchors=torch.cat(anchors, dim=0),
             num_points_per_level=[h * w for h, w in sizes],
             strides=self.strides,
+            corner_logits=torch.cat(heat_all, dim=1) if heat_all else None,
+            corner_offsets=torch.cat(offset_all, dim=1) if offset_all else None,
+            level_sizes=[(int(h), int(w)) for h, w in sizes],
         )
