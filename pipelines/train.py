@@ -478,14 +478,15 @@ def wrap_distributed(parts: TrainingParts, ctx: WorkerContext) -> None:
             find_unused_parameters=parts.cfg.run.find_unused_parameters)
 
 
-def open_tracker(cfg: ExperimentConfig, ctx: WorkerContext, tags: dict[str, Any]):
+def open_tracker(cfg: ExperimentConfig, ctx: WorkerContext, tags: dict[str, Any], tracking_uri: str | None = None):
     """Rank 0's MLflow run (pipelines.tracking: journaled, survives outages and worker restarts);
-    None on other ranks or with tracking off."""
+    None on other ranks or with tracking off. ``tracking_uri``: the store the driver resolved (a worker's
+    own environment may name another one, or none)."""
     if ctx.rank != 0 or not cfg.tracking.enabled:
         return None
     from pipelines.tracking import RunTracker
 
-    tracker = RunTracker(ctx.run_dir, cfg.tracking.uri, cfg.tracking.experiment, ctx.run_dir.name,
+    tracker = RunTracker(ctx.run_dir, tracking_uri or cfg.tracking.uri, cfg.tracking.experiment, ctx.run_dir.name,
                          flush_interval_s=cfg.tracking.flush_interval_s,
                          retry_interval_s=cfg.tracking.retry_interval_s)
     tracker.log_params(flatten(to_dict(cfg)))
@@ -730,7 +731,7 @@ def _train_worker(cfg: ExperimentConfig, ctx: WorkerContext, loop_config: dict[s
     resumed_from = resume_training(parts, ctx)
     _write_worker_info(ctx.run_dir, ctx.rank, ctx.world, ctx.device, resumed_from=resumed_from)
     wrap_distributed(parts, ctx)
-    tracker = open_tracker(cfg, ctx, loop_config.get("tags", {}))
+    tracker = open_tracker(cfg, ctx, loop_config.get("tags", {}), loop_config.get("tracking_uri"))
     recorder = EpochRecorder(parts, ctx, tracker)
     injector = _FaultInjector(cfg, ctx.rank, ctx.run_dir)
     log_fn = step_logger(tracker, ctx, parts)
@@ -946,16 +947,21 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None, run_name:
             "dataset_manifest_sha256": manifest_hash(cfg.data.train_shards),
             "val_manifest_sha256": manifest_hash(cfg.data.val_shards) if cfg.data.val_shards else "none",
             "task": cfg.model.task, **ray_job_ids(), **(extra_tags or {})}
+    tracking_uri = None
     if cfg.tracking.enabled:
         from pipelines.tracking import prepare_sqlite_store, resolve_tracking_uri
 
-        prepare_sqlite_store(resolve_tracking_uri(run_dir, cfg.tracking.uri))
+        # Resolved here, from the driver's environment: workers (started by a raylet, perhaps on another
+        # node) do not share it, and must all log to the store the user asked for.
+        tracking_uri = resolve_tracking_uri(run_dir, cfg.tracking.uri)
+        prepare_sqlite_store(tracking_uri)
     backend = "nccl" if cfg.run.use_gpu else "gloo"
     guard = RunGuard(run_dir)
     trainer = guarded_trainer(
         guard,
         train_loop_per_worker,
         train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "tags": tags,
+                           "tracking_uri": tracking_uri,
                            "resume_from": str(resume_from) if resume_from else None},
         torch_config=TorchConfig(backend=backend),
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,

@@ -20,6 +20,22 @@ def _deterministic_seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _isolated_mlflow_tracking_uri():
+    """``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI`` to the process environment, which a
+    Ray started later (and every worker it spawns) would inherit: undo it after each test."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    import sys
+
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(None)  # clears mlflow's global and the variable
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture(scope="session")
 def tiny_coco_dir() -> Path:
     """The 50 real COCO images of ../shared/data/tiny_coco (read-only: copy before mutating)."""
@@ -49,6 +65,8 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
+        # Workers inherit this process's environment: none of the stores a test may have named.
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
         # address="local": always a fresh cluster, never one that another process started on this machine
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
