@@ -54,7 +54,7 @@ def tiny_config(root: Path, *extra: str):
         f"data.train_shards={root / 'shards' / 'train'}", f"data.val_shards={root / 'shards' / 'val'}",
         f"run.storage_path={root / 'runs'}", "train.epochs=2", "train.lr_steps=[1]", "train.eval_every=2",
         "train.log_every=1", "train.warmup_iters=2", "eval.num_overlays=2", "data.verify=sha256",
-        "tracking.flush_interval_s=0.5",
+        "tracking.flush_interval_s=0.5", f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
         # score threshold 0: a 4-step model scores below the default 0.05 everywhere, and an AP of 0
         # would not tell a right evaluation from a broken one
         "model.test.score_thr=0.0", *extra,
@@ -102,7 +102,7 @@ def test_two_worker_run_logs_to_mlflow(uninterrupted):
 
     out = uninterrupted
     run_dir = out.run_dir
-    assert out.tracking_uri == f"sqlite:///{run_dir / 'mlflow.db'}"
+    assert out.tracking_uri == f"sqlite:///{run_dir.parent.parent / 'mlflow.db'}"  # one store for all runs
     assert out.metrics["epoch"] == 2 and out.metrics["global_step"] == 4  # 8 images / 2 workers / batch 2
     workers = [json.loads((run_dir / "workers" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [w["world_size"] for w in workers] == [2, 2] and workers[0]["pid"] != workers[1]["pid"]

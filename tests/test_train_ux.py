@@ -141,7 +141,7 @@ schedule: null
 data: {{train_shards: {root}/shards/train, val_shards: null, scale_range: [64, 64], max_size: 64, test_scale: 64}}
 train: {{epochs: 200, lr_steps: [150], warmup_iters: 1, log_every: 1}}
 run: {{num_workers: 1, storage_path: {root}/runs, max_failures: 0}}
-tracking: {{flush_interval_s: 0.5}}
+tracking: {{flush_interval_s: 0.5, uri: 'sqlite:///{root}/mlflow.db'}}
 """
 
 
@@ -186,7 +186,7 @@ def test_ctrl_c_ends_the_run_marks_mlflow_killed_and_keeps_a_checkpoint(small_sh
     assert "[epoch 1/200 step 1/4] loss" in out  # progress inside the epoch (8 images, batch 2)
     latest = newest_complete_checkpoint(run_dir)
     assert latest is not None and latest.name >= "checkpoint_epoch_0002"
-    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{small_shards / 'mlflow.db'}")
     (run,) = client.search_runs(client.get_experiment_by_name("lsnet-tiny").experiment_id)
     assert run.info.status == "KILLED"
 
