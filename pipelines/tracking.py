@@ -72,6 +72,8 @@ def configure_mlflow_http(max_retries: int = 0, timeout_s: int = 5) -> None:
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: The experiment tag MLflow 3 reads to file an experiment under "model training" rather than GenAI.
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+#: The run tags that MLflow's UI shows as creator and source (set by :func:`mlflow_system_tags`).
+SYSTEM_TAG_KEYS = ("mlflow.user", "mlflow.source.name", "mlflow.source.type", "mlflow.source.git.commit")
 #: The MLflow model of a run is logged under this name: ``runs:/<run_id>/model``.
 MODEL_NAME = "model"
 
@@ -409,12 +411,15 @@ class _Uploader:
         staged = self.journal.dir / record["staged"]
         if not staged.exists():  # uploaded, acknowledged and cleaned up before
             return
-        experiment_id = client.get_run(run_id).info.experiment_id
+        run = client.get_run(run_id)
+        experiment_id = run.info.experiment_id
         seq_tag = {"lsnet.journal_seq": str(record["seq"]), RUN_UID_TAG: self.journal.state["run_uid"]}
+        # who / which command / which commit, as MLflow's own log_model records them ("Logged from")
+        system = {k: v for k, v in run.data.tags.items() if k in SYSTEM_TAG_KEYS}
         existing = [m for m in client.search_logged_models([experiment_id], filter_string=f"name = '{MODEL_NAME}'")
                     if m.source_run_id == run_id and m.tags.get("lsnet.journal_seq") == seq_tag["lsnet.journal_seq"]]
         model = existing[0] if existing else client.create_logged_model(
-            experiment_id, name=MODEL_NAME, source_run_id=run_id, tags={**record.get("tags", {}), **seq_tag},
+            experiment_id, name=MODEL_NAME, source_run_id=run_id, tags={**system, **seq_tag},
             params=record.get("params"), model_type=record.get("model_type"))
         if model.status != LoggedModelStatus.READY:
             mlmodel = Model.load(staged / "MLmodel")  # the ids only the server can give
@@ -661,7 +666,6 @@ def shard_dataset(shard_dir: str | Path, context: str) -> dict[str, str]:
     MLflow's 36 characters; the whole hash is in the profile and the run's ``dataset_manifest_sha256``
     tag), the directory as source and ``context`` (``train`` / ``val``)."""
     from lsnet.data.shards import load_manifest
-
     from pipelines.train import manifest_hash
 
     sha = manifest_hash(str(shard_dir))

@@ -137,6 +137,24 @@ def test_two_worker_run_logs_to_mlflow(uninterrupted):
     for tag in ("git_commit", "config_name", "dataset_manifest_sha256", "ray_job_id"):
         assert tags.get(tag), tag
     assert tags["config_name"] == "tiny_bbox" and len(tags["dataset_manifest_sha256"]) == 64
+    # what the MLflow UI shows (item 17): a model-training experiment, creator and source, the shard sets
+    # as dataset inputs, and the final weights as the run's MLflow model
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert tags["mlflow.user"] and tags["mlflow.source.name"] == "lsnet train"
+    assert tags["mlflow.source.git.commit"] == tags["git_commit"].removesuffix("-dirty")
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert {k: d.name for k, d in inputs.items()} == {"train": "train", "val": "val"}
+    assert inputs["train"].digest == tags["dataset_manifest_sha256"][:36]
+    (output,) = run.outputs.model_outputs
+    model_info = client.get_logged_model(output.model_id)
+    assert model_info.source_run_id == run.info.run_id and output.step == 4
+    assert model_info.tags["mlflow.source.name"] == "lsnet train"  # the UI's "Logged from"
+    import mlflow.pytorch
+
+    mlflow.set_tracking_uri(out.tracking_uri)  # reset by conftest after the test
+    logged = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model").state_dict()
+    final = _weights(run_dir / "model_final.pt")
+    assert logged.keys() == final.keys() and all(torch.equal(logged[k], final[k]) for k in final)
 
     def files(path=None):
         out = []
