@@ -70,7 +70,9 @@ def configure_mlflow_http(max_retries: int = 0, timeout_s: int = 5) -> None:
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-#: The experiment tag MLflow 3 reads to file an experiment under "model training" rather than GenAI.
+#: The experiment tag by which MLflow 3 marks an experiment as model training rather than GenAI. (The
+#: UI of MLflow 3.17 lets its own "GenAI | Model training" switch win over it, default GenAI: the run
+#: URLs lsnet prints select the latter, see :func:`run_url`.)
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 #: The run tags that MLflow's UI shows as creator and source (set by :func:`mlflow_system_tags`).
 SYSTEM_TAG_KEYS = ("mlflow.user", "mlflow.source.name", "mlflow.source.type", "mlflow.source.git.commit")

@@ -294,4 +294,6 @@ def test_demo_smoke(tmp_path, ray_session, capsys, monkeypatch):
     assert "bbox_AP" in printed and "--backend-store-uri sqlite:///" in printed and "--host 127.0.0.1" in printed
     run_dir = next((tmp_path / "runs").glob("demo-synthetic-bbox-*"))
     assert len(list((run_dir / "overlays" / "epoch_0001").glob("*.png"))) == 2
-    assert (run_dir / "mlflow.db").exists() and (run_dir / "model_final.pt").exists()
+    # the demo's own store, beside its data and runs (never the checkout's shared results/mlflow.db)
+    assert f"--backend-store-uri sqlite:///{tmp_path.resolve() / 'mlflow.db'}" in printed
+    assert (tmp_path / "mlflow.db").exists() and (run_dir / "model_final.pt").exists()
