@@ -38,6 +38,7 @@ final weights as an MLflow PyTorch model (``runs:/<run_id>/model``, see :meth:`R
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -123,7 +124,8 @@ def ensure_experiment(client, name: str, tracking_uri: str) -> str:
             if experiment is None:
                 raise
     if EXPERIMENT_KIND_TAG not in experiment.tags:
-        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        with contextlib.suppress(Exception):  # cosmetic: never let it hold up the run's records
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return experiment.experiment_id
 
 

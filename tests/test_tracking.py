@@ -429,3 +429,17 @@ def test_a_model_that_cannot_be_saved_is_a_recorded_warning(tmp_path, capsys):
     assert tracker.close() is True
     tags = _client(tracker.tracking_uri).get_run(tracker.run_id).data.tags
     assert "lsnet.model_log_error" in tags
+
+
+def test_an_existing_experiment_becomes_a_model_training_one(tmp_path):
+    """An experiment made before (or by plain MLflow) gets the kind tag; one with a kind keeps it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.prepare_sqlite_store(uri)
+    client = _client(uri)
+    old = client.create_experiment("old")
+    mine = client.create_experiment("genai", tags={"mlflow.experimentKind": "genai_development"})
+    for name in ("old", "genai"):
+        tracker = RunTracker(tmp_path / name, uri, name, background=False, verbose=False)
+        assert tracker.close() is True
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_experiment(mine).tags["mlflow.experimentKind"] == "genai_development"
