@@ -6,8 +6,9 @@
 2. preprocesses both to Arrow shards with Ray Data on a local Ray (``lsnet preprocess``);
 3. trains a tiny LSNet (``configs/tiny_<task>.yaml``: ResNet-18, 64 channels, 128-px images) with
    2 Ray Train workers on the CPU (``lsnet train``), evaluating COCO metrics every few epochs;
-4. logs everything to a local MLflow store (SQLite in the run directory) and writes prediction
-   overlays;
+4. logs everything to the demo's own MLflow store (``<out>/mlflow.db``: the demo never mixes its runs
+   into the checkout's shared ``results/mlflow.db``, and deleting ``<out>`` removes all of it) and writes
+   prediction overlays;
 5. prints where the run, the metrics and the pictures are, and the command that opens the MLflow UI.
 
 Re-running reuses the generated data and shards (preprocessing is idempotent) and starts a new run.
@@ -82,7 +83,7 @@ def run_demo(out: Path, dataset: str = "synthetic", task: str = "bbox", num_trai
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     num_cpus = os.cpu_count() or 2
-    os.environ.pop("MLFLOW_TRACKING_URI", None)  # the demo always logs to its own local store
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # the demo always logs to its own local store (tracking.uri below)
     if not ray.is_initialized():
         from pipelines.ray_local import start_ray
 
@@ -98,6 +99,7 @@ def run_demo(out: Path, dataset: str = "synthetic", task: str = "bbox", num_trai
         f"data.test_scale={image_size}", f"model.num_classes={num_classes}",
         f"train.epochs={epochs}", f"train.lr_steps=[{lr_step}]", f"train.eval_every={max(1, epochs // 4)}",
         f"run.num_workers={num_workers}", f"run.storage_path={out / 'runs'}", "run.resources_per_worker={CPU: 1}",
+        f"tracking.uri=sqlite:///{out / 'mlflow.db'}",
         *(overrides or []),
     ])
     name = f"demo-{dataset}-{task}-{_dt.datetime.now(_dt.UTC).strftime('%Y%m%d-%H%M%S')}"

@@ -3,12 +3,15 @@
 :func:`start_ray` connects to a cluster (``--address`` / ``RAY_ADDRESS``) or starts a private local
 one. A local Ray started here
 
-- binds to 127.0.0.1 for everything it can (node address, dashboard agent, dashboard host);
+- binds to 127.0.0.1 for everything it can: the node address is loopback (:func:`_single_node_on_loopback`),
+  so GCS, raylet, workers, dashboard, dashboard agent, runtime-env agent and the autoscaler's metrics
+  server all listen on 127.0.0.1 only;
 - keeps Ray's token authentication on (its default) without the start-up warning about it;
 - dies with the command: a watchdog process (``python -m pipelines.ray_local watch PID SESSION``) kills
-  the session's processes (raylet, GCS, DashboardAgent, RuntimeEnvAgent, workers) within a few
-  seconds when the driver is gone, even after ``kill -9``; and the next start cleans up what a
-  previous driver left behind (the records in :func:`_records_dir`).
+  the session's processes (raylet, GCS, DashboardAgent, RuntimeEnvAgent, workers; see
+  :func:`session_processes`) within a few seconds when the driver is gone, even after ``kill -9``;
+  and the next start cleans up what a previous driver left behind (the records in
+  :func:`_records_dir`) -- only sessions whose driver is dead, never another running command's.
 
 :func:`quiet_console` drops Ray's known noise from the console (the ``core_worker`` ERROR line about
 ``PreemptionWatcher``'s constructor arguments that every Ray Train run prints) and turns off ANSI
@@ -112,14 +115,28 @@ def _records_dir() -> Path:
     return path
 
 
+#: Ray processes that rename themselves (setproctitle): their command line no longer names the session.
+RENAMED_PREFIXES = ("ray::", "ray-dashboard-")
+
+
 def session_processes(session_dir: str) -> list:
-    """The processes of one local Ray session: every process whose command line names its directory."""
+    """The processes of one local Ray session: every process whose command line names its directory
+    (as a whole path component: ``.../session_X_12`` is not ``.../session_X_123``), and the renamed
+    ones (``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``, workers) that hold a file of it open --
+    their logs. The agents outlive a killed driver by minutes otherwise: after their raylet died
+    they are orphans, found neither by command line nor as anyone's children."""
     import psutil
 
+    session_dir = session_dir.rstrip("/")
+    named = re.compile(re.escape(session_dir) + r"(?![^/\s'\"=,;:])")
     found = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
+    for proc in psutil.process_iter(["pid", "name", "cmdline"]):
+        if proc.pid == os.getpid():
+            continue
         with contextlib.suppress(psutil.Error):
-            if proc.pid != os.getpid() and session_dir in " ".join(proc.info["cmdline"] or []):
+            by_name = named.search(" ".join(proc.info["cmdline"] or []))
+            if by_name or ((proc.info["name"] or "").startswith(RENAMED_PREFIXES)
+                           and any(f.path.startswith(session_dir + "/") for f in proc.open_files())):
                 found.append(proc)
     return found
 
@@ -140,17 +157,27 @@ def kill_session(session_dir: str, grace_s: float = 3.0) -> int:
 
 
 def _driver_alive(pid: int, create_time: float) -> bool:
+    """Whether the driver process still runs: same pid *and* start time (a reused pid is another
+    process), and not a zombie (killed, its exit status not yet collected by its parent)."""
     import psutil
 
     try:
-        return abs(psutil.Process(pid).create_time() - create_time) < 1.0
+        proc = psutil.Process(pid)
+        return abs(proc.create_time() - create_time) < 1.0 and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
 
 
+def _record_path(pid: int, create_time: float) -> Path:
+    """One record per driver process (pid and start time: a reused pid gets its own record)."""
+    return _records_dir() / f"{pid}-{int(create_time * 1000)}.json"
+
+
 def cleanup_stale_sessions() -> int:
     """Kill the local Ray sessions whose ``lsnet`` driver is gone (e.g. killed with SIGKILL before its
-    watchdog could act); returns how many processes were ended."""
+    watchdog could act); returns how many processes were ended. Only sessions with a record whose
+    driver is dead are touched: the Ray of another running ``lsnet`` command (its driver alive), a
+    ``ray start`` cluster or a Ray started by other code (no record) are left alone."""
     killed = 0
     for record in _records_dir().glob("*.json"):
         try:
@@ -172,7 +199,7 @@ def _register(session_dir: str) -> None:
 
     me = psutil.Process()
     info = {"pid": me.pid, "create_time": me.create_time(), "session_dir": session_dir}
-    (_records_dir() / f"{me.pid}.json").write_text(json.dumps(info))
+    _record_path(me.pid, me.create_time()).write_text(json.dumps(info))
     subprocess.Popen([sys.executable, "-m", "pipelines.ray_local", "watch", str(me.pid), str(me.create_time()),
                       session_dir], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                      start_new_session=True, cwd=str(Path(__file__).resolve().parent.parent))
@@ -183,7 +210,26 @@ def watch(pid: int, create_time: float, session_dir: str, poll_s: float = 0.5) -
     while _driver_alive(pid, create_time):
         time.sleep(poll_s)
     kill_session(session_dir)
-    (_records_dir() / f"{pid}.json").unlink(missing_ok=True)
+    _record_path(pid, create_time).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _single_node_on_loopback():
+    """Make Ray take 127.0.0.1 as the node address. ``ray.init(_node_ip_address="127.0.0.1")`` alone
+    does not: Ray replaces a loopback address by the machine's reachable one (so that other nodes could
+    join), and the raylet, the dashboard agent (gRPC and metrics on all interfaces), the runtime-env
+    agent and the autoscaler's metrics server then listen on it. Ray keeps a node on loopback where it
+    does not support clusters (macOS, Windows); the same switch (``ENABLE_RAY_CLUSTER``, environment
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``) is turned off here while the node starts. A private local
+    Ray never has other nodes; use ``--address`` for a real cluster."""
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 def _free_port(host: str = "127.0.0.1") -> int:
@@ -239,8 +285,9 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, verbose: 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     for attempt in (1, 2):
         try:
-            context = init_local_ray(num_cpus=num_cpus, _node_ip_address="127.0.0.1",
-                                     dashboard_host="127.0.0.1", **common)
+            with _single_node_on_loopback():
+                context = init_local_ray(num_cpus=num_cpus, _node_ip_address="127.0.0.1",
+                                         dashboard_host="127.0.0.1", **common)
             break
         except Exception as err:
             ray.shutdown()

@@ -32,10 +32,15 @@ class RunsError(ValueError):
 
 
 def tracking_uri_from(arg: str | None) -> str:
+    """``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else the checkout's shared store if it exists."""
+    from pipelines.tracking import default_store_path
+
     uri = arg or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
-        raise RunsError("no tracking store: pass --tracking-uri (a server URL, sqlite:///..., or a .db file) "
-                        "or set MLFLOW_TRACKING_URI")
+        if not default_store_path().is_file():
+            raise RunsError(f"no tracking store: no {default_store_path()} yet; pass --tracking-uri (a server URL, "
+                            "sqlite:///..., or a .db file) or set MLFLOW_TRACKING_URI")
+        uri = str(default_store_path())
     if "://" not in uri:  # a local SQLite file
         path = Path(uri).resolve()
         if not path.is_file():

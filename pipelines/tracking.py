@@ -23,14 +23,22 @@ found again by its ``lsnet.run_uid`` tag before a new one is created. A metric r
 (key, step) that the journal already holds — e.g. the steps replayed after Ray Train restarts from
 the last checkpoint — is dropped, so each (key, step) appears once.
 
-Tracking URI: ``tracking.uri`` of the config, else ``$MLFLOW_TRACKING_URI``, else an embedded SQLite
-store ``sqlite:///<run_dir>/mlflow.db`` with artifacts under ``<run_dir>/mlartifacts`` (open it with
-``mlflow ui --backend-store-uri sqlite:///<run_dir>/mlflow.db --host 127.0.0.1``). For a cluster use
-an ``http://`` tracking server.
+Tracking URI: ``tracking.uri`` of the config, else ``$MLFLOW_TRACKING_URI``, else the checkout's shared
+embedded store ``sqlite:///<repository>/results/mlflow.db`` with artifacts beside it in
+``results/mlartifacts/<experiment>`` -- one store for every local run, so the UI compares them (open it
+with ``mlflow ui --backend-store-uri sqlite:///<repository>/results/mlflow.db --host 127.0.0.1``). SQLite
+serialises concurrent writers; a write that finds the database locked fails and is retried by the
+journal like any outage. For a cluster use an ``http://`` tracking server.
+
+What a run looks like in the MLflow UI: experiments are created as classic model-training experiments
+(``mlflow.experimentKind``), runs carry the user / source / git tags MLflow's own clients set, the
+training and validation shard sets as dataset inputs (name, manifest digest, shard directory), and the
+final weights as an MLflow PyTorch model (``runs:/<run_id>/model``, see :meth:`RunTracker.log_model`).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -62,14 +70,65 @@ def configure_mlflow_http(max_retries: int = 0, timeout_s: int = 5) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
 
 
-def default_tracking_uri(run_dir: str | Path) -> str:
-    """The embedded default: a SQLite file in the run directory."""
-    return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+#: The experiment tag by which MLflow 3 marks an experiment as model training rather than GenAI. (The
+#: UI of MLflow 3.17 lets its own "GenAI | Model training" switch win over it, default GenAI: the run
+#: URLs lsnet prints select the latter, see :func:`run_url`.)
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+#: The run tags that MLflow's UI shows as creator and source (set by :func:`mlflow_system_tags`).
+SYSTEM_TAG_KEYS = ("mlflow.user", "mlflow.source.name", "mlflow.source.type", "mlflow.source.git.commit")
+#: The MLflow model of a run is logged under this name: ``runs:/<run_id>/model``.
+MODEL_NAME = "model"
 
 
-def resolve_tracking_uri(run_dir: str | Path, uri: str | None = None) -> str:
-    """``uri`` if given, else ``$MLFLOW_TRACKING_URI``, else :func:`default_tracking_uri`."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(run_dir)
+def default_store_path() -> Path:
+    """The checkout's shared embedded store, ``results/mlflow.db``; ``$LSNET_DEFAULT_MLFLOW_STORE`` moves it
+    (the test suite points it, for every process it starts, at a temporary directory)."""
+    moved = os.environ.get("LSNET_DEFAULT_MLFLOW_STORE")
+    return Path(moved) if moved else REPO_ROOT / "results" / "mlflow.db"
+
+
+def default_tracking_uri() -> str:
+    """The embedded default: one SQLite file for every run of this checkout."""
+    return f"sqlite:///{default_store_path().resolve()}"
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """``uri`` if given, else ``$MLFLOW_TRACKING_URI``, else :func:`default_tracking_uri`. A bare
+    ``*.db`` path is taken for a SQLite file and made absolute (workers may run in another cwd)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    if "://" not in uri and uri.endswith(".db"):
+        uri = f"sqlite:///{Path(uri).resolve()}"
+    return uri
+
+
+def artifact_root_for(tracking_uri: str, experiment_name: str) -> str | None:
+    """Where an embedded SQLite store keeps an experiment's artifacts: beside the database, in
+    ``mlartifacts/<experiment>`` (MLflow's own default would be ``./mlruns`` of whatever directory the
+    process runs in). None (the server decides) for other stores."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment_name) or "experiment"
+    return (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts" / safe).as_uri()
+
+
+def ensure_experiment(client, name: str, tracking_uri: str) -> str:
+    """The id of experiment ``name``, created if needed as a model-training experiment with its
+    artifacts beside an embedded store. An existing experiment without a kind gets ours (MLflow 3's
+    UI otherwise infers one)."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_root_for(tracking_uri, name),
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except Exception:  # created concurrently by another run: look it up again
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        with contextlib.suppress(Exception):  # cosmetic: never let it hold up the run's records
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment.experiment_id
 
 
 def _migrate_new_sqlite_store(path: Path) -> None:
@@ -140,11 +199,22 @@ def mlflow_system_tags(source_name: str, commit: str) -> dict[str, str]:
     return tags
 
 
+UI_PORT = 5000
+
+
 def ui_command(tracking_uri: str, mlflow_bin: str = "mlflow") -> str:
     """The command that opens the MLflow UI on a local store (or the URL of a server)."""
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri}"
-    return f"{mlflow_bin} ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+    return f"{mlflow_bin} ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port {UI_PORT}"
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI, in its "Model training" view (MLflow 3's UI opens in its
+    GenAI view unless told otherwise)."""
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) \
+        else f"http://127.0.0.1:{UI_PORT}"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def _atomic_write_json(path: Path, data: dict) -> None:
@@ -170,12 +240,15 @@ class Journal:
         self._next_seq = 1
         self.logged_metric_steps: set[tuple[str, int]] = set()
         self.logged_params: dict[str, str] = {}
+        self.logged_datasets: set[tuple[str, str, str]] = set()
         for record in self.records():
             self._next_seq = record["seq"] + 1
             if record["kind"] == "metrics":
                 self.logged_metric_steps.update((m["key"], m["step"]) for m in record["metrics"])
             elif record["kind"] == "params":
                 self.logged_params.update(record["params"])
+            elif record["kind"] == "inputs":
+                self.logged_datasets.update(_dataset_key(d) for d in record["datasets"])
 
     @classmethod
     def exists(cls, run_dir: str | Path) -> bool:
@@ -223,6 +296,18 @@ class Journal:
             staged = str(dest.relative_to(self.dir))
             return self._write({"seq": seq, "kind": "artifact", "staged": staged, "artifact_path": artifact_path})
 
+    def append_staged(self, kind: str, name: str, write, **fields: Any) -> dict:
+        """Record something that ``write(path)`` builds at ``files/<seq>/<name>`` (e.g. a saved model
+        directory): built and recorded under the journal's lock, so the directory and the record share
+        their sequence number."""
+        with self._lock:
+            seq = self._next_seq
+            dest = self.files_dir / str(seq) / name
+            shutil.rmtree(dest.parent, ignore_errors=True)  # left over from a crash before the record
+            dest.parent.mkdir(parents=True)
+            write(dest)
+            return self._write({"seq": seq, "kind": kind, "staged": str(dest.relative_to(self.dir)), **fields})
+
     def _write(self, record: dict) -> dict:
         self._next_seq = record["seq"] + 1
         # One write of one line, fsynced: a crash leaves at most a torn last line.
@@ -266,21 +351,7 @@ class _Uploader:
             return state["run_id"]
         uri = state["tracking_uri"]
         prepare_sqlite_store(uri)
-        experiment = client.get_experiment_by_name(state["experiment_name"])
-        if experiment is None:
-            artifact_location = None
-            if not uri.startswith(("http://", "https://", "databricks")):
-                # Embedded store: keep artifacts beside the DB, not in ./mlruns of the cwd.
-                artifact_location = (self.journal.run_dir / "mlartifacts").resolve().as_uri()
-            try:
-                experiment_id = client.create_experiment(state["experiment_name"], artifact_location)
-            except Exception:  # created concurrently by another run: look it up again
-                experiment = client.get_experiment_by_name(state["experiment_name"])
-                if experiment is None:
-                    raise
-                experiment_id = experiment.experiment_id
-        else:
-            experiment_id = experiment.experiment_id
+        experiment_id = ensure_experiment(client, state["experiment_name"], uri)
         # A run created by an earlier attempt whose run_id never reached state.json.
         found = client.search_runs(
             [experiment_id], filter_string=f"tags.`{RUN_UID_TAG}` = '{state['run_uid']}'", max_results=1
@@ -317,7 +388,7 @@ class _Uploader:
                       f"set aside in {self.journal.dir / 'rejected.jsonl'}: {str(err).splitlines()[0][:300]}",
                       flush=True)
             self.journal.save_state(synced_seq=record["seq"])
-            if record["kind"] == "artifact":
+            if record["kind"] in ("artifact", "model"):
                 # Only after the acknowledgement is durable: a replay never needs a deleted copy.
                 shutil.rmtree(self.journal.dir / Path(record["staged"]).parent, ignore_errors=True)
             done += 1
@@ -350,10 +421,55 @@ class _Uploader:
                     client.log_artifacts(run_id, str(staged), record.get("artifact_path"))
                 else:
                     client.log_artifact(run_id, str(staged), record.get("artifact_path"))
+        elif kind == "inputs":
+            from mlflow.entities import Dataset, DatasetInput, InputTag
+
+            client.log_inputs(run_id, datasets=[
+                DatasetInput(Dataset(d["name"], d["digest"], d["source_type"], d["source"], d.get("schema"),
+                                     d.get("profile")), tags=[InputTag("mlflow.data.context", d["context"])])
+                for d in record["datasets"]])
+        elif kind == "model":
+            self._upload_model(client, run_id, record)
         elif kind == "end":
             client.set_terminated(run_id, status=record["status"], end_time=record["end_time_ms"])
         else:
             raise ValueError(f"{self.journal.path}: record {record['seq']} has unknown kind {kind!r}")
+
+
+    def _upload_model(self, client, run_id: str, record: dict) -> None:
+        """A staged MLflow model directory becomes the run's logged model (what ``mlflow.<flavor>.
+        log_model`` does, from a directory saved while the server may have been down). A replay finds the
+        model of an earlier, interrupted attempt by its journal sequence number instead of adding one."""
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+        from mlflow.models import Model
+
+        staged = self.journal.dir / record["staged"]
+        if not staged.exists():  # uploaded, acknowledged and cleaned up before
+            return
+        run = client.get_run(run_id)
+        experiment_id = run.info.experiment_id
+        seq_tag = {"lsnet.journal_seq": str(record["seq"]), RUN_UID_TAG: self.journal.state["run_uid"]}
+        # who / which command / which commit, as MLflow's own log_model records them ("Logged from")
+        system = {k: v for k, v in run.data.tags.items() if k in SYSTEM_TAG_KEYS}
+        existing = [m for m in client.search_logged_models([experiment_id], filter_string=f"name = '{MODEL_NAME}'")
+                    if m.source_run_id == run_id and m.tags.get("lsnet.journal_seq") == seq_tag["lsnet.journal_seq"]]
+        model = existing[0] if existing else client.create_logged_model(
+            experiment_id, name=MODEL_NAME, source_run_id=run_id, tags={**system, **seq_tag},
+            params=record.get("params"), model_type=record.get("model_type"))
+        if model.status != LoggedModelStatus.READY:
+            mlmodel = Model.load(staged / "MLmodel")  # the ids only the server can give
+            mlmodel.run_id, mlmodel.model_id, mlmodel.model_uuid = run_id, model.model_id, model.model_id
+            mlmodel.artifact_path = model.artifact_location
+            mlmodel.save(staged / "MLmodel")
+            client.log_model_artifacts(model.model_id, str(staged))
+            client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+        outputs = client.get_run(run_id).outputs
+        if not any(o.model_id == model.model_id for o in (outputs.model_outputs if outputs else [])):
+            client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=int(record.get("step", 0)))])
+
+
+def _dataset_key(dataset: dict[str, str]) -> tuple[str, str, str]:
+    return dataset["name"], dataset["digest"], dataset["context"]
 
 
 def _error_code(err: Exception) -> str | None:
@@ -374,8 +490,8 @@ class RunTracker:
     """The MLflow run of one training run, logged through a local journal (see module docstring).
 
     Args:
-        run_dir: local directory of the run (journal, default SQLite store and artifacts live here).
-        tracking_uri: None -> ``$MLFLOW_TRACKING_URI`` -> ``sqlite:///<run_dir>/mlflow.db``.
+        run_dir: local directory of the run (the journal and its staged artifacts live here).
+        tracking_uri: None -> ``$MLFLOW_TRACKING_URI`` -> the checkout's ``results/mlflow.db``.
         experiment_name / run_name: MLflow names. Reopening the same ``run_dir`` (a Ray Train restart)
             continues the same MLflow run.
         flush_interval_s: how often the uploader sends pending records while the server is up.
@@ -402,7 +518,7 @@ class RunTracker:
         if not self.journal.state.get("run_uid"):
             self.journal.save_state(
                 run_uid=uuid.uuid4().hex,
-                tracking_uri=resolve_tracking_uri(run_dir, tracking_uri),
+                tracking_uri=resolve_tracking_uri(tracking_uri),
                 experiment_name=experiment_name,
                 run_name=run_name or self.run_dir.name,
                 start_time_ms=int(time.time() * 1000),
@@ -479,6 +595,42 @@ class RunTracker:
         self.log_artifact(path, None if parent == "." else parent)
         path.unlink()
 
+    def log_datasets(self, datasets: list[dict[str, str]]) -> None:
+        """Log dataset inputs (see :func:`shard_dataset`): each shows on the run page and the
+        experiment's dataset filter."""
+        fresh = [d for d in datasets if _dataset_key(d) not in self.journal.logged_datasets]
+        if fresh:  # a restarted worker group logs the same datasets again: once is enough
+            self.journal.append("inputs", datasets=fresh)
+            self.journal.logged_datasets.update(_dataset_key(d) for d in fresh)
+            self._wake.set()
+
+    def log_model(self, model, *, step: int = 0, extra_files: list[Path] | None = None,
+                  metadata: dict[str, Any] | None = None, params: dict[str, Any] | None = None,
+                  model_type: str | None = None) -> bool:
+        """Save ``model`` (a ``torch.nn.Module``) as an MLflow PyTorch model into the journal now and log
+        it as the run's model (``runs:/<run_id>/model``) when the store is reachable. The lsnet source is
+        bundled (``code/``) so the model loads without this checkout; ``extra_files`` (e.g. the config)
+        and ``metadata`` (e.g. class names) travel with it. Never raises: a model that cannot be saved
+        is reported and recorded as the run tag ``lsnet.model_log_error``; training has finished anyway."""
+        try:
+            import mlflow.pytorch
+
+            self.journal.append_staged(
+                "model", MODEL_NAME,
+                lambda dest: mlflow.pytorch.save_model(
+                    model, str(dest), serialization_format="pickle",  # "pt2" would need a traceable forward
+                    code_paths=[str(REPO_ROOT / "lsnet")], pip_requirements=model_requirements(),
+                    extra_files=[str(p) for p in extra_files or []], metadata=metadata),
+                step=int(step), model_type=model_type, params={k: str(v) for k, v in (params or {}).items()})
+        except Exception as err:  # noqa: BLE001 - logging the model must not fail a finished run
+            message = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+            print(f"[mlflow] the final model was not logged as an MLflow model ({message}); "
+                  f"the weights are in {self.run_dir}", flush=True)
+            self.set_tags({"lsnet.model_log_error": message})
+            return False
+        self._wake.set()
+        return True
+
     # ---- uploading -------------------------------------------------------------------------------
     def flush(self) -> bool:
         """Try to upload every pending record now; True if nothing is left pending."""
@@ -527,6 +679,38 @@ class RunTracker:
                 flush=True,
             )
         return ok
+
+
+def model_requirements() -> list[str]:
+    """The pip requirements of a logged model: the packages the bundled lsnet model code imports, at
+    the installed versions (given explicitly: MLflow would otherwise load the model in a subprocess to
+    infer them)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for package in ("torch", "torchvision", "numpy"):
+        try:
+            out.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            out.append(package)
+    return out
+
+
+def shard_dataset(shard_dir: str | Path, context: str) -> dict[str, str]:
+    """An MLflow dataset input for a shard directory: its name, the manifest's SHA-256 as digest (cut to
+    MLflow's 36 characters; the whole hash is in the profile and the run's ``dataset_manifest_sha256``
+    tag), the directory as source and ``context`` (``train`` / ``val``)."""
+    from lsnet.data.shards import load_manifest
+    from pipelines.train import manifest_hash
+
+    sha = manifest_hash(str(shard_dir))
+    manifest = load_manifest(shard_dir)
+    rows = sum(int(s.get("rows", 0)) for s in manifest.get("shards", []))
+    profile = {"num_rows": rows, "num_shards": len(manifest.get("shards", [])), "manifest_sha256": sha,
+               "num_categories": len(manifest.get("categories", []))}
+    source = str(shard_dir) if "://" in str(shard_dir) else str(Path(shard_dir).resolve())
+    return {"name": Path(str(shard_dir).rstrip("/")).name, "digest": sha[:36], "source_type": "local",
+            "source": json.dumps({"uri": source}), "profile": json.dumps(profile), "context": context}
 
 
 def sync_run_dir(run_dir: str | Path, tracking_uri: str | None = None) -> tuple[int, int]:

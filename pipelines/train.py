@@ -484,13 +484,15 @@ def open_tracker(cfg: ExperimentConfig, ctx: WorkerContext, tags: dict[str, Any]
     own environment may name another one, or none)."""
     if ctx.rank != 0 or not cfg.tracking.enabled:
         return None
-    from pipelines.tracking import RunTracker
+    from pipelines.tracking import RunTracker, shard_dataset
 
     tracker = RunTracker(ctx.run_dir, tracking_uri or cfg.tracking.uri, cfg.tracking.experiment, ctx.run_dir.name,
                          flush_interval_s=cfg.tracking.flush_interval_s,
                          retry_interval_s=cfg.tracking.retry_interval_s)
     tracker.log_params(flatten(to_dict(cfg)))
     tracker.set_tags({**tags, "num_workers": ctx.world, "device": ctx.device.type})
+    tracker.log_datasets([shard_dataset(cfg.data.train_shards, "train")]
+                         + ([shard_dataset(cfg.data.val_shards, "val")] if cfg.data.val_shards else []))
     config_file = ctx.run_dir / "config.yaml"
     if config_file.exists():
         tracker.log_artifact(config_file, "config")
@@ -663,7 +665,8 @@ def epoch_report(parts: TrainingParts, summary: dict[str, float], images_per_s: 
 
 def save_final(parts: TrainingParts, ctx: WorkerContext, tracker) -> None:
     """Rank 0: ``model_final.pt`` (and the best weights) for ``lsnet predict``, logged to MLflow with
-    PNG curves of the run (``curves/loss.png``, ``curves/<AP>.png``)."""
+    PNG curves of the run (``curves/loss.png``, ``curves/<AP>.png``), and the final model as the run's
+    MLflow PyTorch model (``runs:/<run_id>/model``, with the config and the class names)."""
     from lsnet.engine import checkpoint_state, save_checkpoint
 
     if ctx.rank != 0:
@@ -678,6 +681,32 @@ def save_final(parts: TrainingParts, ctx: WorkerContext, tracker) -> None:
             tracker.log_artifact(ctx.run_dir / "model_best.pt", "checkpoints")
         for png in run_curve_plots(ctx.run_dir, parts.cfg.primary_metric, LOSS_KEYS):
             tracker.log_artifact(png, "curves")
+        log_final_model(parts, ctx, tracker)
+
+
+def log_final_model(parts: TrainingParts, ctx: WorkerContext, tracker) -> None:
+    """The trained network as an MLflow PyTorch model: ``mlflow.pytorch.load_model("runs:/<id>/model")``
+    gives the ``torch.nn.Module`` (the lsnet code is bundled with it); ``config.yaml`` (the resolved
+    experiment config) and ``classes.json`` (category ids and names in label order) are extra files, and
+    the same metadata is in the model's MLmodel file."""
+    meta = parts.checkpoint_metadata()
+    classes = ctx.run_dir / "classes.json"
+    classes.write_text(json.dumps({"category_ids": meta["category_ids"], "class_names": meta["class_names"]},
+                                  indent=1))
+    model = getattr(parts.model, "module", parts.model)  # unwrapped from DistributedDataParallel
+    was_training = model.training
+    model.eval()
+    try:
+        tracker.log_model(model, step=parts.state.global_step,
+                          extra_files=[ctx.run_dir / "config.yaml", classes],
+                          metadata={"task": meta["task"], "class_names": meta["class_names"],
+                                    "category_ids": meta["category_ids"], "config_name": meta["config_name"],
+                                    "data_config": meta["data_config"]},
+                          params={"task": meta["task"], "backbone": parts.cfg.model.backbone,
+                                  "num_classes": len(meta["class_names"]), "epochs": parts.state.epoch},
+                          model_type=f"lsnet-{meta['task']}")
+    finally:
+        model.train(was_training)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -915,7 +944,7 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None, run_name:
     from ray.train.torch import TorchConfig
 
     from pipelines.ray_local import start_ray
-    from pipelines.tracking import Journal, RunTracker, ui_command
+    from pipelines.tracking import Journal, RunTracker, run_url, ui_command
 
     cfg = absolutize_paths(cfg)
     if cfg.train.init_from and not Path(cfg.train.init_from).is_file():
@@ -959,7 +988,7 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None, run_name:
 
         # Resolved here, from the driver's environment: workers (started by a raylet, perhaps on another
         # node) do not share it, and must all log to the store the user asked for.
-        tracking_uri = resolve_tracking_uri(run_dir, cfg.tracking.uri)
+        tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
         prepare_sqlite_store(tracking_uri)
     backend = "nccl" if cfg.run.use_gpu else "gloo"
     guard = RunGuard(run_dir)
@@ -1023,6 +1052,8 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None, run_name:
         print(f"latest checkpoint: {outcome.checkpoint_path}; best: {outcome.best_checkpoint_path}")
         if tracking_uri:
             print(f"MLflow run {run_id} at {tracking_uri}; open the UI with:\n  {ui_command(tracking_uri)}")
+            if state.get("experiment_id"):
+                print(f"  then {run_url(tracking_uri, state['experiment_id'], run_id)}")
     return outcome
 
 

@@ -27,6 +27,21 @@ def _deterministic_seed():
     yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_writes_to_the_checkouts_mlflow_store(tmp_path_factory):
+    """Runs whose config names no store log to the checkout's shared ``results/mlflow.db`` by default;
+    a test run must never add to it. Session-scoped so it also covers module-scoped fixtures that train.
+    (A Ray worker never resolves the default itself: the driver passes the store it resolved.)"""
+    from pipelines import tracking
+
+    store = tmp_path_factory.mktemp("default_mlflow_store") / "mlflow.db"
+    mp = pytest.MonkeyPatch()
+    mp.setattr(tracking, "default_store_path", lambda: store)
+    mp.setenv("LSNET_DEFAULT_MLFLOW_STORE", str(store))  # CLI subprocesses and Ray jobs the tests start
+    yield store
+    mp.undo()
+
+
 @pytest.fixture(autouse=True)
 def _isolated_mlflow_tracking_uri():
     """``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI`` to the process environment, which a

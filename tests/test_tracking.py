@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -86,6 +87,14 @@ def mlflow_server(tmp_path):
     server.stop()
 
 
+@pytest.fixture(autouse=True)
+def default_store(tmp_path, monkeypatch) -> Path:
+    """This test's stand-in for the checkout's shared ``results/mlflow.db``."""
+    store = tmp_path / "results" / "mlflow.db"
+    monkeypatch.setattr(tracking, "default_store_path", lambda: store)
+    return store
+
+
 def test_new_stores_are_copies_of_one_migrated_template(tmp_path, monkeypatch):
     """The first new store builds the template (MLflow's migrations); later ones copy it and are
     complete, independent MLflow stores."""
@@ -113,12 +122,14 @@ def test_new_stores_are_copies_of_one_migrated_template(tmp_path, monkeypatch):
     assert _client(f"sqlite:///{first}").get_run(ids[0]).data.metrics == {"m": 2.5}
 
 
-def test_embedded_sqlite_store_default(tmp_path, monkeypatch):
-    """Default URI is sqlite:///<run_dir>/mlflow.db; params/metrics/tags/artifacts land in it."""
+def test_embedded_sqlite_store_default(tmp_path, monkeypatch, default_store):
+    """Default URI is the checkout's shared store (before: a store per run directory, so the UI could
+    never compare two runs); params/metrics/tags/artifacts land in it, artifacts beside it; the
+    experiment is a model-training one (MLflow 3 otherwise files it under GenAI)."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run_dir = tmp_path / "run"
     tracker = RunTracker(run_dir, experiment_name="unit", background=False, verbose=False)
-    assert tracker.tracking_uri == f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"
+    assert tracker.tracking_uri == f"sqlite:///{default_store}"
     tracker.log_params({"model.num_classes": 3, "train.lr": 0.01, "name": "tiny"})
     for step in range(5):
         tracker.log_metrics({"loss": 1.0 / (step + 1), "lr": 0.01}, step=step)
@@ -142,8 +153,11 @@ def test_embedded_sqlite_store_default(tmp_path, monkeypatch):
     assert artifacts == {"eval/table.txt"}
     local = Path(client.download_artifacts(tracker.run_id, "config/resolved.yaml", str(tmp_path)))
     assert local.read_text() == "a: 1\n"
-    # artifacts live under the run dir, not in ./mlruns of the cwd
-    assert (run_dir / "mlartifacts").is_dir()
+    # artifacts live beside the store, per experiment, not in ./mlruns of the cwd
+    assert (default_store.parent / "mlartifacts" / "unit" / tracker.run_id / "artifacts" / "eval" / "table.txt").is_file()
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert not (run_dir / "mlflow.db").exists()
     # staged copies are removed once uploaded
     assert not any((run_dir / "mlflow_journal" / "files").rglob("*.txt"))
 
@@ -305,10 +319,154 @@ def test_sync_cli_errors(tmp_path, capsys):
     assert "not a tracked run directory" in capsys.readouterr().out
 
 
-def test_resolve_tracking_uri(tmp_path, monkeypatch):
+def test_resolve_tracking_uri(tmp_path, monkeypatch, default_store):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
-    assert tracking.resolve_tracking_uri(tmp_path) == "http://127.0.0.1:9"
-    assert tracking.resolve_tracking_uri(tmp_path, "sqlite:///x.db") == "sqlite:///x.db"
+    assert tracking.resolve_tracking_uri() == "http://127.0.0.1:9"
+    assert tracking.resolve_tracking_uri("sqlite:///x.db") == "sqlite:///x.db"  # config beats environment
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    assert tracking.resolve_tracking_uri(tmp_path).endswith("/mlflow.db")
-    assert "--host 127.0.0.1" in tracking.ui_command(tracking.resolve_tracking_uri(tmp_path))
+    assert tracking.resolve_tracking_uri() == f"sqlite:///{default_store}"
+    monkeypatch.chdir(tmp_path)
+    assert tracking.resolve_tracking_uri("my.db") == f"sqlite:///{tmp_path / 'my.db'}"  # absolute for workers
+    assert "--host 127.0.0.1" in tracking.ui_command(tracking.resolve_tracking_uri())
+    assert tracking.run_url("sqlite:///x.db", "3", "abc") == \
+        "http://127.0.0.1:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
+    assert tracking.REPO_ROOT == Path(__file__).resolve().parents[1]  # the default is <checkout>/results/mlflow.db
+
+
+CONCURRENT_WRITER = """
+import sys, time
+import mlflow.tracking
+from pipelines.tracking import RunTracker
+run_dir, uri, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
+time.sleep(max(0.0, start - time.time()))  # both processes create the store and the experiment at once
+tracker = RunTracker(run_dir, uri, "shared", background=False, verbose=False)
+for step in range(20):
+    tracker.log_metrics({"loss": step / 10}, step)
+    tracker.flush()
+assert tracker.close(), tracker.last_error
+print(tracker.run_id)
+"""
+
+
+def test_two_processes_share_one_new_store(tmp_path):
+    """Two runs started together on a store that does not exist yet: one database (built once), one
+    experiment, two complete runs -- each upload that meets SQLite's lock is retried from the journal."""
+    uri = f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}"
+    start = time.time() + 5  # both interpreters have imported MLflow by then (~3 s here, both at once)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_WRITER, str(tmp_path / f"run{i}"), uri, str(start)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in (0, 1)]
+    outs = [proc.communicate(timeout=120) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outs
+    run_ids = [out.strip().splitlines()[-1] for out, _ in outs]
+    client = _client(uri)
+    (experiment,) = client.search_experiments(filter_string="name = 'shared'")
+    assert {r.info.run_id for r in client.search_runs([experiment.experiment_id])} == set(run_ids)
+    for run_id in run_ids:
+        assert _history(client, run_id, "loss") == [(s, s / 10) for s in range(20)]
+        assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def _tiny_model():
+    from lsnet.modeling import ModelConfig, build_model
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    return build_model(ModelConfig(task="bbox", num_classes=3, backbone="resnet18", fpn_channels=32,
+                                   head_channels=32, head_convs=1, norm_groups=8)).eval()
+
+
+def test_final_model_and_datasets_are_logged_and_load_back_by_run_id(tmp_path):
+    """The run's model is an MLflow PyTorch model: ``mlflow.pytorch.load_model("runs:/<id>/model")``
+    returns a module with the same outputs, with the config and class names beside it; the shard sets
+    are the run's dataset inputs. Logged while the tracking server is unreachable, everything goes up
+    with ``lsnet mlflow-sync`` later (here to an embedded store)."""
+    import mlflow
+    import mlflow.pytorch
+    import torch
+
+    from lsnet.data.shards import MANIFEST_NAME, SCHEMA_VERSION
+    from pipelines.train import manifest_hash
+
+    shards = tmp_path / "shards_train"  # only the manifest is read
+    shards.mkdir()
+    (shards / MANIFEST_NAME).write_text(json.dumps({
+        "schema_version": SCHEMA_VERSION, "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+        "shards": [{"file": "shard-00000.arrow", "rows": 2}, {"file": "shard-00001.arrow", "rows": 3}]}))
+    model = _tiny_model()
+    (tmp_path / "config.yaml").write_text("model: {task: bbox}\n")
+    (tmp_path / "classes.json").write_text('{"class_names": ["a", "b", "c"]}')
+
+    down = f"http://127.0.0.1:{_free_port()}"  # nothing listens there: the whole run is logged offline
+    tracker = RunTracker(tmp_path / "run", down, "models", background=False, verbose=False)
+    tracker.log_datasets([tracking.shard_dataset(shards, "train")])
+    tracker.log_datasets([tracking.shard_dataset(shards, "train")])  # a restarted worker: not twice
+    assert tracker.log_model(model, step=4, extra_files=[tmp_path / "config.yaml", tmp_path / "classes.json"],
+                             metadata={"class_names": ["a", "b", "c"], "task": "bbox"}, params={"task": "bbox"},
+                             model_type="lsnet-bbox")
+    assert tracker.close() is False and tracker.run_id is None
+    (staged,) = (tmp_path / "run" / "mlflow_journal" / "files").glob("*/model")
+    shutil.copytree(staged, tmp_path / "staged_copy")
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    assert sync_run_dir(tmp_path / "run", uri)[1] == 0
+    tracker = RunTracker(tmp_path / "run", background=False, verbose=False)
+    client = _client(uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    (dataset_input,) = run.inputs.dataset_inputs
+    sha = manifest_hash(str(shards))
+    assert (dataset_input.dataset.name, dataset_input.dataset.digest) == ("shards_train", sha[:36])
+    assert json.loads(dataset_input.dataset.source) == {"uri": str(shards.resolve())}
+    assert json.loads(dataset_input.dataset.profile)["manifest_sha256"] == sha
+    assert json.loads(dataset_input.dataset.profile)["num_rows"] == 5
+    assert [(t.key, t.value) for t in dataset_input.tags] == [("mlflow.data.context", "train")]
+    (output,) = run.outputs.model_outputs
+    logged = client.get_logged_model(output.model_id)
+    assert (logged.name, logged.source_run_id, logged.status.to_proto()) == ("model", tracker.run_id, 2)  # READY
+
+    mlflow.set_tracking_uri(uri)  # conftest resets it after the test
+    loaded = mlflow.pytorch.load_model(f"runs:/{tracker.run_id}/model").eval()
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model.forward_raw(image), loaded.forward_raw(image)
+    for name in ("cls_logits", "vec_init", "vec_refine"):
+        assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
+    info = mlflow.models.get_model_info(f"runs:/{tracker.run_id}/model")
+    assert info.metadata["class_names"] == ["a", "b", "c"] and info.run_id == tracker.run_id
+    local = Path(mlflow.artifacts.download_artifacts(f"runs:/{tracker.run_id}/model", dst_path=str(tmp_path / "dl")))
+    assert (local / "extra_files" / "classes.json").read_text() == '{"class_names": ["a", "b", "c"]}'
+    assert (local / "extra_files" / "config.yaml").is_file() and (local / "code" / "lsnet" / "modeling").is_dir()
+
+    assert not staged.exists()  # removed once acknowledged
+    # a crash after the upload, before the acknowledgement: the replay logs no second model
+    shutil.copytree(tmp_path / "staged_copy", staged)
+    tracker.journal.save_state(synced_seq=0)
+    assert sync_run_dir(tmp_path / "run")[1] == 0
+    assert len(client.get_run(tracker.run_id).outputs.model_outputs) == 1
+    assert len(client.search_logged_models([run.info.experiment_id])) == 1
+
+
+def test_a_model_that_cannot_be_saved_is_a_recorded_warning(tmp_path, capsys):
+    """Logging the model never fails a finished run: the reason is printed and kept as a run tag."""
+    import threading
+
+    tracker = RunTracker(tmp_path / "run", background=False, verbose=False)
+    assert tracker.log_model(threading.Lock()) is False  # not picklable
+    assert "the final model was not logged as an MLflow model" in capsys.readouterr().out
+    assert tracker.close() is True
+    tags = _client(tracker.tracking_uri).get_run(tracker.run_id).data.tags
+    assert "lsnet.model_log_error" in tags
+
+
+def test_an_existing_experiment_becomes_a_model_training_one(tmp_path):
+    """An experiment made before (or by plain MLflow) gets the kind tag; one with a kind keeps it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.prepare_sqlite_store(uri)
+    client = _client(uri)
+    old = client.create_experiment("old")
+    mine = client.create_experiment("genai", tags={"mlflow.experimentKind": "genai_development"})
+    for name in ("old", "genai"):
+        tracker = RunTracker(tmp_path / name, uri, name, background=False, verbose=False)
+        assert tracker.close() is True
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_experiment(mine).tags["mlflow.experimentKind"] == "genai_development"

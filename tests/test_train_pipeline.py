@@ -54,7 +54,7 @@ def tiny_config(root: Path, *extra: str):
         f"data.train_shards={root / 'shards' / 'train'}", f"data.val_shards={root / 'shards' / 'val'}",
         f"run.storage_path={root / 'runs'}", "train.epochs=2", "train.lr_steps=[1]", "train.eval_every=2",
         "train.log_every=1", "train.warmup_iters=2", "eval.num_overlays=2", "data.verify=sha256",
-        "tracking.flush_interval_s=0.5",
+        "tracking.flush_interval_s=0.5", f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
         # score threshold 0: a 4-step model scores below the default 0.05 everywhere, and an AP of 0
         # would not tell a right evaluation from a broken one
         "model.test.score_thr=0.0", *extra,
@@ -102,7 +102,7 @@ def test_two_worker_run_logs_to_mlflow(uninterrupted):
 
     out = uninterrupted
     run_dir = out.run_dir
-    assert out.tracking_uri == f"sqlite:///{run_dir / 'mlflow.db'}"
+    assert out.tracking_uri == f"sqlite:///{run_dir.parent.parent / 'mlflow.db'}"  # one store for all runs
     assert out.metrics["epoch"] == 2 and out.metrics["global_step"] == 4  # 8 images / 2 workers / batch 2
     workers = [json.loads((run_dir / "workers" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [w["world_size"] for w in workers] == [2, 2] and workers[0]["pid"] != workers[1]["pid"]
@@ -137,6 +137,24 @@ def test_two_worker_run_logs_to_mlflow(uninterrupted):
     for tag in ("git_commit", "config_name", "dataset_manifest_sha256", "ray_job_id"):
         assert tags.get(tag), tag
     assert tags["config_name"] == "tiny_bbox" and len(tags["dataset_manifest_sha256"]) == 64
+    # what the MLflow UI shows (item 17): a model-training experiment, creator and source, the shard sets
+    # as dataset inputs, and the final weights as the run's MLflow model
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert tags["mlflow.user"] and tags["mlflow.source.name"] == "lsnet train"
+    assert tags["mlflow.source.git.commit"] == tags["git_commit"].removesuffix("-dirty")
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert {k: d.name for k, d in inputs.items()} == {"train": "train", "val": "val"}
+    assert inputs["train"].digest == tags["dataset_manifest_sha256"][:36]
+    (output,) = run.outputs.model_outputs
+    model_info = client.get_logged_model(output.model_id)
+    assert model_info.source_run_id == run.info.run_id and output.step == 4
+    assert model_info.tags["mlflow.source.name"] == "lsnet train"  # the UI's "Logged from"
+    import mlflow.pytorch
+
+    mlflow.set_tracking_uri(out.tracking_uri)  # reset by conftest after the test
+    logged = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model").state_dict()
+    final = _weights(run_dir / "model_final.pt")
+    assert logged.keys() == final.keys() and all(torch.equal(logged[k], final[k]) for k in final)
 
     def files(path=None):
         out = []
@@ -272,4 +290,6 @@ def test_demo_smoke(tmp_path, ray_session, capsys, monkeypatch):
     assert "bbox_AP" in printed and "--backend-store-uri sqlite:///" in printed and "--host 127.0.0.1" in printed
     run_dir = next((tmp_path / "runs").glob("demo-synthetic-bbox-*"))
     assert len(list((run_dir / "overlays" / "epoch_0001").glob("*.png"))) == 2
-    assert (run_dir / "mlflow.db").exists() and (run_dir / "model_final.pt").exists()
+    # the demo's own store, beside its data and runs (never the checkout's shared results/mlflow.db)
+    assert f"--backend-store-uri sqlite:///{tmp_path.resolve() / 'mlflow.db'}" in printed
+    assert (tmp_path / "mlflow.db").exists() and (run_dir / "model_final.pt").exists()

@@ -135,13 +135,45 @@ def test_worker_data_error_is_not_retried(small_shards, tmp_path, ray_session):
     assert not list((root / "runs" / "corrupt").glob("checkpoint_epoch_*"))
 
 
+def test_decoder_warning_is_a_decode_error_naming_the_row(small_shards, tmp_path, capfd):
+    """Before: with verify 'size' a JPEG damaged in its middle decoded "fine" -- libjpeg printed
+    "Corrupt JPEG data: premature end of data segment" and filled the rest of the image with grey."""
+    import shutil
+
+    from lsnet.data.augment import decode_jpeg
+    from lsnet.data.shards import ShardDataset
+
+    shutil.copytree(small_shards / "shards" / "train", tmp_path / "train")
+    shard = min((tmp_path / "train").glob("shard-*.arrow"))
+    data = bytearray(shard.read_bytes())
+    start = data.index(b"\xff\xd8\xff")
+    sos, end = data.index(b"\xff\xda", start), data.index(b"\xff\xd9", start)
+    original = bytes(data[start:end + 2])
+    middle = (sos + end) // 2
+    data[middle:middle + 2] = b"\xff\xd9"  # an end-of-image marker in the middle of the scan data
+    shard.write_bytes(bytes(data))
+    damaged = bytes(data[start:end + 2])
+    assert decode_jpeg(damaged).shape == decode_jpeg(original).shape  # libjpeg alone: a "valid" image
+    assert "Corrupt JPEG data: premature end of data segment" in capfd.readouterr().err  # ... and a line
+
+    ds = ShardDataset(tmp_path / "train", task="bbox", verify="size")
+    row = next(i for i in range(len(ds)) if ds.locate(i) == (0, 0))
+    with pytest.raises(ShardError) as err:
+        ds[row]
+    message = str(err.value)
+    assert message.startswith(f"shard {shard}, row 0 (image_id ") and "\n" not in message
+    assert "libjpeg: Corrupt JPEG data: premature end of data segment" in message
+    assert "Corrupt JPEG data" not in capfd.readouterr().err  # the error says it, stderr does not
+    ds[next(i for i in range(len(ds)) if ds.locate(i) != (0, 0))]  # the other rows still decode
+
+
 INTERRUPT_CONFIG = """\
 _base_: {base}
 schedule: null
 data: {{train_shards: {root}/shards/train, val_shards: null, scale_range: [64, 64], max_size: 64, test_scale: 64}}
 train: {{epochs: 200, lr_steps: [150], warmup_iters: 1, log_every: 1}}
 run: {{num_workers: 1, storage_path: {root}/runs, max_failures: 0}}
-tracking: {{flush_interval_s: 0.5}}
+tracking: {{flush_interval_s: 0.5, uri: 'sqlite:///{root}/mlflow.db'}}
 """
 
 
@@ -186,7 +218,7 @@ def test_ctrl_c_ends_the_run_marks_mlflow_killed_and_keeps_a_checkpoint(small_sh
     assert "[epoch 1/200 step 1/4] loss" in out  # progress inside the epoch (8 images, batch 2)
     latest = newest_complete_checkpoint(run_dir)
     assert latest is not None and latest.name >= "checkpoint_epoch_0002"
-    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{small_shards / 'mlflow.db'}")
     (run,) = client.search_runs(client.get_experiment_by_name("lsnet-tiny").experiment_id)
     assert run.info.status == "KILLED"
 

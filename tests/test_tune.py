@@ -80,8 +80,10 @@ BASE_OVERRIDES = ["data.scale_range=[64,64]", "data.max_size=64", "data.test_sca
 
 
 def base_args(root: Path, storage: str) -> list[str]:
+    """One MLflow store per storage folder, beside its searches: ``<root>/<storage>/mlflow.db``."""
     return [f"data.train_shards={root / 'shards' / 'train'}", f"data.val_shards={root / 'shards' / 'val'}",
-            f"run.storage_path={root / storage}", *BASE_OVERRIDES]
+            f"run.storage_path={root / storage}", f"tracking.uri=sqlite:///{root / storage / 'mlflow.db'}",
+            *BASE_OVERRIDES]
 
 
 def base_config(root: Path, storage: str, config: str = "tiny_bbox.yaml", *extra: str):
@@ -121,7 +123,7 @@ def two_trials(shards):
 
 def test_two_trial_search_both_at_once(two_trials):
     search_dir = two_trials
-    client, runs = mlflow_runs(f"sqlite:///{search_dir / 'mlflow.db'}")
+    client, runs = mlflow_runs(f"sqlite:///{search_dir.parent / 'mlflow.db'}")
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and len(children) == 2
@@ -162,7 +164,7 @@ def test_two_trial_search_both_at_once(two_trials):
 def test_runs_compare_and_list(two_trials, capsys):
     from pipelines.cli import main
 
-    db = str(two_trials / "mlflow.db")
+    db = str(two_trials.parent / "mlflow.db")
     parent = json.loads((two_trials / "parent" / "mlflow_journal" / "state.json").read_text())["run_id"]
     assert main(["runs", "compare", parent, "--tracking-uri", db, "--sort", "--csv"]) == 0
     rows = capsys.readouterr().out.strip().splitlines()
@@ -273,7 +275,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(shards):
     assert (done / "epochs.jsonl").read_text() == epochs_before  # not trained again
     trial_dirs = sorted((search_dir / "trials").iterdir())
     assert len(trial_dirs) == 2 and all((d / "model_final.pt").exists() for d in trial_dirs)
-    _, runs = mlflow_runs(f"sqlite:///{search_dir / 'mlflow.db'}")
+    _, runs = mlflow_runs(f"sqlite:///{search_dir.parent / 'mlflow.db'}")
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert [p.info.run_id for p in parents] == [parent_before] and parents[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_before]

@@ -20,6 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+import sys
+import tempfile
+import threading
 from dataclasses import dataclass, replace
 
 import cv2
@@ -57,14 +61,67 @@ class AugmentConfig:
             raise ValueError(f"flip_prob must be in [0, 1], got {self.flip_prob}")
 
 
-def decode_jpeg(data) -> Tensor:
+#: The starts of libjpeg(-turbo)'s warning messages (jerror.h, JWRN_*) that mean damaged data. libjpeg
+#: decodes on after them (grey blocks, shifted colours) and only prints them to the C stderr.
+JPEG_WARNINGS = ("Corrupt JPEG data", "Premature end of JPEG file", "Invalid SOS parameters",
+                 "Inconsistent progression sequence", "Application transferred too many scanlines")
+_FD2_LOCK = threading.Lock()
+_capture_files: dict[int, int] = {}  # pid -> file descriptor of this process's capture file
+
+
+def _capture_fd() -> int:
+    """A temporary file of this process (not shared with a forked child: its offset would be)."""
+    fd = _capture_files.get(os.getpid())
+    if fd is None:
+        with tempfile.TemporaryFile() as handle:  # already unlinked: our duplicate keeps it open
+            fd = _capture_files[os.getpid()] = os.dup(handle.fileno())
+    return fd
+
+
+def _imdecode_with_messages(buffer: np.ndarray) -> tuple[np.ndarray | None, list[str]]:
+    """``cv2.imdecode`` with file descriptor 2 redirected to a file for the call: returns the pixels
+    and the lines libjpeg printed. Whatever another thread wrote to stderr meanwhile is passed on."""
+    with _FD2_LOCK:
+        capture = _capture_fd()
+        os.ftruncate(capture, 0)
+        os.lseek(capture, 0, os.SEEK_SET)
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(capture, 2)
+        try:
+            pixels = cv2.imdecode(buffer, _IMREAD_FLAGS)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        size = os.lseek(capture, 0, os.SEEK_END)
+        text = os.pread(capture, size, 0).decode("utf-8", "replace") if size else ""
+    jpeg, other = [], []
+    for line in text.splitlines(keepends=True):
+        (jpeg if line.startswith(JPEG_WARNINGS) else other).append(line)
+    if other:
+        os.write(2, "".join(other).encode())
+    return pixels, [line.strip() for line in jpeg]
+
+
+def decode_jpeg(data, strict: bool = False) -> Tensor:
     """JPEG bytes (bytes / pyarrow Buffer / memoryview) -> uint8 (3, H, W) RGB.
 
     Decoded in place from the given buffer (a memory-mapped shard needs no copy) by OpenCV's
     libjpeg-turbo: the same pixels as ``torchvision.io.decode_jpeg``, whose image decoding is
     deprecated. The tensor is a channels-last view ``(H, W, 3).permute(2, 0, 1)``.
+
+    ``strict``: a libjpeg warning about damaged data (:data:`JPEG_WARNINGS`, e.g. "Corrupt JPEG data:
+    bad Huffman code") is a ``ValueError`` instead of a line on stderr and a garbled image. It costs a
+    few system calls per image (stderr is redirected for the call) and decodes one image at a time
+    per process.
     """
-    pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), _IMREAD_FLAGS)
+    buffer = np.frombuffer(data, dtype=np.uint8)
+    if strict:
+        pixels, warnings = _imdecode_with_messages(buffer)
+        if warnings:
+            raise ValueError(f"damaged JPEG data ({len(buffer)} bytes): libjpeg: {'; '.join(warnings)}")
+    else:
+        pixels = cv2.imdecode(buffer, _IMREAD_FLAGS)
     if pixels is None or pixels.ndim != 3:
         raise ValueError(f"cannot decode a {memoryview(data).nbytes}-byte buffer as a colour JPEG")
     if _IMREAD_RGB is None:

@@ -391,7 +391,8 @@ class ShardDataset(Dataset):
         if meta is None:
             meta = {name: batch.column(name)[0].as_py() for name in _NUMERIC_META}
         try:
-            image = decode_jpeg(batch.column(_IMAGE_COLUMN)[0].as_buffer())
+            # strict: behind verify=size (or none) the decoder is the last check of the stored bytes
+            image = decode_jpeg(batch.column(_IMAGE_COLUMN)[0].as_buffer(), strict=True)
         except ValueError as err:
             shard, row = self.locate(index)
             raise ShardError(f"shard {self._readers.paths[shard]}, row {row} (image_id {int(meta['image_id'])}): "

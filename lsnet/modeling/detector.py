@@ -115,6 +115,25 @@ def stage_loss(kind: str, pred: Tensor, target: Tensor, visible: Tensor, boxes: 
     raise ValueError(f"unknown vector loss {kind!r}")
 
 
+def assign_samples(anchors: Tensor, npl: list[int], strides: list[int], t: LandmarkTargets, cfg: ModelConfig,
+                   vec_init: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The (P,) sample labels of one image for stage 1 (:func:`assign_centroid`: one anchor point per
+    object) and stage 2 (:func:`assign_atss`), as :func:`compute_losses` uses them (also drawn by
+    ``lsnet browse --anchors``). ``vec_init``: the image's (P, N', 4) stage-1 vectors, needed only with
+    ``loss.atss_on="init"`` (ATSS on the boxes of the stage-1 landmarks)."""
+    lc = cfg.loss
+    labels1 = assign_centroid(anchors, npl, strides, t.boxes, t.iscrowd, scale=lc.centroid_scale)
+    init_boxes = None
+    if lc.atss_on == "init":  # the boxes of the stage-1 landmarks (pose box branch: its own box)
+        if vec_init is None:
+            raise ValueError("loss.atss_on='init' assigns stage 2 on the stage-1 predictions: pass vec_init")
+        landmarks = decode_offsets(vec_init.detach()[:, -4:] if cfg.num_box_points else vec_init.detach(), anchors)
+        init_boxes = torch.cat([landmarks.amin(dim=1), landmarks.amax(dim=1)], dim=1)
+    labels2 = assign_atss(anchors, npl, strides, t.boxes, t.iscrowd, topk=lc.atss_topk,
+                          anchor_scale=lc.atss_anchor_scale, anchor_boxes=init_boxes)
+    return labels1, labels2
+
+
 def compute_losses(out: HeadOutputs, targets: list[LandmarkTargets], cfg: ModelConfig) -> dict[str, Tensor]:
     """The LSNet losses of one batch (see the module docstring).
 
@@ -158,15 +177,7 @@ def compute_losses(out: HeadOutputs, targets: list[LandmarkTargets], cfg: ModelC
         if t.num_points != out.vec_init.shape[2]:
             raise ValueError(f"targets of image {i} have {t.num_points} landmarks, the model predicts "
                              f"{out.vec_init.shape[2]}")
-        ignore = t.iscrowd
-        labels1 = assign_centroid(anchors, npl, strides, t.boxes, ignore, scale=lc.centroid_scale)
-        init_boxes = None
-        if lc.atss_on == "init":  # the boxes of the stage-1 landmarks (pose box branch: its own box)
-            landmarks = decode_offsets(out.vec_init[i].detach()[:, -4:] if cfg.num_box_points
-                                       else out.vec_init[i].detach(), anchors)
-            init_boxes = torch.cat([landmarks.amin(dim=1), landmarks.amax(dim=1)], dim=1)
-        labels2 = assign_atss(anchors, npl, strides, t.boxes, ignore, topk=lc.atss_topk,
-                              anchor_scale=lc.atss_anchor_scale, anchor_boxes=init_boxes)
+        labels1, labels2 = assign_samples(anchors, npl, strides, t, cfg, out.vec_init[i])
         valid[i] = labels2 != -2
         for k, labels, pred in ((1, labels1, out.vec_init[i]), (2, labels2, out.vec_refine[i])):
             pos, gt, vectors = _gather_positives(labels, t, anchors)
@@ -271,3 +282,17 @@ class LSNet(nn.Module):
 
 def build_model(cfg: ModelConfig) -> LSNet:
     return LSNet(cfg)
+
+
+def anchor_layout(cfg: ModelConfig, height: int, width: int) -> tuple[Tensor, list[int], list[int]]:
+    """The anchor points ``(P, 2)``, points per level and strides that the model of ``cfg`` has for a
+    ``height`` x ``width`` input batch, found without computing anything: the backbone and FPN run on
+    PyTorch's meta device, which propagates shapes only (no weights are loaded or allocated)."""
+    from lsnet.assigners import anchor_points
+
+    with torch.device("meta"):
+        model = LSNet(dataclasses.replace(cfg, pretrained=None))
+        feats = model.fpn(model.backbone(torch.empty(1, 3, int(height), int(width))))
+    sizes = [tuple(f.shape[-2:]) for f in feats]
+    points = anchor_points(sizes, model.head.strides)
+    return torch.cat(points), [p.shape[0] for p in points], list(model.head.strides)

@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--scale", default="tiny", choices=["tiny", "small", "full"])
         p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
         p.add_argument("--tracking-uri", default=None,
-                       help="MLflow store (default $MLFLOW_TRACKING_URI, else sqlite:///<out>/mlflow.db)")
+                       help="MLflow store (default $MLFLOW_TRACKING_URI, else the checkout's results/mlflow.db)")
         p.add_argument("--experiment", default=None, help="MLflow experiment (default: the spec's)")
         p.add_argument("--fail-on-regression", action="store_true",
                        help="exit 1 when a variant regressed beyond the spec's tolerance")
@@ -42,14 +42,15 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from pipelines.ablations.runner import build_report, default_tracking_uri, run_ablation
+    from pipelines.ablations.runner import build_report, run_ablation
     from pipelines.ablations.spec import load_ablation_spec
+    from pipelines.tracking import resolve_tracking_uri
 
     specs = [load_ablation_spec(t) for t in args.tables]  # all validated before anything runs
     for spec in specs:
         spec.scale(args.scale, str(spec.name))
     out = Path(args.out)
-    uri = args.tracking_uri or default_tracking_uri(out)
+    uri = resolve_tracking_uri(args.tracking_uri)
     regressed = 0
     for spec in specs:
         if args.experiment:

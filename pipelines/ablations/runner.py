@@ -95,29 +95,25 @@ def _mlflow(uri: str):
     return mlflow
 
 
-def default_tracking_uri(out: Path) -> str:
-    import os
-
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(out / 'mlflow.db').resolve()}"
-
-
 def run_ablation(spec: AblationSpec, scale_name: str, out: Path, tracking_uri: str | None = None,
                  overrides: list[str] | None = None, address: str | None = None, verbose: bool = True) -> Report:
     """Train every variant of ``spec`` at ``scale_name``; returns the rendered :class:`Report`."""
     import dataclasses
 
     from lsnet.bench import git_commit
+    from pipelines.tracking import ensure_experiment, resolve_tracking_uri
     from pipelines.train import run_training
 
     scale = spec.scale(scale_name)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    uri = tracking_uri or default_tracking_uri(out)
+    uri = resolve_tracking_uri(tracking_uri)  # default: the checkout's shared store
     configs = variant_configs(spec, scale, "/validate/train", "/validate/val", uri, out, overrides)  # fail fast
     mlflow = _mlflow(uri)
     train_shards, val_shards, mask_json = prepare_dataset(spec, scale, out / "data")
     configs = variant_configs(spec, scale, train_shards, val_shards, uri, out, overrides)
     stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%d-%H%M%S")
+    ensure_experiment(mlflow.MlflowClient(uri), spec.experiment, uri)  # model training, artifacts beside the DB
     mlflow.set_experiment(spec.experiment)
     any_cfg = next(iter(configs.values()), None)
     with mlflow.start_run(run_name=f"{spec.name}-{scale_name}-{stamp}") as parent:

@@ -288,7 +288,7 @@ def run_trials(base: ExperimentConfig, space: SearchSpace | list[dict[str, Any]]
     search_dir.mkdir(parents=True, exist_ok=True)
     tracking_uri = parent = None
     if base.tracking.enabled:
-        tracking_uri = resolve_tracking_uri(search_dir, base.tracking.uri)
+        tracking_uri = resolve_tracking_uri(base.tracking.uri)
         prepare_sqlite_store(tracking_uri)
         parent = open_parent_tracker(search_dir, tracking_uri, base.tracking.experiment, settings.name, verbose)
         if not resume:
