@@ -11,13 +11,16 @@ the 17 keypoints with the skeleton (pose), unlabelled keypoints omitted. ``--anc
 assignment the loss uses (``lsnet.modeling.detector.assign_samples``, run on the anchor points the model
 has for the padded image): every stage-2 (ATSS) positive as a dot, every stage-1 positive (one per
 object) as a square, coloured by FPN level P3..P7 (legend in a strip under the image); the model
-settings come from ``--config`` (default: the task's defaults). ``--ann/--images`` first
+settings come from ``--config`` (default: the task's defaults). With ``loss.atss_on: init`` (the default)
+stage 2 is assigned during training on the model's own stage-1 boxes, which a data browser has not got:
+the drawing then shows ATSS on the fixed anchor squares (``atss_on: anchors``). ``--ann/--images`` first
 preprocesses the first ``--limit`` images into a temporary shard directory (in-process, no Ray), so
 what is drawn is what ``lsnet preprocess`` would store.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 from dataclasses import dataclass
@@ -66,8 +69,9 @@ def anchor_assignment(targets, image_hw: tuple[int, int], model_cfg) -> AnchorAs
     from lsnet.structures import SIZE_DIVISOR
 
     if model_cfg.loss.atss_on != "anchors":
-        raise InputError(f"--anchors: loss.atss_on={model_cfg.loss.atss_on!r} assigns stage 2 on the model's own "
-                         "stage-1 predictions, which an untrained model does not have; use atss_on=anchors")
+        # atss_on=init assigns stage 2 on the model's own stage-1 boxes, which only a trained model has;
+        # without one, the drawing shows the anchor-square assignment (the same ATSS on fixed squares).
+        model_cfg = dataclasses.replace(model_cfg, loss=dataclasses.replace(model_cfg.loss, atss_on="anchors"))
     h, w = (int(math.ceil(x / SIZE_DIVISOR) * SIZE_DIVISOR) for x in image_hw)
     points, npl, strides = anchor_layout(model_cfg, h, w)
     stage1, stage2 = assign_samples(points, npl, strides, targets, model_cfg)
@@ -159,7 +163,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", action="store_true", help="apply the training augmentation (flip)")
     parser.add_argument("--anchors", action="store_true",
                         help="also draw the anchor points the loss assigns to each object (stage 1: squares, "
-                             "stage 2 / ATSS: dots), coloured by FPN level")
+                             "stage 2 / ATSS: dots), coloured by FPN level; stage 2 on the anchor squares "
+                             "(atss_on=init assigns on a trained model's stage-1 boxes)")
     parser.add_argument("--config", default=None,
                         help="experiment config whose model/loss settings --anchors uses (default: the task's)")
 
