@@ -109,5 +109,5 @@ def ray_head():
     try:
         yield head
     finally:
-        head.stop()
+        head.stop(timeout_s=10)  # then SIGKILL: the session is over, nothing of it is kept
         assert head.temp_dir is None

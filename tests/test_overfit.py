@@ -12,6 +12,7 @@ so the BN running statistics used at evaluation converge to the training-batch s
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -122,9 +123,11 @@ def test_overfit_synthetic_with_cpv(tmp_path_factory):
 
 
 #: Paper Table 2 (detection, stage 1 only): each loss / target-style pair trains a stage-1-only model
-#: that fits the two images. The thresholds sit below the two-stage bbox test's (0.9 AP after 200
-#: steps): one stage, fewer steps. NOTE: not yet measured — the machine was too loaded when this was
-#: written (a step took ~7 CPU-s instead of ~0.4); the lead's first idle run should tighten them.
+#: that fits the two images. Measured (150 steps, seed 0, 2 threads, 2-core x86_64, 2026-12-02):
+#: bbox AP / AP50 -- GIoU rectangle 1.000 / 1.0, smooth-l1 rectangle 0.887 / 1.0, smooth-l1 extreme
+#: points 0.760 / 1.0, cross-IOU extreme points 1.000 / 1.0 (smooth-l1 fits the boxes least tightly).
+#: Four more overfit runs (~35 s each) do not fit in `make test`'s 15 minutes beside the others: opt in
+#: with LSNET_SLOW_TESTS=1.
 TABLE2_VARIANTS = {
     "giou_rectangle": {"target_style": "box", "init_loss": "giou"},
     "smooth_l1_rectangle": {"target_style": "box", "init_loss": "smooth_l1_box"},
@@ -135,7 +138,8 @@ TABLE2_STEPS = 150
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="known failure, issue 10 open: the stage-1-only Table 2 variants do not reach the unmeasured AP50 >= 0.8 / AP >= 0.5 in TABLE2_STEPS on the clean-clone run of 2026-12-02; thresholds must be measured on a quiet machine")
+@pytest.mark.skipif(not os.environ.get("LSNET_SLOW_TESTS"),
+                    reason="4 extra overfit runs (~35 s each) beyond make test's time budget; LSNET_SLOW_TESTS=1 runs them")
 @pytest.mark.parametrize("variant", list(TABLE2_VARIANTS))
 def test_overfit_table2_variants_stage1_only(tmp_path_factory, variant):
     from lsnet.modeling.config import LossConfig
@@ -144,4 +148,4 @@ def test_overfit_table2_variants_stage1_only(tmp_path_factory, variant):
     metrics = overfit("bbox", _dataset(tmp_path_factory, "bbox"), TABLE2_STEPS, lr=LR, refine=False,
                       target_style=v["target_style"], loss=LossConfig(init_loss=v["init_loss"]))
     print(f"{variant}: bbox_AP={metrics['bbox_AP']:.3f} AP50={metrics['bbox_AP50']:.3f}")
-    assert metrics["bbox_AP50"] >= 0.8 and metrics["bbox_AP"] >= 0.5, metrics
+    assert metrics["bbox_AP50"] >= 0.95 and metrics["bbox_AP"] >= 0.65, metrics
