@@ -92,8 +92,15 @@ def ray_session():
         # address="local": always a fresh cluster, never one that another process started on this machine
         from pipelines.ray_local import init_local_ray
 
-        init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                       _node_ip_address="127.0.0.1")
+        for attempt in range(3):  # a loaded machine's raylet may miss Ray's fixed 30-s registration window
+            try:
+                init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                               _node_ip_address="127.0.0.1")
+                break
+            except Exception:  # "The current node timed out during startup"
+                ray.shutdown()
+                if attempt == 2:
+                    raise
     yield ray
     ray.shutdown()
 

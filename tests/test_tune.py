@@ -34,29 +34,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
 
 
-@pytest.fixture(scope="session")
-def ray_started():
-    """ray.init with retries: on a heavily loaded machine a local raylet may miss Ray's fixed 30-s
-    registration window. Session-scoped so that it runs before ray_session, which then finds Ray
-    running and shuts it down at the end."""
-    import ray
-
-    for attempt in range(3):
-        if ray.is_initialized():
-            break
-        try:
-            from pipelines.ray_local import init_local_ray
-
-            init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                           _node_ip_address="127.0.0.1")
-        except Exception:  # "The current node timed out during startup"
-            ray.shutdown()
-            if attempt == 2:
-                raise
-
-
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory, ray_started, ray_session):
+def shards(tmp_path_factory, ray_session):
     """Synthetic train (8 images) and val (4 images) sets, 64 px, contours of 18 points."""
     from lsnet.data.synthetic import write_synthetic_coco
     from pipelines.preprocess import preprocess
