@@ -32,12 +32,10 @@ def _no_writes_to_the_checkouts_mlflow_store(tmp_path_factory):
     """Runs whose config names no store log to the checkout's shared ``results/mlflow.db`` by default;
     a test run must never add to it. Session-scoped so it also covers module-scoped fixtures that train.
     (A Ray worker never resolves the default itself: the driver passes the store it resolved.)"""
-    from pipelines import tracking
-
     store = tmp_path_factory.mktemp("default_mlflow_store") / "mlflow.db"
     mp = pytest.MonkeyPatch()
-    mp.setattr(tracking, "default_store_path", lambda: store)
-    mp.setenv("LSNET_DEFAULT_MLFLOW_STORE", str(store))  # CLI subprocesses and Ray jobs the tests start
+    # read by pipelines.tracking.default_store_path in this process and every one the tests start
+    mp.setenv("LSNET_DEFAULT_MLFLOW_STORE", str(store))
     yield store
     mp.undo()
 
