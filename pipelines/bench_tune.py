@@ -63,6 +63,8 @@ def tune(num_images: int = 8, image_size: int = 64, epochs: int = 4, repeats: in
             f"data.scale_range=[{image_size}, {image_size}]", f"data.max_size={image_size}",
             f"data.test_scale={image_size}", f"train.epochs={epochs}", "train.lr_steps=[]", "train.eval_every=1",
             "eval.num_overlays=0", "run.num_workers=1", "run.max_failures=0", f"run.storage_path={root / 'runs'}",
+            # the benchmark's throwaway runs go to a store of its own, never the checkout's results/mlflow.db
+            f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
         ]
         args = {"num_cpus": cores, "config": str(REPO_ROOT / config), "overrides": overrides,
                 "repeats": repeats, "concurrency": concurrency}
