@@ -133,6 +133,12 @@ def test_worker_data_error_is_not_retried(small_shards, tmp_path, ray_session):
     assert "shard" in message and "row 0" in message and "image_id" in message
     # the run stopped at the first failure: one record per rank at most, no restarted attempt ran
     assert not list((root / "runs" / "corrupt").glob("checkpoint_epoch_*"))
+    # ... and gave its workers' CPUs back to the cluster (a stopped run that kept its placement group
+    # made every later run on this Ray wait forever)
+    deadline = time.monotonic() + 120
+    while ray_session.available_resources().get("CPU", 0) < ray_session.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, f"CPUs still reserved: {ray_session.available_resources()}"
+        time.sleep(0.5)
 
 
 def test_decoder_warning_is_a_decode_error_naming_the_row(small_shards, tmp_path, capfd):
