@@ -87,8 +87,9 @@ def test_unknown_table_and_bad_variant_override_exit_2(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------
 
 
-def _fake_run(uri: str, spec, scale: str, values: dict[str, float]) -> str:
-    """A finished parent run with one child per variant carrying ``spec.metric`` (0-1)."""
+def _fake_run(uri: str, spec, scale: str, values: dict[str, float], listed: list[str] | None = None) -> str:
+    """A finished parent run with one child per variant carrying ``spec.metric`` (0-1); ``listed``: the
+    parent ran only these variants (``--variants``)."""
     import mlflow
 
     from pipelines.tracking import prepare_sqlite_store
@@ -99,6 +100,8 @@ def _fake_run(uri: str, spec, scale: str, values: dict[str, float]) -> str:
     with mlflow.start_run(run_name="parent") as parent:
         mlflow.set_tags({"ablation_table": spec.name, "ablation_scale": scale, "ablation_kind": "parent",
                          "dataset": "synthetic", "schedule": "2 steps", "backbone": "resnet18"})
+        if listed:
+            mlflow.set_tag("ablation_variants", ",".join(listed))
         for name, value in values.items():
             with mlflow.start_run(run_name=name, nested=True,
                                   tags={"ablation_variant": name, "mlflow.parentRunId": parent.info.run_id}):
@@ -132,6 +135,26 @@ def test_report_from_mlflow_ranks_and_previous(tmp_path):
     assert "absolute numbers are NOT comparable" in md and "Backbone**: resnet18" in md
     first_report = build_report(spec, "tiny", uri, parent_id=first)
     assert first_report.previous_run_id is None
+
+
+def test_run_of_some_variants_renders_those_rows(tmp_path, capsys):
+    from pipelines.ablations.runner import build_report
+    from pipelines.cli import main
+
+    spec = load_ablation_spec("table2")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _fake_run(uri, spec, "tiny", TABLE2_VALUES)
+    two = ["smooth_l1_rectangle", "cross_iou_extreme"]
+    _fake_run(uri, spec, "tiny", {k: TABLE2_VALUES[k] for k in two}, listed=two)
+    report = build_report(spec, "tiny", uri)
+    assert [r.name for r in report.rows] == two  # not four rows with two "missing" regressions
+    assert report.regressions == [] and [r.our_rank for r in report.rows] == [2, 1]
+    assert [r.previous for r in report.rows] == [pytest.approx(20.0), pytest.approx(25.0)]
+    # --variants names are checked before anything runs
+    capsys.readouterr()
+    assert main(["ablation", "run", "table2", "--variants", "giou_rectangle,nope", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "no variant 'nope'" in err and "giou_rectangle" in err
 
 
 def _edit_metric(db: Path, run_id: str, key: str, value: float) -> None:
@@ -205,12 +228,8 @@ def test_tiny_table2_job_end_to_end(ray_head, tmp_path, monkeypatch, capsys):
                         lambda address, headers=None: _client(address, ray_head.headers))
     out = tmp_path / "ablations"
     uri = f"sqlite:///{out / 'mlflow.db'}"
-    # Table 2 with two of its four variants (a box and an extreme-point one): each variant is a Ray Train
-    # run, and the path under test (job -> variants -> table -> MLflow -> re-render) is the same
-    two = yaml.safe_load((ABLATION_DIR / "table2.yaml").read_text())
-    two["variants"] = [v for v in two["variants"] if v["name"] in ("giou_rectangle", "cross_iou_extreme")]
-    table_path = tmp_path / "table2.yaml"
-    table_path.write_text(yaml.safe_dump(two))
+    # Table 2, all four variants: Tune trials, two at a time on the head's 2 CPUs
+    table_path = ABLATION_DIR / "table2.yaml"
     spec_path = tmp_path / "table2-tiny.yaml"
     spec_path.write_text(yaml.safe_dump({
         "name": "table2-tiny", "command": "ablation",
@@ -221,15 +240,47 @@ def test_tiny_table2_job_end_to_end(ray_head, tmp_path, monkeypatch, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured
     table = json.loads((out / "table2-tiny" / "table.json").read_text())
-    assert [r["name"] for r in table["rows"]] == ["giou_rectangle", "cross_iou_extreme"]
+    assert [r["name"] for r in table["rows"]] == ["giou_rectangle", "smooth_l1_rectangle", "smooth_l1_extreme",
+                                                  "cross_iou_extreme"]
     assert all(isinstance(r["ours"], float) for r in table["rows"])
     assert all(0 <= r["extras"]["epoch_pos_iou"] <= 1 for r in table["rows"])
+    assert len({r["run_id"] for r in table["rows"]}) == 4  # one child run per variant
+    # Figure 4 from MLflow: the per-step curves of the four variants
+    assert (out / "table2-tiny" / "figure4_pos_iou.png").stat().st_size > 10_000
     md = (out / "table2-tiny" / "table.md").read_text()
     # re-rendering from MLflow (no training) gives the same table
     spec = load_ablation_spec(table_path)
     assert build_report(spec, "tiny", uri).markdown() == md
     assert main(["ablation", "render", str(table_path), "--tracking-uri", uri, "--out", str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "table2-tiny" / "table.md").read_text() == md
+
+
+def test_failed_variant_exits_1_with_the_table_of_the_rest(ray_session, tmp_path, capsys):
+    """A variant whose training fails: the other variants' rows are still rendered and logged, the parent
+    run is FAILED, and the command exits 1 naming the variant (no silent success)."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.cli import main
+
+    data = yaml.safe_load((ABLATION_DIR / "landmarks.yaml").read_text())
+    data["variants"] = [{"name": "upper_bound_18", "label": "upper bound, 18 points", "kind": "mask_upper_bound",
+                         "num_points": 18, "paper": 89.0},
+                        {"name": "broken", "overrides": ["data.train_shards=/nonexistent/shards"]}]
+    path = tmp_path / "landmarks.yaml"
+    path.write_text(yaml.safe_dump(data))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "out"
+    assert main(["ablation", "run", str(path), "--scale", "tiny", "--out", str(out), "--tracking-uri", uri]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("lsnet ablation run: landmarks: 1 variant(s) failed: broken: ") and "/nonexistent" in err
+    table = (out / "landmarks-tiny" / "table.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| upper bound, 18 points"))
+    assert float(row.split("|")[3]) > 50  # GT masks as 18-point polygons: a real mask AP
+    assert "REGRESSION broken: no segm_AP in this run" in table
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(data.get("experiment", "lsnet-ablations")).experiment_id])
+    status = {r.data.tags.get("ablation_variant", "parent"): r.info.status for r in runs}
+    assert status == {"parent": "FAILED", "upper_bound_18": "FINISHED", "broken": "FAILED"}
 
 
 def _client(address, headers):

@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--fail-on-regression", action="store_true",
                        help="exit 1 when a variant regressed beyond the spec's tolerance")
         if action == "run":
+            p.add_argument("--variants", default=None, metavar="NAME[,NAME]",
+                           help="train/evaluate only these variants of the table (default: all)")
             p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                            help="config override applied to every variant")
             p.add_argument("--address", default=None, help="Ray address for the training runs")
@@ -42,27 +44,40 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from pipelines.ablations.runner import build_report, run_ablation
+    from pipelines.ablations.runner import AblationFailed, build_report, plot_curves, run_ablation, select_variants
     from pipelines.ablations.spec import load_ablation_spec
     from pipelines.tracking import resolve_tracking_uri
 
     specs = [load_ablation_spec(t) for t in args.tables]  # all validated before anything runs
+    only = [n.strip() for n in args.variants.split(",") if n.strip()] if getattr(args, "variants", None) else None
     for spec in specs:
         spec.scale(args.scale, str(spec.name))
+        if only:
+            select_variants(spec, only)
     out = Path(args.out)
     uri = resolve_tracking_uri(args.tracking_uri)
     regressed = 0
+    failures = []
     for spec in specs:
         if args.experiment:
             spec = dataclasses.replace(spec, experiment=args.experiment)
         if args.action == "run":
-            report = run_ablation(spec, args.scale, out, uri, args.overrides, args.address)
+            try:
+                report = run_ablation(spec, args.scale, out, uri, args.overrides, args.address, only=only)
+            except AblationFailed as err:  # the table of what finished is still shown, then exit 1
+                report = err.report
+                failures.append(str(err))
         else:
             report = build_report(spec, args.scale, uri, args.parent)
-            report.write(out / f"{spec.name}-{args.scale}")
+            folder = out / f"{spec.name}-{args.scale}"
+            report.write(folder)
+            report.files += plot_curves(report, uri, folder)
         print(report.markdown())
         print(f"written: {', '.join(str(p) for p in report.files)}")
         regressed += len(report.regressions)
+    if failures:
+        print(f"lsnet ablation run: {' | '.join(failures)}", file=sys.stderr)
+        return 1
     if regressed and args.fail_on_regression:
         print(f"lsnet ablation: {regressed} regression(s) (see the reports)", file=sys.stderr)
         return 1

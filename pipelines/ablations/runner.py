@@ -96,85 +96,195 @@ def _mlflow(uri: str):
 
 
 def run_ablation(spec: AblationSpec, scale_name: str, out: Path, tracking_uri: str | None = None,
-                 overrides: list[str] | None = None, address: str | None = None, verbose: bool = True) -> Report:
-    """Train every variant of ``spec`` at ``scale_name``; returns the rendered :class:`Report`."""
-    import dataclasses
+                 overrides: list[str] | None = None, address: str | None = None, verbose: bool = True,
+                 only: list[str] | None = None) -> Report:
+    """Train the variants of ``spec`` at ``scale_name`` (``only``: a subset, by name) and render the table.
 
+    The trained variants are Tune trials of :func:`pipelines.tune.trials.run_trials` (FIFO, each run to
+    the end; as many at once as the Ray cluster holds), MLflow children of the table's parent run.
+    Raises :class:`AblationFailed` (after rendering what there is) when a variant failed.
+    """
     from lsnet.bench import git_commit
-    from pipelines.tracking import ensure_experiment, resolve_tracking_uri
-    from pipelines.train import run_training
+    from pipelines.tracking import ensure_experiment, mlflow_system_tags, resolve_tracking_uri
+    from pipelines.tune.trials import SearchSettings, open_parent_tracker, run_trials, variant_key
 
     scale = spec.scale(scale_name)
+    variants = select_variants(spec, only)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(tracking_uri)  # default: the checkout's shared store
-    configs = variant_configs(spec, scale, "/validate/train", "/validate/val", uri, out, overrides)  # fail fast
+    trained = [v for v in variants if v.kind == "train"]
+    variant_configs(spec, scale, "/validate/train", "/validate/val", uri, out, overrides, trained)  # fail fast
     mlflow = _mlflow(uri)
     train_shards, val_shards, mask_json = prepare_dataset(spec, scale, out / "data")
-    configs = variant_configs(spec, scale, train_shards, val_shards, uri, out, overrides)
+    base = base_config(spec, scale, train_shards, val_shards, uri, out, overrides)
     stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%d-%H%M%S")
+    name = f"{spec.name}-{scale_name}-{stamp}"
     ensure_experiment(mlflow.MlflowClient(uri), spec.experiment, uri)  # model training, artifacts beside the DB
-    mlflow.set_experiment(spec.experiment)
-    any_cfg = next(iter(configs.values()), None)
-    with mlflow.start_run(run_name=f"{spec.name}-{scale_name}-{stamp}") as parent:
-        mlflow.set_tags({"ablation_table": spec.name, "ablation_scale": scale_name, "git_commit": git_commit(),
-                         "dataset": scale.dataset_name, "schedule": scale.schedule,
-                         "backbone": any_cfg.model.backbone if any_cfg else "none",
-                         "ablation_kind": "parent"})
-        parent_id = parent.info.run_id
-        for v in spec.variants:
-            tags = {"mlflow.parentRunId": parent_id, "ablation_table": spec.name, "ablation_scale": scale_name,
-                    "ablation_variant": v.name}
-            if v.kind == "mask_upper_bound":
-                _mask_upper_bound_child(mlflow, spec, v, mask_json, tags)
-                continue
-            cfg = configs[v.name]
-            cfg = dataclasses.replace(cfg, name=f"{spec.name}-{scale_name}-{v.name}")
+    search_dir = Path(base.run.storage_path) / name
+    parent = open_parent_tracker(search_dir, uri, spec.experiment, name, verbose=False)
+    common = {"ablation_table": spec.name, "ablation_scale": scale_name}
+    commit = git_commit()
+    parent.set_tags({**mlflow_system_tags("lsnet ablation", commit), "git_commit": commit, **common, "ablation_kind": "parent", "dataset": scale.dataset_name,
+                     "schedule": scale.schedule, "backbone": base.model.backbone,
+                     "ablation_variants": ",".join(v.name for v in variants), "lsnet.kind": "ablation"})
+    if not parent.flush() or not parent.run_id:
+        raise ConfigError(f"{spec.name}: cannot open the parent MLflow run at {uri}")
+    failed: list[str] = []
+    try:
+        if trained:
             if verbose:
-                print(f"[ablation {spec.name}/{scale_name}] training variant {v.name}", flush=True)
-            run_training(cfg, address=address or scale.address, run_name=f"{spec.name}-{scale_name}-{v.name}-{stamp}",
-                         verbose=False, extra_tags=tags)
-        report = build_report(spec, scale_name, uri, parent_id)
-        report.write(out / f"{spec.name}-{scale_name}")
+                print(f"[ablation {spec.name}/{scale_name}] training {len(trained)} variant(s): "
+                      f"{', '.join(v.name for v in trained)}", flush=True)
+            settings = SearchSettings(name=name, metric=spec.metric, mode="max" if spec.higher_is_better else "min",
+                                      scheduler="fifo", search="grid")
+            outcome = run_trials(
+                base, [variant_overrides(v) for v in trained], settings, address=address or scale.address,
+                verbose=verbose, source=f"{spec.name} ({scale_name})", parent=parent, source_name="lsnet ablation",
+                variant_tags=[{**common, "ablation_variant": v.name} for v in trained])
+            by_key = {variant_key(r.values): r for r in outcome.trials}
+            for v in trained:
+                record = by_key.get(variant_key(variant_overrides(v)))
+                if record is None or record.status != "FINISHED":
+                    failed.append(f"{v.name}: {record.error if record else 'no trial ran'}")
+        for v in variants:
+            if v.kind == "mask_upper_bound":
+                _mask_upper_bound_child(spec, v, mask_json, uri, parent.run_id,
+                                        {**common, "ablation_variant": v.name})
+        parent.flush()  # the report reads the parent's tags back from MLflow
+        report = build_report(spec, scale_name, uri, parent.run_id)
+        folder = out / f"{spec.name}-{scale_name}"
+        report.write(folder)
+        report.files += plot_curves(report, uri, folder)
         for path in report.files:
-            mlflow.log_artifact(str(path), "report")
-        mlflow.set_tags({"regressions": str(len(report.regressions)),
-                         "regression_list": "; ".join(report.regressions)[:4000] or "none"})
+            parent.log_artifact(path, "report")
+        parent.set_tags({"regressions": str(len(report.regressions)),
+                         "regression_list": "; ".join(report.regressions)[:4000] or "none",
+                         "failed_variants": "; ".join(failed)[:4000] or "none"})
+        parent.close("FAILED" if failed else "FINISHED")
+    except BaseException:
+        parent.close("FAILED")
+        raise
+    if failed:
+        raise AblationFailed(report, failed)
     return report
 
 
-def variant_configs(spec: AblationSpec, scale: ScaleSpec, train_shards: str, val_shards: str, uri: str, out: Path,
-                    overrides: list[str] | None = None) -> dict:
-    """The validated experiment config of every trained variant (errors name the table and variant)."""
+class AblationFailed(ConfigError):
+    """Variants of an ablation run failed; the report of what finished was still written."""
+
+    def __init__(self, report: Report, failed: list[str]):
+        self.report = report
+        self.failed = failed
+        super().__init__(f"{report.spec.name}: {len(failed)} variant(s) failed: {'; '.join(failed)}")
+
+
+def select_variants(spec: AblationSpec, only: list[str] | None) -> list:
+    """The spec's variants, or those named in ``only`` (in the spec's order); unknown names fail."""
+    if not only:
+        return list(spec.variants)
+    known = [v.name for v in spec.variants]
+    unknown = [n for n in only if n not in known]
+    if unknown:
+        raise ConfigError(f"{spec.name}: no variant {unknown[0]!r} (has: {', '.join(known)})")
+    return [v for v in spec.variants if v.name in only]
+
+
+def variant_overrides(variant) -> dict:
+    """A variant's ``key=value`` overrides as ``{dotted key: value}`` (values parsed as YAML)."""
+    import yaml
+
+    return {item.split("=", 1)[0]: yaml.safe_load(item.split("=", 1)[1]) for item in variant.overrides}
+
+
+def base_config(spec: AblationSpec, scale: ScaleSpec, train_shards: str, val_shards: str, uri: str, out: Path,
+                overrides: list[str] | None = None):
+    """The config every variant starts from: the scale's config, the table's and the scale's overrides,
+    the user's ``--set`` ones, the data and the tracking store."""
     from pipelines.config import load_config
 
+    items = [*spec.base_overrides, *scale.overrides, *(overrides or []),
+             f"data.train_shards={train_shards}", f"data.val_shards={val_shards}",
+             f"tracking.uri={uri}", f"tracking.experiment={spec.experiment}",
+             f"run.storage_path={(Path(out) / 'runs').resolve()}"]
+    try:
+        return load_config(_repo_path(scale.config), items)
+    except ConfigError as err:
+        raise ConfigError(f"{spec.name}: {err}") from None
+
+
+def variant_configs(spec: AblationSpec, scale: ScaleSpec, train_shards: str, val_shards: str, uri: str, out: Path,
+                    overrides: list[str] | None = None, variants: list | None = None) -> dict:
+    """The validated experiment config of every trained variant (errors name the table and variant)."""
+    from lsnet.config import to_dict
+    from pipelines.tune.space import trial_config
+
+    base = to_dict(base_config(spec, scale, train_shards, val_shards, uri, out, overrides))
     configs = {}
-    for v in spec.variants:
+    for v in variants if variants is not None else spec.variants:
         if v.kind != "train":
             continue
-        items = [*spec.base_overrides, *scale.overrides, *v.overrides, *(overrides or []),
-                 f"data.train_shards={train_shards}", f"data.val_shards={val_shards}",
-                 f"tracking.uri={uri}", f"tracking.experiment={spec.experiment}",
-                 f"run.storage_path={(Path(out) / 'runs').resolve()}"]
         try:
-            configs[v.name] = load_config(_repo_path(scale.config), items)
+            configs[v.name] = trial_config(base, variant_overrides(v))
         except ConfigError as err:
             raise ConfigError(f"{spec.name} variant {v.name}: {err}") from None
     return configs
 
 
-def _mask_upper_bound_child(mlflow, spec: AblationSpec, v, mask_json: str | None, tags: dict) -> None:
+def _mask_upper_bound_child(spec: AblationSpec, v, mask_json: str | None, uri: str, parent_id: str,
+                            tags: dict) -> None:
     """§4.4 without training: GT masks quantised to ``num_points`` contour points, evaluated as predictions."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
     from lsnet.mask_study import mask_study
 
     if mask_json is None:
         raise ConfigError(f"{spec.name} variant {v.name}: the dataset has no annotation JSON for the mask study")
+    # the paper's protocol is N points per part of a multi-part object (its footnote; the authors'
+    # sampler); N points in total (what our segm model outputs) and the largest part are logged beside it
     study = mask_study(mask_json, (v.num_points,), None)
-    result = study["results"][f"contour_{v.num_points}"]
-    with mlflow.start_run(run_name=f"{spec.name}-{v.name}", nested=True, tags=tags):
-        mlflow.log_metrics({spec.metric: float(result["AP"]), "mask_mean_iou": float(result["mean_iou"]),
-                            "num_instances": float(study["num_instances"])})
-        mlflow.log_param("num_points", v.num_points)
+    result = study["results"][f"per_part_{v.num_points}"]
+    others = {f"mask_AP_{p}": float(study["results"][f"{p}_{v.num_points}"]["AP"]) for p in ("total", "largest")
+              if f"{p}_{v.num_points}" in study["results"]}
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(spec.experiment)
+    run = client.create_run(experiment.experiment_id, run_name=f"{spec.name}-{v.name}",
+                            tags={**tags, "mlflow.parentRunId": parent_id, "lsnet.kind": "mask_study"})
+    now = int(_dt.datetime.now(_dt.UTC).timestamp() * 1000)
+    client.log_batch(run.info.run_id, metrics=[
+        Metric(spec.metric, float(result["AP"]), now, 0), Metric("mask_mean_iou", float(result["mean_iou"]), now, 0),
+        Metric("num_instances", float(study["num_instances"]), now, 0),
+        *(Metric(k, value, now, 0) for k, value in others.items())],
+        params=[Param("num_points", str(v.num_points)), Param("annotations", str(mask_json))])
+    client.set_terminated(run.info.run_id, "FINISHED")
+
+
+#: Figure 4 of the paper: per training step, one line per variant (the MLflow metric, its axis label)
+CURVE_METRICS = (("pos_iou", "mean IoU of positive predictions"), ("loss_cls", "classification loss"))
+
+
+def plot_curves(report: Report, tracking_uri: str, folder: Path) -> list[Path]:
+    """Figure 4 as curves from MLflow: ``figure4_<metric>.png`` per metric of :data:`CURVE_METRICS`, one
+    line per trained variant (its per-step history). Variants without the metric are left out."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.plots import plot_series
+
+    client = MlflowClient(tracking_uri)
+    paths = []
+    for metric, label in CURVE_METRICS:
+        series = {}
+        for row in report.rows:
+            if row.run_id is None:
+                continue
+            history = client.get_metric_history(row.run_id, metric)
+            if history:
+                series[row.label] = [(m.step, m.value) for m in history]
+        if series:
+            paths.append(plot_series(series, folder / f"figure4_{metric}.png", xlabel="training step", ylabel=label,
+                                     title=f"{report.spec.name} ({report.scale}): {label} per step"))
+    return paths
 
 
 # --------------------------------------------------------------------------------------------------
@@ -269,8 +379,10 @@ def build_report(spec: AblationSpec, scale: str, tracking_uri: str, parent_id: s
                      and r.info.start_time < parent.info.start_time), None)
     ours = _children(client, [experiment.experiment_id], parent_id)
     before = _children(client, [experiment.experiment_id], previous.info.run_id) if previous else {}
+    listed = parent.data.tags.get("ablation_variants")  # a run of some variants (--variants) shows those
+    shown = [v for v in spec.variants if not listed or v.name in listed.split(",")]
     rows = []
-    for v in spec.variants:
+    for v in shown:
         run = ours.get(v.name)
         value = run.data.metrics.get(spec.metric) if run else None
         prev_run = before.get(v.name)

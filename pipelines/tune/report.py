@@ -21,6 +21,7 @@ from pipelines.tune.trials import (
     SearchSettings,
     TrialRecord,
     trial_run_name,
+    variant_key,
 )
 
 TABLE_COLUMNS = ("trial", "status", "epochs", "final", "best", "mlflow_run_id")
@@ -193,7 +194,8 @@ def plot_metric_vs_params(records: list[TrialRecord], metric: str, out_dir: Path
         ax.set_xlabel(key)
         ax.set_ylabel(f"best {metric}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[1]:  # no trial reported the metric: an empty plot, no legend
+            ax.legend(fontsize=8)
         fig.tight_layout()
         path = out_dir / f"{metric}_vs_{key}.png"
         fig.savefig(path)
@@ -218,14 +220,17 @@ def plot_metric_vs_epoch(records: list[TrialRecord], metric: str, path: Path) ->
 
 
 def finish_search(grid, base: ExperimentConfig, settings: SearchSettings, search_dir: Path, parent,
-                  tracking_uri: str | None, verbose: bool = True) -> SearchOutcome:
-    """Records, child-run outcomes, parent artifacts; prints the table and where to look."""
+                  tracking_uri: str | None, verbose: bool = True, close_parent: bool = True,
+                  variant_tags: dict[str, dict[str, str]] | None = None) -> SearchOutcome:
+    """Records, child-run outcomes, parent artifacts; prints the table and where to look.
+    ``close_parent=False``: the caller finishes the parent run (it owns it). ``variant_tags``: extra
+    child tags by :func:`variant_key` (a trial that failed before its run existed gets them too)."""
     records = trial_records(grid, base, settings, search_dir)
     tags = {"lsnet.search": settings.name, "lsnet.kind": "trial"}
     if parent is not None and parent.run_id:
         tags["mlflow.parentRunId"] = parent.run_id
     for record in records:
-        close_child_run(record, base, tracking_uri, tags)
+        close_child_run(record, base, tracking_uri, {**tags, **(variant_tags or {}).get(variant_key(record.values), {})})
     best = best_trial(records, settings.mode)
     best_cfg = None
     out = search_dir / PARENT_DIRNAME / "report"
@@ -250,7 +255,8 @@ def finish_search(grid, base: ExperimentConfig, settings: SearchSettings, search
             parent.log_artifact(path, "results")
         for path in plots:
             parent.log_artifact(path, "plots")
-        parent.close("FINISHED")
+        if close_parent:
+            parent.close("FINISHED")
     outcome = SearchOutcome(search_dir=search_dir, trials=records, best=best, best_config=best_cfg,
                             tracking_uri=tracking_uri, parent_run_id=parent.run_id if parent else None,
                             settings=settings)

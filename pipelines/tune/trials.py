@@ -106,8 +106,14 @@ def _sanitize(name: str) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+def variant_key(overrides: dict[str, Any]) -> str:
+    """A variant's identity (its overrides, canonical JSON): per-variant tags are looked up by it."""
+    return json.dumps({key: _plain(value) for key, value in overrides.items()}, sort_keys=True)
+
+
 def _trial(config: dict[str, Any], *, base: dict[str, Any], search_name: str, search_dir: str,
-           tracking_uri: str | None, tags: dict[str, str]) -> None:
+           tracking_uri: str | None, tags: dict[str, str],
+           variant_tags: dict[str, dict[str, str]] | None = None) -> None:
     """Tune function trainable: one Ray Train run of ``base`` with ``config["overrides"]``."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -123,7 +129,8 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any], search_name: str, se
     cfg = dataclasses.replace(cfg, run=run, tracking=tracking)
     trial_tags = {**tags, "lsnet.trial_id": trial_id,
                   **{key: json.dumps(_plain(value)) if not isinstance(value, str) else value
-                     for key, value in overrides.items()}}
+                     for key, value in overrides.items()},
+                  **(variant_tags or {}).get(variant_key(overrides), {})}
     run_training(cfg, run_name=name, callbacks=[TuneReportCallback()], extra_tags=trial_tags, verbose=False)
 
 
@@ -236,13 +243,20 @@ def open_parent_tracker(search_dir: Path, tracking_uri: str, experiment: str, na
 
 def run_trials(base: ExperimentConfig, space: SearchSpace | list[dict[str, Any]], settings: SearchSettings, *,
                address: str | None = None, resume: bool = False, verbose: bool = True,
-               source: str = "<variants>") -> SearchOutcome:
+               source: str = "<variants>", variant_tags: list[dict[str, str]] | None = None,
+               parent=None, source_name: str = "lsnet tune") -> SearchOutcome:
     """Run every variant of ``space`` as a trial (see module docstring) and return the records.
 
     ``space``: a :class:`SearchSpace` (sampled by ``settings.search``) or a list of
     ``{dotted key: value}`` variants (each run once, in order). ``resume``: continue the search of the
     same ``settings.name`` whose driver stopped (``Tuner.restore``): finished trials are not re-run,
     unfinished ones continue from their checkpoints, under the same parent MLflow run.
+
+    Callers that run a fixed list of variants (``lsnet ablation``) may pass ``variant_tags`` (one tag
+    dict per variant, set on that variant's MLflow child run) and their own open ``parent`` tracker
+    (a :class:`pipelines.tracking.RunTracker` under ``<search dir>/parent``): the search's parameters
+    are logged on it and it is left open for the caller to finish. ``source_name``: the MLflow source
+    shown for the runs.
     """
     import ray
     from ray import tune
@@ -258,6 +272,10 @@ def run_trials(base: ExperimentConfig, space: SearchSpace | list[dict[str, Any]]
             space = _grid_space(space)
     else:
         validate_variants(base, space, source)
+        if variant_tags is not None and len(variant_tags) != len(space):
+            raise ValueError(f"variant_tags: {len(variant_tags)} tag sets for {len(space)} variants")
+        if len({variant_key(v) for v in space}) != len(space):
+            raise ConfigError(f"{source}: two variants have the same overrides")
     search_dir = Path(base.run.storage_path) / settings.name
     if "://" in base.run.storage_path:
         raise ConfigError("lsnet tune keeps its search directory on a local or shared filesystem: "
@@ -286,11 +304,14 @@ def run_trials(base: ExperimentConfig, space: SearchSpace | list[dict[str, Any]]
     search_algorithm = _search_algorithm(settings, max_concurrent)
 
     search_dir.mkdir(parents=True, exist_ok=True)
-    tracking_uri = parent = None
+    tracking_uri = None
+    owns_parent = parent is None
     if base.tracking.enabled:
         tracking_uri = resolve_tracking_uri(base.tracking.uri)
         prepare_sqlite_store(tracking_uri)
-        parent = open_parent_tracker(search_dir, tracking_uri, base.tracking.experiment, settings.name, verbose)
+        if parent is None:
+            parent = open_parent_tracker(search_dir, tracking_uri, base.tracking.experiment, settings.name,
+                                         verbose)
         if not resume:
             searched = space.describe() if isinstance(space, SearchSpace) else {
                 f"variant_{i}": json.dumps(v) for i, v in enumerate(space)}
@@ -304,7 +325,7 @@ def run_trials(base: ExperimentConfig, space: SearchSpace | list[dict[str, Any]]
             from pipelines.tracking import mlflow_system_tags
 
             commit = git_commit()
-            parent.set_tags({**mlflow_system_tags("lsnet tune", commit), "git_commit": commit,
+            parent.set_tags({**mlflow_system_tags(source_name, commit), "git_commit": commit,
                              "config_name": base.name or "",
                              "dataset_manifest_sha256": manifest_hash(base.data.train_shards),
                              "lsnet.kind": "search", "task": base.model.task, **ray_job_ids()})
@@ -314,12 +335,13 @@ def run_trials(base: ExperimentConfig, space: SearchSpace | list[dict[str, Any]]
     if not resume:
         state_file.write_text(json.dumps({"settings": dataclasses.asdict(settings), "source": source}, indent=1))
 
-    tags = {"lsnet.search": settings.name, "lsnet.kind": "trial", "mlflow.source.name": "lsnet tune"}
+    tags = {"lsnet.search": settings.name, "lsnet.kind": "trial", "mlflow.source.name": source_name}
     if parent is not None and parent.run_id:
         tags["mlflow.parentRunId"] = parent.run_id
+    tags_by_variant = None if variant_tags is None else {variant_key(v): dict(t) for v, t in zip(space, variant_tags)}
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=to_dict(base), search_name=settings.name, search_dir=str(search_dir),
-                             tracking_uri=tracking_uri, tags=tags),
+                             tracking_uri=tracking_uri, tags=tags, variant_tags=tags_by_variant),
         TRIAL_DRIVER_RESOURCES)
     if verbose:
         print(f"[tune] {settings.name}: up to {max_concurrent} concurrent trial(s) of {_fmt(need)} each; "
@@ -346,4 +368,5 @@ def run_trials(base: ExperimentConfig, space: SearchSpace | list[dict[str, Any]]
 
     from pipelines.tune.report import finish_search
 
-    return finish_search(grid, base, settings, search_dir, parent, tracking_uri, verbose=verbose)
+    return finish_search(grid, base, settings, search_dir, parent, tracking_uri, verbose=verbose,
+                         close_parent=owns_parent, variant_tags=tags_by_variant)
