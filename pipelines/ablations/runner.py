@@ -5,14 +5,15 @@ A run (one table at one scale):
 1. prepares the scale's dataset (synthetic / COCO JSON + images -> shards, cached under
    ``<out>/data/``; ``executor="local"`` preprocessing for the small sets);
 2. opens an MLflow *parent run* (tags ``ablation_table``, ``ablation_scale``, ``git_commit``) and
-   trains every variant as a sequential Ray Train run (:func:`pipelines.train.run_training`) whose
-   MLflow run is a *child* of the parent (``mlflow.parentRunId``; tags ``ablation_variant``). The
-   Tune helper's trial module (``pipelines/tune/``) had not landed when this was written; the
-   variants run one after the other on the same Ray;
+   trains the variants as Tune trials of :func:`pipelines.tune.trials.run_trials` (FIFO, as many at
+   once as the cluster holds), each a Ray Train run whose MLflow run is a *child* of the parent
+   (``mlflow.parentRunId``; tag ``ablation_variant``); the §4.4 upper-bound variants are evaluated
+   without training (:mod:`lsnet.mask_study`);
 3. reads the children's final metrics back from MLflow (the same code path as ``render``), compares
    them with the previous finished parent run of the same table and scale (per variant, the spec's
    tolerance) and with the paper's ranking, renders Markdown + HTML into ``<out>/<table>-<scale>/``,
-   logs both as artifacts of the parent run and tags it ``regressions=<count>``.
+   plots Figure 4 (per-step ``pos_iou`` / ``loss_cls`` of every variant, from MLflow), logs it all on
+   the parent run and tags it ``regressions=<count>``.
 
 ``render`` does step 3 only, for an existing parent run (default: the latest finished one).
 """
