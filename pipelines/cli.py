@@ -34,7 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "browse": ("pipelines.browse", "draw ground truth and landmark targets onto images (check data before training)"),
     "mlflow-sync": ("pipelines.tracking", "upload runs buffered locally while the tracking server was down"),
     "demo": ("pipelines.demo", "the main job end to end on embedded defaults"),
-    "bench": ("pipelines.bench_cmd", "run a benchmark spec from jobs/bench and write results/bench/NAME.json"),
+    "bench": ("pipelines.bench.cli", "run a benchmark spec from jobs/bench and write results/bench/NAME.json"),
     "jobs": ("pipelines.jobs.cli", "submit job specs (jobs/*.yaml) to a Ray cluster; status, logs, schedules"),
     "ablation": ("pipelines.ablations.cli", "reproduce a paper ablation table (jobs/ablations/*.yaml)"),
 }

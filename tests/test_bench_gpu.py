@@ -15,7 +15,7 @@ TOY = {"image_size": [64, 64], "warmup": 0, "iters": 1, "infer_warmup": 0, "infe
 
 def test_gpu_benchmark_runs_at_toy_size_on_cpu(ray_session, tmp_path, capsys):
     from lsnet.bench import run_benchmark
-    from pipelines.bench_gpu import NO_GPU_NOTE
+    from pipelines.bench.gpu import NO_GPU_NOTE
 
     record = run_benchmark("gpu", {"force_cpu": True, "toy": TOY}, out_dir=tmp_path)
     printed = capsys.readouterr().out
@@ -37,7 +37,7 @@ def test_gpu_benchmark_runs_at_toy_size_on_cpu(ray_session, tmp_path, capsys):
 
 
 def test_gpu_benchmark_rejects_unknown_toy_parameters():
-    from pipelines.bench_gpu import gpu
+    from pipelines.bench.gpu import gpu
 
     with pytest.raises(ValueError, match="unknown toy parameter.*'iterations'"):
         gpu(force_cpu=True, toy={"iterations": 1})

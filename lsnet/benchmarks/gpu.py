@@ -18,7 +18,7 @@ torchvision's FCOS also normalises and "resizes" (by a factor 1) inside the mode
 normalised batch, as from the shard reader.
 
 Without CUDA the same code runs on the CPU (where autocast and the scaler are off: the AMP setting
-has no effect) at whatever size it is given; :mod:`pipelines.bench_gpu` then uses a toy size.
+has no effect) at whatever size it is given; :mod:`pipelines.bench.gpu` then uses a toy size.
 """
 from __future__ import annotations
 

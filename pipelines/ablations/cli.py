@@ -44,7 +44,13 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from pipelines.ablations.runner import AblationFailed, build_report, plot_curves, run_ablation, select_variants
+    from pipelines.ablations.runner import (
+        AblationFailed,
+        build_report,
+        plot_curves,
+        run_ablation,
+        select_variants,
+    )
     from pipelines.ablations.spec import load_ablation_spec
     from pipelines.tracking import resolve_tracking_uri
 

@@ -50,7 +50,7 @@ print("BENCH " + json.dumps(out))
 
 def tune(num_images: int = 8, image_size: int = 64, epochs: int = 4, repeats: int = 2,
          concurrency: list[int] | None = None, config: str = "configs/tiny_bbox.yaml") -> BenchResult:
-    from pipelines.bench_train import _prepare
+    from pipelines.bench.train import _prepare
 
     concurrency = concurrency or [1, 2]
     cores = os.cpu_count() or 2

@@ -141,7 +141,7 @@ def data(synthetic_images: int = 300, synthetic_size: tuple[int, int] = (480, 64
         if out.exists():
             for p in out.iterdir():
                 p.unlink()
-        res = _in_subprocess(["-m", "pipelines.benchmarks", "preprocess-run", "--ann", str(ann), "--images", str(img),
+        res = _in_subprocess(["-m", "pipelines.bench.data", "preprocess-run", "--ann", str(ann), "--images", str(img),
                               "--out", str(out), "--cpus", str(k)], env_extra)
         runs[(name, k)] = res
         rows.append({"measure": "preprocess", "dataset": name, "config": f"{k} CPU (Ray Data)",
