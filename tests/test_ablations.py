@@ -82,6 +82,23 @@ def test_unknown_table_and_bad_variant_override_exit_2(tmp_path, capsys):
     assert not (tmp_path / "data").exists()
 
 
+def test_tables_on_the_same_dataset_share_one_prepared_copy(tmp_path):
+    """The nightly job runs Table 2 then Table 3 on the same tiny dataset: the second finds it prepared
+    (it used to fail on the first one's files); an interrupted preparation is rebuilt."""
+    from pipelines.ablations.runner import prepare_dataset
+
+    t2, t3 = load_ablation_spec("table2"), load_ablation_spec("table3")
+    first = prepare_dataset(t2, t2.scales["tiny"], tmp_path)
+    manifest = Path(first[0]) / "manifest.json"
+    stamp = manifest.stat().st_mtime_ns
+    assert prepare_dataset(t3, t3.scales["tiny"], tmp_path) == first and manifest.stat().st_mtime_ns == stamp
+    (Path(first[0]).parents[1] / "prepared.json").unlink()  # as if the first run died while preparing
+    assert prepare_dataset(t3, t3.scales["tiny"], tmp_path) == first and manifest.stat().st_mtime_ns != stamp
+    # another dataset spec (Table 5's persons): another folder
+    t5 = load_ablation_spec("table5")
+    assert prepare_dataset(t5, t5.scales["tiny"], tmp_path)[0] != first[0]
+
+
 # ----------------------------------------------------------------------------------------------
 # Reports from MLflow (no training: runs with logged metrics, as the trainer leaves them)
 # ----------------------------------------------------------------------------------------------

@@ -41,16 +41,47 @@ EXTRA_METRICS = ("epoch_pos_iou", "epoch_loss_cls")
 
 
 def prepare_dataset(spec: AblationSpec, scale: ScaleSpec, data_root: Path) -> tuple[str, str, str | None]:
-    """Shards for the scale: ``(train_shards, val_shards, mask_study_json)`` (cached, idempotent)."""
-    from pipelines.preprocess import preprocess
+    """Shards for the scale: ``(train_shards, val_shards, mask_study_json)``.
+
+    Cached under ``data_root/<task>-<dataset>-<hash of the data spec>/``: tables sharing a dataset (the
+    nightly job runs Table 2 and Table 3 on the same one) prepare it once. ``prepared.json`` is written
+    last: a folder without it (an interrupted preparation) is rebuilt; a lock file keeps two runs on
+    the same machine from building it at once."""
+    import dataclasses
+    import fcntl
+    import hashlib
+    import re
+    import shutil
 
     d = scale.data
-    root = data_root / f"{spec.task}-{scale.dataset_name}"
-    points = tuple(d.contour_points)
     if d.source == "shards":
         if not d.train_shards:
             raise ConfigError(f"{spec.name}: data.source=shards needs data.train_shards")
         return d.train_shards, d.val_shards or d.train_shards, d.val_ann or d.ann
+    if d.source == "coco":
+        if d.ann is None or d.images is None:
+            raise ConfigError(f"{spec.name}: data.source=coco needs data.ann and data.images")
+        if not Path(_repo_path(d.ann)).exists():
+            raise ConfigError(f"{spec.name}: dataset annotations not found: {_repo_path(d.ann)}")
+    identity = json.dumps({"task": spec.task, **dataclasses.asdict(d)}, sort_keys=True)
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", scale.dataset_name).strip("-")[:40]
+    root = Path(data_root) / f"{spec.task}-{slug}-{hashlib.sha256(identity.encode()).hexdigest()[:10]}"
+    done = root / "prepared.json"
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / ".prepare.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if done.exists():
+            return tuple(json.loads(done.read_text())["paths"])
+        shutil.rmtree(root, ignore_errors=True)  # ours, and incomplete
+        paths = _build_dataset(spec, d, root)
+        done.write_text(json.dumps({"dataset": identity, "paths": list(paths)}, indent=1))
+        return paths
+
+
+def _build_dataset(spec: AblationSpec, d, root: Path) -> tuple[str, str, str | None]:
+    from pipelines.preprocess import preprocess
+
+    points = tuple(d.contour_points)
     if d.source == "synthetic":
         from lsnet.data.synthetic import write_synthetic_coco
 
@@ -61,10 +92,6 @@ def prepare_dataset(spec: AblationSpec, scale: ScaleSpec, data_root: Path) -> tu
         val_ann = val_images = None
     else:
         ann, images, val_ann, val_images = (_repo_path(x) for x in (d.ann, d.images, d.val_ann, d.val_images))
-        if ann is None or images is None:
-            raise ConfigError(f"{spec.name}: data.source=coco needs data.ann and data.images")
-        if not Path(ann).exists():
-            raise ConfigError(f"{spec.name}: dataset annotations not found: {ann}")
     train = root / "shards" / "train"
     preprocess(ann, images, train, max_size=d.max_size, contour_points=points, executor="local", verbose=False)
     if val_ann is None:  # no held-out split: evaluate on the training images (said in the report)
