@@ -113,16 +113,6 @@ def _repo_path(path: str | None) -> str | None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _mlflow(uri: str):
-    import mlflow
-
-    from pipelines.tracking import prepare_sqlite_store
-
-    prepare_sqlite_store(uri)
-    mlflow.set_tracking_uri(uri)
-    return mlflow
-
-
 def run_ablation(spec: AblationSpec, scale_name: str, out: Path, tracking_uri: str | None = None,
                  overrides: list[str] | None = None, address: str | None = None, verbose: bool = True,
                  only: list[str] | None = None) -> Report:
@@ -132,8 +122,15 @@ def run_ablation(spec: AblationSpec, scale_name: str, out: Path, tracking_uri: s
     the end; as many at once as the Ray cluster holds), MLflow children of the table's parent run.
     Raises :class:`AblationFailed` (after rendering what there is) when a variant failed.
     """
+    from mlflow.tracking import MlflowClient
+
     from lsnet.bench import git_commit
-    from pipelines.tracking import ensure_experiment, mlflow_system_tags, resolve_tracking_uri
+    from pipelines.tracking import (
+        ensure_experiment,
+        mlflow_system_tags,
+        prepare_sqlite_store,
+        resolve_tracking_uri,
+    )
     from pipelines.tune.trials import SearchSettings, open_parent_tracker, run_trials, variant_key
 
     scale = spec.scale(scale_name)
@@ -143,12 +140,12 @@ def run_ablation(spec: AblationSpec, scale_name: str, out: Path, tracking_uri: s
     uri = resolve_tracking_uri(tracking_uri)  # default: the checkout's shared store
     trained = [v for v in variants if v.kind == "train"]
     variant_configs(spec, scale, "/validate/train", "/validate/val", uri, out, overrides, trained)  # fail fast
-    mlflow = _mlflow(uri)
+    prepare_sqlite_store(uri)
     train_shards, val_shards, mask_json = prepare_dataset(spec, scale, out / "data")
     base = base_config(spec, scale, train_shards, val_shards, uri, out, overrides)
     stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%d-%H%M%S")
     name = f"{spec.name}-{scale_name}-{stamp}"
-    ensure_experiment(mlflow.MlflowClient(uri), spec.experiment, uri)  # model training, artifacts beside the DB
+    ensure_experiment(MlflowClient(uri), spec.experiment, uri)  # model training, artifacts beside the DB
     search_dir = Path(base.run.storage_path) / name
     parent = open_parent_tracker(search_dir, uri, spec.experiment, name, verbose=False)
     common = {"ablation_table": spec.name, "ablation_scale": scale_name}
