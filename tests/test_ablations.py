@@ -261,7 +261,14 @@ def test_tiny_table2_job_end_to_end(ray_head, tmp_path, monkeypatch, capsys):
                                                   "cross_iou_extreme"]
     assert all(isinstance(r["ours"], float) for r in table["rows"])
     assert all(0 <= r["extras"]["epoch_pos_iou"] <= 1 for r in table["rows"])
-    assert len({r["run_id"] for r in table["rows"]}) == 4  # one child run per variant
+    assert len({r["run_id"] for r in table["rows"]}) == 4  # one child run per variant, named after it
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    assert [client.get_run(r["run_id"]).info.run_name.rsplit("-", 1)[-1] for r in table["rows"]] == [
+        r["name"] for r in table["rows"]]
+    parent = client.get_run(table["parent_run_id"]).data.tags
+    assert parent["lsnet.kind"] == "ablation" and parent["ray_job_submission_id"].startswith("raysubmit_")
     # Figure 4 from MLflow: the per-step curves of the four variants
     assert (out / "table2-tiny" / "figure4_pos_iou.png").stat().st_size > 10_000
     md = (out / "table2-tiny" / "table.md").read_text()

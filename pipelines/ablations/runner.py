@@ -166,7 +166,9 @@ def run_ablation(spec: AblationSpec, scale_name: str, out: Path, tracking_uri: s
             outcome = run_trials(
                 base, [variant_overrides(v) for v in trained], settings, address=address or scale.address,
                 verbose=verbose, source=f"{spec.name} ({scale_name})", parent=parent, source_name="lsnet ablation",
-                variant_tags=[{**common, "ablation_variant": v.name} for v in trained])
+                # readable child names in MLflow (the Train run directories keep Tune's trial ids)
+                variant_tags=[{**common, "ablation_variant": v.name, "mlflow.runName": f"{name}-{v.name}"}
+                              for v in trained])
             by_key = {variant_key(r.values): r for r in outcome.trials}
             for v in trained:
                 record = by_key.get(variant_key(variant_overrides(v)))

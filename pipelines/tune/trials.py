@@ -328,7 +328,8 @@ def run_trials(base: ExperimentConfig, space: SearchSpace | list[dict[str, Any]]
             parent.set_tags({**mlflow_system_tags(source_name, commit), "git_commit": commit,
                              "config_name": base.name or "",
                              "dataset_manifest_sha256": manifest_hash(base.data.train_shards),
-                             "lsnet.kind": "search", "task": base.model.task, **ray_job_ids()})
+                             "task": base.model.task, **ray_job_ids(),
+                             **({"lsnet.kind": "search"} if owns_parent else {})})  # else the caller's kind
             (search_dir / "base_config.yaml").write_text(base.to_yaml())
             parent.log_artifact(search_dir / "base_config.yaml", "config")
         parent.flush()  # the children need the parent's run id
