@@ -52,7 +52,7 @@ def _run(args: argparse.Namespace) -> int:
         select_variants,
     )
     from pipelines.ablations.spec import load_ablation_spec
-    from pipelines.tracking import resolve_tracking_uri
+    from pipelines.tracking import resolve_tracking_uri, run_url, ui_command
 
     specs = [load_ablation_spec(t) for t in args.tables]  # all validated before anything runs
     only = [n.strip() for n in args.variants.split(",") if n.strip()] if getattr(args, "variants", None) else None
@@ -80,7 +80,9 @@ def _run(args: argparse.Namespace) -> int:
             report.files += plot_curves(report, uri, folder)
         print(report.markdown())
         print(f"written: {', '.join(str(p) for p in report.files)}")
+        print(f"MLflow parent run: {run_url(uri, experiment_of(uri, report.parent_run_id), report.parent_run_id)}")
         regressed += len(report.regressions)
+    print(f"open the MLflow UI with: {ui_command(uri)}")
     if failures:
         print(f"lsnet ablation run: {' | '.join(failures)}", file=sys.stderr)
         return 1
@@ -88,3 +90,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"lsnet ablation: {regressed} regression(s) (see the reports)", file=sys.stderr)
         return 1
     return 0
+
+
+def experiment_of(tracking_uri: str, run_id: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
