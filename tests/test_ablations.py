@@ -167,6 +167,13 @@ def test_run_of_some_variants_renders_those_rows(tmp_path, capsys):
     assert [r.name for r in report.rows] == two  # not four rows with two "missing" regressions
     assert report.regressions == [] and [r.our_rank for r in report.rows] == [2, 1]
     assert [r.previous for r in report.rows] == [pytest.approx(20.0), pytest.approx(25.0)]
+    assert "Paper ranking: cross_iou_extreme, smooth_l1_rectangle\nOur ranking: cross_iou_extreme, " \
+           "smooth_l1_rectangle\n" in report.markdown()
+    # a table the paper gives no numbers for (cross-IOU variants): no made-up paper ranking
+    cross = load_ablation_spec("cross_iou")
+    _fake_run(uri, cross, "tiny", {"paper_a0.2": 0.1, "paper_a0": 0.2})
+    text = build_report(cross, "tiny", uri).markdown()
+    assert "Paper ranking: — (the paper gives no numbers for these rows)\nOur ranking: paper_a0, paper_a0.2\n" in text
     # --variants names are checked before anything runs
     capsys.readouterr()
     assert main(["ablation", "run", "table2", "--variants", "giou_rectangle,nope", "--out", str(tmp_path)]) == 2

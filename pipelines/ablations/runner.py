@@ -489,8 +489,8 @@ def render_markdown(report: Report) -> str:
     columns, body = _table_cells(report)
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(row) + " |" for row in body]
-    lines += ["", f"Paper ranking: {', '.join(r.name for r in sorted(report.rows, key=_rank_key('paper_rank')))}",
-              f"Our ranking: {', '.join(r.name for r in sorted(report.rows, key=_rank_key('our_rank')))}"]
+    lines += ["", f"Paper ranking: {_ranking(report.rows, 'paper_rank', 'the paper gives no numbers for these rows')}",
+              f"Our ranking: {_ranking(report.rows, 'our_rank', 'no variant has a number')}"]
     if report.ranking_notes:
         lines += ["", "Ranking differences:"] + [f"- {n}" for n in report.ranking_notes]
     lines += ["", f"## Regressions ({len(report.regressions)})"]
@@ -500,8 +500,10 @@ def render_markdown(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _rank_key(attr: str):
-    return lambda r: (getattr(r, attr) is None, getattr(r, attr) or 0)
+def _ranking(rows: list[Row], attr: str, none: str) -> str:
+    """Names of the ranked rows, best first (unranked rows are left out)."""
+    ranked = sorted((r for r in rows if getattr(r, attr) is not None), key=lambda r: getattr(r, attr))
+    return ", ".join(r.name for r in ranked) if ranked else f"— ({none})"
 
 
 def render_html(report: Report) -> str:
