@@ -111,6 +111,11 @@ class TrackingConfig:
     # (per-step metrics are logged every train.log_every optimiser steps)
     flush_interval_s: float = 5.0
     retry_interval_s: float = 15.0
+    #: weights logged to MLflow at the end of a run: "all" = the MLflow model (runs:/<id>/model) and
+    #: the checkpoints model_final.pt / model_best.pt; "model" = the MLflow model only (one copy of the
+    #: final weights); "none" = no weights (metrics, curves and configs still; the run directory keeps
+    #: its checkpoints). Scheduled ablations use "none"/"model": three copies of every variant add up.
+    log_weights: Literal["all", "model", "none"] = "all"
 
     def __post_init__(self) -> None:
         check_range(self.flush_interval_s, "flush_interval_s", gt=0)

@@ -676,12 +676,15 @@ def save_final(parts: TrainingParts, ctx: WorkerContext, tracker) -> None:
     if tracker is not None:
         from pipelines.plots import run_curve_plots
 
-        tracker.log_artifact(final, "checkpoints")
-        if (ctx.run_dir / "model_best.pt").exists():
-            tracker.log_artifact(ctx.run_dir / "model_best.pt", "checkpoints")
+        weights = parts.cfg.tracking.log_weights
+        if weights == "all":
+            tracker.log_artifact(final, "checkpoints")
+            if (ctx.run_dir / "model_best.pt").exists():
+                tracker.log_artifact(ctx.run_dir / "model_best.pt", "checkpoints")
         for png in run_curve_plots(ctx.run_dir, parts.cfg.primary_metric, LOSS_KEYS):
             tracker.log_artifact(png, "curves")
-        log_final_model(parts, ctx, tracker)
+        if weights in ("all", "model"):
+            log_final_model(parts, ctx, tracker)
 
 
 def log_final_model(parts: TrainingParts, ctx: WorkerContext, tracker) -> None:

@@ -274,6 +274,9 @@ def test_tiny_table2_job_end_to_end(ray_head, tmp_path, monkeypatch, capsys):
     client = MlflowClient(uri)
     assert [client.get_run(r["run_id"]).info.run_name.rsplit("-", 1)[-1] for r in table["rows"]] == [
         r["name"] for r in table["rows"]]
+    # tiny scale logs no weights (tracking.log_weights=none): curves and config, no checkpoints / model
+    logged = {a.path for a in client.list_artifacts(table["rows"][0]["run_id"])}
+    assert "curves" in logged and not logged & {"checkpoints", "model"}, logged
     parent = client.get_run(table["parent_run_id"]).data.tags
     assert parent["lsnet.kind"] == "ablation" and parent["ray_job_submission_id"].startswith("raysubmit_")
     # Figure 4 from MLflow: the per-step curves of the four variants
