@@ -55,8 +55,16 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+#: the commit of code that runs outside its git checkout (a Ray job's uploaded working dir, a container
+#: image): ``lsnet jobs submit`` sets it; an image build should too (``ENV LSNET_GIT_COMMIT=...``)
+COMMIT_ENV = "LSNET_GIT_COMMIT"
+
+
 def git_commit() -> str:
-    """The checkout's HEAD commit, with ``-dirty`` when tracked files have changes; ``unknown`` outside git."""
+    """The checkout's HEAD commit, with ``-dirty`` when tracked files have changes; outside a git checkout
+    ``$LSNET_GIT_COMMIT`` if set, else ``unknown``."""
+    if not (REPO_ROOT / ".git").exists() and os.environ.get(COMMIT_ENV):
+        return os.environ[COMMIT_ENV]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
                              check=True, timeout=10).stdout.strip()
@@ -64,7 +72,7 @@ def git_commit() -> str:
                                check=False, capture_output=True, text=True, timeout=10).stdout.strip()
         return out + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get(COMMIT_ENV) or "unknown"
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:

@@ -300,6 +300,10 @@ def test_preprocess_then_train_job_tags_mlflow_run(ray_head, synth_data, tmp_pat
                               filter_string=f"tags.ray_job_submission_id = '{submission_id}'", output_format="list")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert "bbox_AP" in runs[0].data.metrics
+    # the uploaded working dir has no .git: the commit comes from the submitter ($LSNET_GIT_COMMIT)
+    from lsnet.bench import git_commit
+
+    assert runs[0].data.tags["git_commit"] == git_commit() != "unknown"
     # status / logs / list of the same job through the CLI
     assert main(["jobs", "status", submission_id]) == 0
     assert json.loads(capsys.readouterr().out)["status"] == "SUCCEEDED"

@@ -37,10 +37,17 @@ def make_client(address: str, headers: dict[str, str] | None = None):
 def submit_spec(client, spec: JobSpec, extra_args: list[str] | None = None,
                 submission_id: str | None = None) -> str:
     """Submit ``spec``; returns the submission id (``raysubmit_...`` unless given)."""
+    from lsnet.bench import COMMIT_ENV, git_commit
+
     res = spec.resources
-    metadata = {"lsnet_job": spec.name, **({"spec": spec.path} if spec.path else {}), **spec.metadata}
+    commit = git_commit()
+    metadata = {"lsnet_job": spec.name, **({"spec": spec.path} if spec.path else {}), **spec.metadata,
+                "git_commit": commit}
+    runtime_env = spec.runtime_env.to_ray(REPO_ROOT)
+    # the uploaded working dir has no .git: the job's runs are tagged with the commit submitted
+    runtime_env.setdefault("env_vars", {}).setdefault(COMMIT_ENV, commit)
     return client.submit_job(
-        entrypoint=spec.entrypoint(extra_args), runtime_env=spec.runtime_env.to_ray(REPO_ROOT),
+        entrypoint=spec.entrypoint(extra_args), runtime_env=runtime_env,
         submission_id=submission_id, metadata=metadata,
         entrypoint_num_cpus=res.num_cpus, entrypoint_num_gpus=res.num_gpus,
         entrypoint_memory=res.memory, entrypoint_resources=res.resources)
