@@ -27,6 +27,15 @@ def _deterministic_seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A test that sets torch's thread count (the head-equality reference is single-threaded) gives the
+    next tests the default back: float reductions, and so the overfit tests' trajectories, depend on it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _no_writes_to_the_checkouts_mlflow_store(tmp_path_factory):
     """Runs whose config names no store log to the checkout's shared ``results/mlflow.db`` by default;

@@ -101,9 +101,12 @@ def _dataset(tmp_path_factory, task: str) -> Path:
     # reductions, hence a margin below the measured values). With model.loss.atss_on "init" (the default
     # since issue 11 item 10) the model fits sooner than with "anchors" (200 steps: bbox 0.960, segm
     # 0.840, pose 0.966), so the steps were cut to keep `make test` inside its 15 minutes:
-    ("bbox", "bbox_AP", 0.9, 150),  # init: 1.000 after 150 steps (0.92 after 100: too close)
-    ("segm", "segm_AP", 0.75, 100),  # init: 0.960 after 100 steps (bbox_AP 0.980)
-    ("pose", "kp_AP", 0.85, 100),  # init: 0.944 after 100 steps
+    ("bbox", "bbox_AP", 0.9, 150),  # init: 1.000 after 150 steps (0.92 after 100: too close); Xeon 1 thread 1.000
+    ("segm", "segm_AP", 0.75, 100),  # init: 0.960 after 100 steps (bbox_AP 0.980); Xeon 1 thread 0.980
+    # pose is the touchy one: the tall person of image 1000 is the last to fit, and whether it has by
+    # step N flips with the float reduction order (Intel Xeon, kp_AP at 100/120/150/200 steps: 1 thread
+    # 0.663/1.0/1.0/1.0, 2 threads 0.966/0.663/0.899/0.899); 150 steps pass with both, 100 did not.
+    ("pose", "kp_AP", 0.85, 150),
 ])
 def test_overfit_synthetic(tmp_path_factory, task, metric, threshold, steps):
     metrics = overfit(task, _dataset(tmp_path_factory, task), steps, lr=LR)
