@@ -104,7 +104,8 @@ def test_tables_on_the_same_dataset_share_one_prepared_copy(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-def _fake_run(uri: str, spec, scale: str, values: dict[str, float], listed: list[str] | None = None) -> str:
+def _fake_run(uri: str, spec, scale: str, values: dict[str, float], listed: list[str] | None = None,
+              dataset: str = "synthetic") -> str:
     """A finished parent run with one child per variant carrying ``spec.metric`` (0-1); ``listed``: the
     parent ran only these variants (``--variants``)."""
     import mlflow
@@ -116,7 +117,7 @@ def _fake_run(uri: str, spec, scale: str, values: dict[str, float], listed: list
     mlflow.set_experiment(spec.experiment)
     with mlflow.start_run(run_name="parent") as parent:
         mlflow.set_tags({"ablation_table": spec.name, "ablation_scale": scale, "ablation_kind": "parent",
-                         "dataset": "synthetic", "schedule": "2 steps", "backbone": "resnet18"})
+                         "dataset": dataset, "schedule": "2 steps", "backbone": "resnet18"})
         if listed:
             mlflow.set_tag("ablation_variants", ",".join(listed))
         for name, value in values.items():
@@ -152,6 +153,10 @@ def test_report_from_mlflow_ranks_and_previous(tmp_path):
     assert "absolute numbers are NOT comparable" in md and "Backbone**: resnet18" in md
     first_report = build_report(spec, "tiny", uri, parent_id=first)
     assert first_report.previous_run_id is None
+    # the same table and scale on other data is another series: never compared with these
+    other = _fake_run(uri, spec, "tiny", {k: 0.0 for k in TABLE2_VALUES}, dataset="tiny_coco")
+    report = build_report(spec, "tiny", uri)
+    assert report.parent_run_id == other and report.previous_run_id is None and report.regressions == []
 
 
 def test_run_of_some_variants_renders_those_rows(tmp_path, capsys):

@@ -10,8 +10,9 @@ A run (one table at one scale):
    (``mlflow.parentRunId``; tag ``ablation_variant``); the §4.4 upper-bound variants are evaluated
    without training (:mod:`lsnet.mask_study`);
 3. reads the children's final metrics back from MLflow (the same code path as ``render``), compares
-   them with the previous finished parent run of the same table and scale (per variant, the spec's
-   tolerance) and with the paper's ranking, renders Markdown + HTML into ``<out>/<table>-<scale>/``,
+   them with the previous finished parent run of the same table, scale, dataset and schedule (per
+   variant, the spec's tolerance) and with the paper's ranking, renders Markdown + HTML into
+   ``<out>/<table>-<scale>/``,
    plots Figure 4 (per-step ``pos_iou`` / ``loss_cls`` of every variant, from MLflow), logs it all on
    the parent run and tags it ``regressions=<count>``.
 
@@ -401,9 +402,12 @@ def build_report(spec: AblationSpec, scale: str, tracking_uri: str, parent_id: s
             raise ConfigError(f"no finished {spec.name}/{scale} ablation run in experiment {spec.experiment!r}")
         parent_id = finished[0].info.run_id
     parent = client.get_run(parent_id)
-    # the previous *finished* run of the same table and scale, started before this one
+    # the previous *finished* run of the same table and scale on the same data and schedule (a spec edited
+    # to another dataset starts a new series), started before this one
+    same = {key: parent.data.tags.get(key) for key in ("dataset", "schedule")}
     previous = next((r for r in parents if r.info.status == "FINISHED" and r.info.run_id != parent_id
-                     and r.info.start_time < parent.info.start_time), None)
+                     and r.info.start_time < parent.info.start_time
+                     and all(r.data.tags.get(key) == value for key, value in same.items())), None)
     ours = _children(client, [experiment.experiment_id], parent_id)
     before = _children(client, [experiment.experiment_id], previous.info.run_id) if previous else {}
     listed = parent.data.tags.get("ablation_variants")  # a run of some variants (--variants) shows those
