@@ -12,9 +12,8 @@ A run (one table at one scale):
 3. reads the children's final metrics back from MLflow (the same code path as ``render``), compares
    them with the previous finished parent run of the same table, scale, dataset and schedule (per
    variant, the spec's tolerance) and with the paper's ranking, renders Markdown + HTML into
-   ``<out>/<table>-<scale>/``,
-   plots Figure 4 (per-step ``pos_iou`` / ``loss_cls`` of every variant, from MLflow), logs it all on
-   the parent run and tags it ``regressions=<count>``.
+   ``<out>/<table>-<scale>/``, plots Figure 4 (per-step ``pos_iou`` / ``loss_cls`` of every variant,
+   from MLflow), logs it all on the parent run and tags it ``regressions=<count>``.
 
 ``render`` does step 3 only, for an existing parent run (default: the latest finished one).
 """
