@@ -185,7 +185,8 @@ def run_ablation(spec: AblationSpec, scale_name: str, out: Path, tracking_uri: s
         report.files += plot_curves(report, uri, folder)
         for path in report.files:
             parent.log_artifact(path, "report")
-        parent.set_tags({"regressions": str(len(report.regressions)),
+        parent.set_tags({"mlflow.note.content": report.markdown()[:7500],  # the run page's Description
+                         "regressions": str(len(report.regressions)),
                          "regression_list": "; ".join(report.regressions)[:4000] or "none",
                          "failed_variants": "; ".join(failed)[:4000] or "none"})
         parent.close("FAILED" if failed else "FINISHED")
