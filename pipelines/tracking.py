@@ -272,9 +272,10 @@ class Journal:
         return out
 
     def end_status(self) -> str | None:
-        """The status of the run's last ``end`` record (None while the run has not ended)."""
-        ends = [r for r in self.records() if r["kind"] == "end"]
-        return ends[-1]["status"] if ends else None
+        """The status of the run's last ``end`` record (None while the run has not ended, or was reopened
+        after it)."""
+        ends = [r for r in self.records() if r["kind"] in ("end", "reopen")]
+        return ends[-1]["status"] if ends and ends[-1]["kind"] == "end" else None
 
     def append(self, kind: str, **fields: Any) -> dict:
         with self._lock:
@@ -432,6 +433,8 @@ class _Uploader:
             self._upload_model(client, run_id, record)
         elif kind == "end":
             client.set_terminated(run_id, status=record["status"], end_time=record["end_time_ms"])
+        elif kind == "reopen":
+            client.update_run(run_id, status="RUNNING")
         else:
             raise ValueError(f"{self.journal.path}: record {record['seq']} has unknown kind {kind!r}")
 
@@ -572,6 +575,13 @@ class RunTracker:
 
     def log_metric(self, key: str, value: float, step: int) -> None:
         self.log_metrics({key: value}, step)
+
+    def reopen(self) -> None:
+        """A run that ended (``close``) goes on: RUNNING again until the next ``close`` (a resumed
+        ablation table continues its parent run)."""
+        if self.journal.end_status() is not None:
+            self.journal.append("reopen")
+            self._wake.set()
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         self.journal.append("tags", tags={k: str(v) for k, v in tags.items()})

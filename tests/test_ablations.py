@@ -323,6 +323,54 @@ def test_failed_variant_exits_1_with_the_table_of_the_rest(ray_session, tmp_path
     assert status == {"parent": "FAILED", "upper_bound_18": "FINISHED", "broken": "FAILED"}
 
 
+def test_resume_keeps_finished_variants_and_continues_the_failed_one(ray_session, tmp_path, capsys):
+    """--resume continues the newest unfinished run under the same parent: a finished variant is not
+    trained again, a failed one runs again (here its shards were missing at first)."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.ablations.runner import find_parent_runs
+    from pipelines.cli import main
+
+    late = tmp_path / "late_shards"
+    data = yaml.safe_load((ABLATION_DIR / "table2.yaml").read_text())
+    data["variants"] = [{"name": "ok", "overrides": ["model.target_style=box", "model.loss.init_loss=giou"]},
+                        {"name": "late", "overrides": [f"data.train_shards={late}"]}]
+    path = tmp_path / "table2.yaml"
+    path.write_text(yaml.safe_dump(data))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "out"
+    args = ["ablation", "run", str(path), "--scale", "tiny", "--out", str(out), "--tracking-uri", uri,
+            "--set", "train.epochs=1", "--set", "train.eval_every=1"]
+    assert main(args) == 1
+    assert "late: " in capsys.readouterr().err
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("lsnet-ablations").experiment_id
+
+    def children() -> dict[str, list]:
+        found: dict[str, list] = {}
+        for run in client.search_runs([experiment], "tags.ablation_variant != ''"):
+            found.setdefault(run.data.tags["ablation_variant"], []).append(run)
+        return found
+
+    before = children()
+    assert [r.info.status for r in before["ok"]] == ["FINISHED"] and before["late"][0].info.status == "FAILED"
+    shutil.copytree(next((out / "data").glob("bbox-*/shards/train")), late)  # the shards arrive
+    assert main(args + ["--resume"]) == 0, capsys.readouterr().err
+    after = children()
+    (parent,) = find_parent_runs(client, experiment, "table2", "tiny")  # the same parent run, finished now
+    assert parent.info.status == "FINISHED"
+    assert [r.info.run_id for r in after["ok"]] == [before["ok"][0].info.run_id]  # not trained again
+    ok_dir = next((out / "runs").glob("table2-tiny-*/trials/*00000"))
+    assert len((ok_dir / "epochs.jsonl").read_text().splitlines()) == 1
+    assert [r.info.run_id for r in after["late"]] == [before["late"][0].info.run_id]
+    assert after["late"][0].info.status == "FINISHED" and "bbox_AP" in after["late"][0].data.metrics
+    table = (out / "table2-tiny" / "table.md").read_text()
+    assert "Regressions (0)" in table
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 2  # nothing left to resume
+    assert "no unfinished table2/tiny run" in capsys.readouterr().err
+
+
 def _client(address, headers):
     from ray.job_submission import JobSubmissionClient
 

@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                            help="config override applied to every variant")
             p.add_argument("--address", default=None, help="Ray address for the training runs")
+            p.add_argument("--resume", action="store_true",
+                           help="continue the newest unfinished run of the table under --out (killed, or a "
+                                "variant failed): finished variants are kept, the rest continue")
         else:
             p.add_argument("--run", dest="parent", default=None, help="parent run id (default: latest finished)")
 
@@ -69,7 +72,8 @@ def _run(args: argparse.Namespace) -> int:
             spec = dataclasses.replace(spec, experiment=args.experiment)
         if args.action == "run":
             try:
-                report = run_ablation(spec, args.scale, out, uri, args.overrides, args.address, only=only)
+                report = run_ablation(spec, args.scale, out, uri, args.overrides, args.address, only=only,
+                                      resume=args.resume)
             except AblationFailed as err:  # the table of what finished is still shown, then exit 1
                 report = err.report
                 failures.append(str(err))

@@ -23,6 +23,7 @@ import datetime as _dt
 import html
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,12 +116,16 @@ def _repo_path(path: str | None) -> str | None:
 
 def run_ablation(spec: AblationSpec, scale_name: str, out: Path, tracking_uri: str | None = None,
                  overrides: list[str] | None = None, address: str | None = None, verbose: bool = True,
-                 only: list[str] | None = None) -> Report:
+                 only: list[str] | None = None, resume: bool = False) -> Report:
     """Train the variants of ``spec`` at ``scale_name`` (``only``: a subset, by name) and render the table.
 
     The trained variants are Tune trials of :func:`pipelines.tune.trials.run_trials` (FIFO, each run to
     the end; as many at once as the Ray cluster holds), MLflow children of the table's parent run.
     Raises :class:`AblationFailed` (after rendering what there is) when a variant failed.
+
+    ``resume``: continue the newest run of this table and scale under ``out`` that did not finish
+    (killed, or a variant failed) with its own variants and overrides: finished variants are kept,
+    the others continue from their last checkpoints, under the same parent run.
     """
     from mlflow.tracking import MlflowClient
 
@@ -131,28 +136,46 @@ def run_ablation(spec: AblationSpec, scale_name: str, out: Path, tracking_uri: s
         prepare_sqlite_store,
         resolve_tracking_uri,
     )
-    from pipelines.tune.trials import SearchSettings, open_parent_tracker, run_trials, variant_key
+    from pipelines.tune.trials import (
+        SEARCH_FILE,
+        SearchSettings,
+        open_parent_tracker,
+        run_trials,
+        variant_key,
+    )
 
     scale = spec.scale(scale_name)
-    variants = select_variants(spec, only)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if resume:  # the interrupted run's own choices, whatever this command line says
+        name, saved = resumable_run(out / "runs", spec.name, scale_name)
+        only, overrides = saved["variants"], saved["overrides"]
+        if verbose:
+            print(f"[ablation {spec.name}/{scale_name}] resuming {name}", flush=True)
+    variants = select_variants(spec, only)
     uri = resolve_tracking_uri(tracking_uri)  # default: the checkout's shared store
     trained = [v for v in variants if v.kind == "train"]
     variant_configs(spec, scale, "/validate/train", "/validate/val", uri, out, overrides, trained)  # fail fast
     prepare_sqlite_store(uri)
     train_shards, val_shards, mask_json = prepare_dataset(spec, scale, out / "data")
     base = base_config(spec, scale, train_shards, val_shards, uri, out, overrides)
-    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%d-%H%M%S")
-    name = f"{spec.name}-{scale_name}-{stamp}"
+    if not resume:
+        name = f"{spec.name}-{scale_name}-{_dt.datetime.now(_dt.UTC).strftime('%Y%m%d-%H%M%S')}"
     ensure_experiment(MlflowClient(uri), spec.experiment, uri)  # model training, artifacts beside the DB
     search_dir = Path(base.run.storage_path) / name
     parent = open_parent_tracker(search_dir, uri, spec.experiment, name, verbose=False)
     common = {"ablation_table": spec.name, "ablation_scale": scale_name}
-    commit = git_commit()
-    parent.set_tags({**mlflow_system_tags("lsnet ablation", commit), "git_commit": commit, **common, "ablation_kind": "parent", "dataset": scale.dataset_name,
-                     "schedule": scale.schedule, "backbone": base.model.backbone,
-                     "ablation_variants": ",".join(v.name for v in variants), "lsnet.kind": "ablation"})
+    if resume:
+        parent.reopen()
+    else:
+        (search_dir / RUN_FILE).write_text(json.dumps(
+            {"table": spec.name, "scale": scale_name, "variants": [v.name for v in variants],
+             "overrides": list(overrides or [])}, indent=1))
+        commit = git_commit()
+        parent.set_tags({**mlflow_system_tags("lsnet ablation", commit), "git_commit": commit, **common,
+                         "ablation_kind": "parent", "dataset": scale.dataset_name, "schedule": scale.schedule,
+                         "backbone": base.model.backbone, "ablation_variants": ",".join(v.name for v in variants),
+                         "lsnet.kind": "ablation"})
     if not parent.flush() or not parent.run_id:
         raise ConfigError(f"{spec.name}: cannot open the parent MLflow run at {uri}")
     failed: list[str] = []
@@ -166,6 +189,8 @@ def run_ablation(spec: AblationSpec, scale_name: str, out: Path, tracking_uri: s
             outcome = run_trials(
                 base, [variant_overrides(v) for v in trained], settings, address=address or scale.address,
                 verbose=verbose, source=f"{spec.name} ({scale_name})", parent=parent, source_name="lsnet ablation",
+                # (a run killed before its trials started has no Tune state: they start now)
+                resume=resume and (search_dir / SEARCH_FILE).exists(), retry_failed=True,
                 # readable child names in MLflow (the Train run directories keep Tune's trial ids)
                 variant_tags=[{**common, "ablation_variant": v.name, "mlflow.runName": f"{name}-{v.name}"}
                               for v in trained])
@@ -174,8 +199,10 @@ def run_ablation(spec: AblationSpec, scale_name: str, out: Path, tracking_uri: s
                 record = by_key.get(variant_key(variant_overrides(v)))
                 if record is None or record.status != "FINISHED":
                     failed.append(f"{v.name}: {record.error if record else 'no trial ran'}")
+        client = MlflowClient(uri)
+        done = _children(client, [client.get_run(parent.run_id).info.experiment_id], parent.run_id) if resume else {}
         for v in variants:
-            if v.kind == "mask_upper_bound":
+            if v.kind == "mask_upper_bound" and v.name not in done:
                 _mask_upper_bound_child(spec, v, mask_json, uri, parent.run_id,
                                         {**common, "ablation_variant": v.name})
         parent.flush()  # the report reads the parent's tags back from MLflow
@@ -196,6 +223,28 @@ def run_ablation(spec: AblationSpec, scale_name: str, out: Path, tracking_uri: s
     if failed:
         raise AblationFailed(report, failed)
     return report
+
+
+#: what a run was started with (its variants and --set overrides), in its search directory: --resume reads it
+RUN_FILE = "ablation.json"
+
+
+def resumable_run(runs_dir: Path, table: str, scale: str) -> tuple[str, dict]:
+    """``(name, saved)`` of the newest run of ``table``/``scale`` under ``runs_dir`` whose parent run did
+    not finish; ConfigError when there is none."""
+    from pipelines.tracking import Journal
+    from pipelines.tune.trials import PARENT_DIRNAME
+
+    pattern = re.compile(rf"{re.escape(table)}-{re.escape(scale)}-\d{{8}}-\d{{6}}")
+    candidates = sorted((p for p in Path(runs_dir).glob(f"{table}-{scale}-*")
+                         if pattern.fullmatch(p.name) and (p / RUN_FILE).exists()), reverse=True)
+    for path in candidates:
+        parent_dir = path / PARENT_DIRNAME
+        if Journal.exists(parent_dir) and Journal(parent_dir).end_status() == "FINISHED":
+            break  # the newest run finished: nothing to resume (older ones were superseded by it)
+        return path.name, json.loads((path / RUN_FILE).read_text())
+    raise ConfigError(f"--resume: no unfinished {table}/{scale} run in {runs_dir}"
+                      + (f" (the newest, {candidates[0].name}, finished)" if candidates else ""))
 
 
 class AblationFailed(ConfigError):

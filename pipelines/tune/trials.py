@@ -244,7 +244,7 @@ def open_parent_tracker(search_dir: Path, tracking_uri: str, experiment: str, na
 def run_trials(base: ExperimentConfig, space: SearchSpace | list[dict[str, Any]], settings: SearchSettings, *,
                address: str | None = None, resume: bool = False, verbose: bool = True,
                source: str = "<variants>", variant_tags: list[dict[str, str]] | None = None,
-               parent=None, source_name: str = "lsnet tune") -> SearchOutcome:
+               parent=None, source_name: str = "lsnet tune", retry_failed: bool = False) -> SearchOutcome:
     """Run every variant of ``space`` as a trial (see module docstring) and return the records.
 
     ``space``: a :class:`SearchSpace` (sampled by ``settings.search``) or a list of
@@ -256,7 +256,8 @@ def run_trials(base: ExperimentConfig, space: SearchSpace | list[dict[str, Any]]
     dict per variant, set on that variant's MLflow child run) and their own open ``parent`` tracker
     (a :class:`pipelines.tracking.RunTracker` under ``<search dir>/parent``): the search's parameters
     are logged on it and it is left open for the caller to finish. ``source_name``: the MLflow source
-    shown for the runs.
+    shown for the runs. ``retry_failed`` (with ``resume``): failed trials run again, from their last
+    checkpoint (a search leaves them failed; an ablation table needs every row).
     """
     import ray
     from ray import tune
@@ -348,7 +349,7 @@ def run_trials(base: ExperimentConfig, space: SearchSpace | list[dict[str, Any]]
         print(f"[tune] {settings.name}: up to {max_concurrent} concurrent trial(s) of {_fmt(need)} each; "
               f"search directory {search_dir}", flush=True)
     if resume:
-        tuner = tune.Tuner.restore(str(search_dir), trainable, resume_unfinished=True, resume_errored=False,
+        tuner = tune.Tuner.restore(str(search_dir), trainable, resume_unfinished=True, resume_errored=retry_failed,
                                    restart_errored=False)
     else:
         tuner = tune.Tuner(
