@@ -179,8 +179,12 @@ def test_run_of_some_variants_renders_those_rows(tmp_path, capsys):
     _fake_run(uri, cross, "tiny", {"paper_a0.2": 0.1, "paper_a0": 0.2})
     text = build_report(cross, "tiny", uri).markdown()
     assert "Paper ranking: — (the paper gives no numbers for these rows)\nOur ranking: paper_a0, paper_a0.2\n" in text
-    # --variants names are checked before anything runs
+    # render never creates a store it was pointed at by mistake
     capsys.readouterr()
+    missing = tmp_path / "nope" / "mlflow.db"
+    assert main(["ablation", "render", "table2", "--tracking-uri", f"sqlite:///{missing}"]) == 2
+    assert "no MLflow store at" in capsys.readouterr().err and not missing.parent.exists()
+    # --variants names are checked before anything runs
     assert main(["ablation", "run", "table2", "--variants", "giou_rectangle,nope", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "no variant 'nope'" in err and "giou_rectangle" in err

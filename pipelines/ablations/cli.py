@@ -78,6 +78,9 @@ def _run(args: argparse.Namespace) -> int:
                 report = err.report
                 failures.append(str(err))
         else:
+            store = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+            if store is not None and not store.is_file():  # (MLflow would create an empty store)
+                raise ConfigError(f"no MLflow store at {store}: nothing to render (pass --tracking-uri)")
             report = build_report(spec, args.scale, uri, args.parent)
             folder = out / f"{spec.name}-{args.scale}"
             report.write(folder)
