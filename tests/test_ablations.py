@@ -373,6 +373,10 @@ def test_resume_keeps_finished_variants_and_continues_the_failed_one(ray_session
     capsys.readouterr()
     assert main(args + ["--resume"]) == 2  # nothing left to resume
     assert "no unfinished table2/tiny run" in capsys.readouterr().err
+    # several tables (a killed nightly job): one with nothing to resume is skipped; none at all is an error
+    assert main(args[:2] + [str(path), "table3"] + args[3:] + ["--resume"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.count(": skipped") == 2 and "none of table2, table3 has an unfinished run" in captured.err
 
 
 def _client(address, headers):

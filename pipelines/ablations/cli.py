@@ -49,6 +49,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from pipelines.ablations.runner import (
         AblationFailed,
+        NothingToResume,
         build_report,
         plot_curves,
         run_ablation,
@@ -67,6 +68,7 @@ def _run(args: argparse.Namespace) -> int:
     uri = resolve_tracking_uri(args.tracking_uri)
     regressed = 0
     failures = []
+    skipped = 0
     for spec in specs:
         if args.experiment:
             spec = dataclasses.replace(spec, experiment=args.experiment)
@@ -77,6 +79,12 @@ def _run(args: argparse.Namespace) -> int:
             except AblationFailed as err:  # the table of what finished is still shown, then exit 1
                 report = err.report
                 failures.append(str(err))
+            except NothingToResume as err:
+                if len(specs) == 1:
+                    raise
+                print(f"{err}: skipped", flush=True)  # e.g. a killed nightly job: the tables it had finished
+                skipped += 1
+                continue
         else:
             store = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
             if store is not None and not store.is_file():  # (MLflow would create an empty store)
@@ -89,6 +97,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"written: {', '.join(str(p) for p in report.files)}")
         print(f"MLflow parent run: {run_url(uri, experiment_of(uri, report.parent_run_id), report.parent_run_id)}")
         regressed += len(report.regressions)
+    if skipped == len(specs):
+        raise ConfigError(f"--resume: none of {', '.join(s.name for s in specs)} has an unfinished run under {out}")
     print(f"open the MLflow UI with: {ui_command(uri)}")
     if failures:
         print(f"lsnet ablation run: {' | '.join(failures)}", file=sys.stderr)

@@ -225,6 +225,10 @@ def run_ablation(spec: AblationSpec, scale_name: str, out: Path, tracking_uri: s
     return report
 
 
+class NothingToResume(ConfigError):
+    """``--resume`` found no unfinished run of the table (its newest run finished, or none exists)."""
+
+
 #: what a run was started with (its variants and --set overrides), in its search directory: --resume reads it
 RUN_FILE = "ablation.json"
 
@@ -243,7 +247,7 @@ def resumable_run(runs_dir: Path, table: str, scale: str) -> tuple[str, dict]:
         if Journal.exists(parent_dir) and Journal(parent_dir).end_status() == "FINISHED":
             break  # the newest run finished: nothing to resume (older ones were superseded by it)
         return path.name, json.loads((path / RUN_FILE).read_text())
-    raise ConfigError(f"--resume: no unfinished {table}/{scale} run in {runs_dir}"
+    raise NothingToResume(f"--resume: no unfinished {table}/{scale} run in {runs_dir}"
                       + (f" (the newest, {candidates[0].name}, finished)" if candidates else ""))
 
 
