@@ -32,7 +32,8 @@ class RunsError(ValueError):
 
 
 def tracking_uri_from(arg: str | None) -> str:
-    """``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else the checkout's shared store if it exists."""
+    """``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else the checkout's shared store if it exists. For
+    commands that only read: a SQLite store that does not exist is an error (MLflow would create it)."""
     from pipelines.tracking import default_store_path
 
     uri = arg or os.environ.get("MLFLOW_TRACKING_URI")
@@ -41,10 +42,10 @@ def tracking_uri_from(arg: str | None) -> str:
             raise RunsError(f"no tracking store: no {default_store_path()} yet; pass --tracking-uri (a server URL, "
                             "sqlite:///..., or a .db file) or set MLFLOW_TRACKING_URI")
         uri = str(default_store_path())
-    if "://" not in uri:  # a local SQLite file
-        path = Path(uri).resolve()
+    if "://" not in uri or uri.startswith("sqlite:///"):  # a local SQLite file: reading never creates one
+        path = Path(uri.removeprefix("sqlite:///")).resolve()
         if not path.is_file():
-            raise RunsError(f"--tracking-uri {uri}: no such database file")
+            raise RunsError(f"--tracking-uri {uri}: no MLflow store at {path} (no such database file)")
         uri = f"sqlite:///{path}"
     return uri
 

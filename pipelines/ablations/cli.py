@@ -56,6 +56,7 @@ def _run(args: argparse.Namespace) -> int:
         select_variants,
     )
     from pipelines.ablations.spec import load_ablation_spec
+    from pipelines.runs import RunsError, tracking_uri_from
     from pipelines.tracking import resolve_tracking_uri, run_url, ui_command
 
     specs = [load_ablation_spec(t) for t in args.tables]  # all validated before anything runs
@@ -65,7 +66,13 @@ def _run(args: argparse.Namespace) -> int:
         if only:
             select_variants(spec, only)
     out = Path(args.out)
-    uri = resolve_tracking_uri(args.tracking_uri)
+    if args.action == "run":
+        uri = resolve_tracking_uri(args.tracking_uri)
+    else:  # render only reads
+        try:
+            uri = tracking_uri_from(args.tracking_uri)
+        except RunsError as err:
+            raise ConfigError(str(err)) from None
     regressed = 0
     failures = []
     skipped = 0
@@ -86,16 +93,13 @@ def _run(args: argparse.Namespace) -> int:
                 skipped += 1
                 continue
         else:
-            store = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
-            if store is not None and not store.is_file():  # (MLflow would create an empty store)
-                raise ConfigError(f"no MLflow store at {store}: nothing to render (pass --tracking-uri)")
             report = build_report(spec, args.scale, uri, args.parent)
             folder = out / f"{spec.name}-{args.scale}"
             report.write(folder)
             report.files += plot_curves(report, uri, folder)
         print(report.markdown())
         print(f"written: {', '.join(str(p) for p in report.files)}")
-        print(f"MLflow parent run: {run_url(uri, experiment_of(uri, report.parent_run_id), report.parent_run_id)}")
+        print(f"MLflow parent run: {run_url(uri, report.experiment_id, report.parent_run_id)}")
         regressed += len(report.regressions)
     if skipped == len(specs):
         raise ConfigError(f"--resume: none of {', '.join(s.name for s in specs)} has an unfinished run under {out}")
@@ -108,8 +112,3 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     return 0
 
-
-def experiment_of(tracking_uri: str, run_id: str) -> str:
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri).get_run(run_id).info.experiment_id

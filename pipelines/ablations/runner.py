@@ -51,7 +51,6 @@ def prepare_dataset(spec: AblationSpec, scale: ScaleSpec, data_root: Path) -> tu
     import dataclasses
     import fcntl
     import hashlib
-    import re
     import shutil
 
     d = scale.data
@@ -161,7 +160,8 @@ def run_ablation(spec: AblationSpec, scale_name: str, out: Path, tracking_uri: s
     base = base_config(spec, scale, train_shards, val_shards, uri, out, overrides)
     if not resume:
         name = f"{spec.name}-{scale_name}-{_dt.datetime.now(_dt.UTC).strftime('%Y%m%d-%H%M%S')}"
-    ensure_experiment(MlflowClient(uri), spec.experiment, uri)  # model training, artifacts beside the DB
+    client = MlflowClient(uri)
+    experiment_id = ensure_experiment(client, spec.experiment, uri)  # model training, artifacts beside the DB
     search_dir = Path(base.run.storage_path) / name
     parent = open_parent_tracker(search_dir, uri, spec.experiment, name, verbose=False)
     common = {"ablation_table": spec.name, "ablation_scale": scale_name}
@@ -186,8 +186,9 @@ def run_ablation(spec: AblationSpec, scale_name: str, out: Path, tracking_uri: s
                       f"{', '.join(v.name for v in trained)}", flush=True)
             settings = SearchSettings(name=name, metric=spec.metric, mode="max" if spec.higher_is_better else "min",
                                       scheduler="fifo", search="grid")
+            overrides_of = {v.name: variant_overrides(v) for v in trained}
             outcome = run_trials(
-                base, [variant_overrides(v) for v in trained], settings, address=address or scale.address,
+                base, list(overrides_of.values()), settings, address=address or scale.address,
                 verbose=verbose, source=f"{spec.name} ({scale_name})", parent=parent, source_name="lsnet ablation",
                 # (a run killed before its trials started has no Tune state: they start now)
                 resume=resume and (search_dir / SEARCH_FILE).exists(), retry_failed=True,
@@ -196,14 +197,13 @@ def run_ablation(spec: AblationSpec, scale_name: str, out: Path, tracking_uri: s
                               for v in trained])
             by_key = {variant_key(r.values): r for r in outcome.trials}
             for v in trained:
-                record = by_key.get(variant_key(variant_overrides(v)))
+                record = by_key.get(variant_key(overrides_of[v.name]))
                 if record is None or record.status != "FINISHED":
                     failed.append(f"{v.name}: {record.error if record else 'no trial ran'}")
-        client = MlflowClient(uri)
-        done = _children(client, [client.get_run(parent.run_id).info.experiment_id], parent.run_id) if resume else {}
+        done = _children(client, [experiment_id], parent.run_id) if resume else {}
         for v in variants:
             if v.kind == "mask_upper_bound" and v.name not in done:
-                _mask_upper_bound_child(spec, v, mask_json, uri, parent.run_id,
+                _mask_upper_bound_child(spec, v, mask_json, client, experiment_id, parent.run_id,
                                         {**common, "ablation_variant": v.name})
         parent.flush()  # the report reads the parent's tags back from MLflow
         report = build_report(spec, scale_name, uri, parent.run_id)
@@ -242,11 +242,10 @@ def resumable_run(runs_dir: Path, table: str, scale: str) -> tuple[str, dict]:
     pattern = re.compile(rf"{re.escape(table)}-{re.escape(scale)}-\d{{8}}-\d{{6}}")
     candidates = sorted((p for p in Path(runs_dir).glob(f"{table}-{scale}-*")
                          if pattern.fullmatch(p.name) and (p / RUN_FILE).exists()), reverse=True)
-    for path in candidates:
-        parent_dir = path / PARENT_DIRNAME
-        if Journal.exists(parent_dir) and Journal(parent_dir).end_status() == "FINISHED":
-            break  # the newest run finished: nothing to resume (older ones were superseded by it)
-        return path.name, json.loads((path / RUN_FILE).read_text())
+    newest = candidates[0] if candidates else None  # older ones were superseded by it
+    if newest is not None and not (Journal.exists(newest / PARENT_DIRNAME)
+                                   and Journal(newest / PARENT_DIRNAME).end_status() == "FINISHED"):
+        return newest.name, json.loads((newest / RUN_FILE).read_text())
     raise NothingToResume(f"--resume: no unfinished {table}/{scale} run in {runs_dir}"
                       + (f" (the newest, {candidates[0].name}, finished)" if candidates else ""))
 
@@ -312,11 +311,10 @@ def variant_configs(spec: AblationSpec, scale: ScaleSpec, train_shards: str, val
     return configs
 
 
-def _mask_upper_bound_child(spec: AblationSpec, v, mask_json: str | None, uri: str, parent_id: str,
-                            tags: dict) -> None:
+def _mask_upper_bound_child(spec: AblationSpec, v, mask_json: str | None, client, experiment_id: str,
+                            parent_id: str, tags: dict) -> None:
     """§4.4 without training: GT masks quantised to ``num_points`` contour points, evaluated as predictions."""
     from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
 
     from lsnet.mask_study import mask_study
 
@@ -328,9 +326,7 @@ def _mask_upper_bound_child(spec: AblationSpec, v, mask_json: str | None, uri: s
     result = study["results"][f"per_part_{v.num_points}"]
     others = {f"mask_AP_{p}": float(study["results"][f"{p}_{v.num_points}"]["AP"]) for p in ("total", "largest")
               if f"{p}_{v.num_points}" in study["results"]}
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(spec.experiment)
-    run = client.create_run(experiment.experiment_id, run_name=f"{spec.name}-{v.name}",
+    run = client.create_run(experiment_id, run_name=f"{spec.name}-{v.name}",
                             tags={**tags, "mlflow.parentRunId": parent_id, "lsnet.kind": "mask_study"})
     now = int(_dt.datetime.now(_dt.UTC).timestamp() * 1000)
     client.log_batch(run.info.run_id, metrics=[
@@ -390,6 +386,7 @@ class Row:
 class Report:
     spec: AblationSpec
     scale: str
+    experiment_id: str
     parent_run_id: str
     previous_run_id: str | None
     rows: list[Row]
@@ -499,8 +496,8 @@ def build_report(spec: AblationSpec, scale: str, tracking_uri: str, parent_id: s
               "Backbone": tags.get("backbone", ""), "Metric": spec.metric,
               "Commit": tags.get("git_commit", ""), "MLflow parent run": parent_id,
               "Compared with": previous.info.run_id if previous else "(no previous finished run)"}
-    return Report(spec, scale, parent_id, previous.info.run_id if previous else None, rows, header, regressions,
-                  ranking_notes)
+    return Report(spec, scale, experiment.experiment_id, parent_id, previous.info.run_id if previous else None,
+                  rows, header, regressions, ranking_notes)
 
 
 def _ranking_notes(rows: list[Row]) -> list[str]:
