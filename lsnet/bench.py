@@ -62,7 +62,8 @@ COMMIT_ENV = "LSNET_GIT_COMMIT"
 
 def git_commit() -> str:
     """The checkout's HEAD commit, with ``-dirty`` when tracked files have changes; outside a git checkout
-    ``$LSNET_GIT_COMMIT`` if set, else ``unknown``."""
+    ``$LSNET_GIT_COMMIT`` if set (not git's answer: the directory may sit inside another repository), else
+    ``unknown``."""
     if not (REPO_ROOT / ".git").exists() and os.environ.get(COMMIT_ENV):
         return os.environ[COMMIT_ENV]
     try:
@@ -72,7 +73,7 @@ def git_commit() -> str:
                                check=False, capture_output=True, text=True, timeout=10).stdout.strip()
         return out + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get(COMMIT_ENV) or "unknown"
+        return "unknown"
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:

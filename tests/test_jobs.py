@@ -35,6 +35,20 @@ def test_every_job_spec_validates(path):
     assert spec.entrypoint().startswith(f"python -m pipelines.cli {spec.command}")
 
 
+def test_commit_outside_a_checkout_comes_from_the_submitter(tmp_path, monkeypatch):
+    """A job's uploaded working dir has no .git: git_commit() answers $LSNET_GIT_COMMIT (set by
+    `lsnet jobs submit`), and `unknown` without it; in a checkout git decides, whatever the variable says."""
+    from lsnet import bench
+
+    real = bench.git_commit()
+    monkeypatch.setenv(bench.COMMIT_ENV, "abc123")
+    assert bench.git_commit() == real != "abc123"
+    monkeypatch.setattr(bench, "REPO_ROOT", tmp_path)  # a copy without .git (and not inside a repository)
+    assert bench.git_commit() == "abc123"
+    monkeypatch.delenv(bench.COMMIT_ENV)
+    assert bench.git_commit() == "unknown"
+
+
 @pytest.mark.parametrize("path", sorted((JOBS / "bench").glob("*.yaml")), ids=lambda p: p.name)
 def test_bench_specs_still_load(path):
     """jobs/bench/ keeps its own format (`lsnet bench NAME`): name = file stem, runner importable."""

@@ -182,6 +182,22 @@ def test_reopen_continues_same_run_without_duplicates(tmp_path, monkeypatch):
     assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
 
 
+def test_an_ended_run_reopened_is_running_until_closed_again(tmp_path):
+    """``lsnet ablation run --resume`` reopens its FAILED parent run: RUNNING again, then the new end."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = RunTracker(tmp_path / "run", uri, background=False, verbose=False)
+    tracker.close("FAILED")
+    client = _client(uri)
+    assert client.get_run(tracker.run_id).info.status == "FAILED"
+    again = RunTracker(tmp_path / "run", background=False, verbose=False)
+    assert again.journal.end_status() == "FAILED"
+    again.reopen()
+    assert again.journal.end_status() is None and again.flush()
+    assert client.get_run(again.run_id).info.status == "RUNNING" and again.run_id == tracker.run_id
+    again.close("FINISHED")
+    assert again.journal.end_status() == "FINISHED" and client.get_run(again.run_id).info.status == "FINISHED"
+
+
 def test_lost_acknowledgement_is_replayed_without_duplicates(tmp_path, monkeypatch):
     """Crash after an upload but before state.json: the records are sent again, and the store
     ignores the exact duplicates; a run created without its id being saved is found by its tag."""
