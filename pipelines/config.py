@@ -104,7 +104,7 @@ class EvalConfig:
 
 @dataclass
 class TrackingConfig:
-    #: None -> $MLFLOW_TRACKING_URI -> the checkout's shared sqlite:///<repo>/results/mlflow.db (pipelines.tracking).
+    #: None -> $MLFLOW_TRACKING_URI -> the checkout's shared sqlite:///<repo>/results/mlflow.db (pipelines.tracking.tracker).
     uri: str | None = None
     experiment: str = "lsnet"
     enabled: bool = True

@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 from lsnet.errors import InputError
+from pipelines.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_COCO = REPO_ROOT.parent / "shared" / "data" / "tiny_coco"
 HEADLINE = {"bbox": ("bbox_AP", "bbox_AP50", "bbox_AP75", "bbox_APs", "bbox_APm", "bbox_APl"),
             "segm": ("bbox_AP", "segm_AP", "segm_AP50", "segm_AP75", "segm_APs", "segm_APm", "segm_APl"),
@@ -76,8 +76,8 @@ def run_demo(out: Path, dataset: str = "synthetic", task: str = "bbox", num_trai
 
     from lsnet.data.shards import load_manifest
     from pipelines.config import load_config
-    from pipelines.tracking import ui_command
-    from pipelines.train import run_training
+    from pipelines.tracking.tracker import ui_command
+    from pipelines.train.driver import run_training
 
     started = time.perf_counter()
     out = out.resolve()

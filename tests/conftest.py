@@ -43,7 +43,7 @@ def _no_writes_to_the_checkouts_mlflow_store(tmp_path_factory):
     (A Ray worker never resolves the default itself: the driver passes the store it resolved.)"""
     store = tmp_path_factory.mktemp("default_mlflow_store") / "mlflow.db"
     mp = pytest.MonkeyPatch()
-    # read by pipelines.tracking.default_store_path in this process and every one the tests start
+    # read by pipelines.tracking.tracker.default_store_path in this process and every one the tests start
     mp.setenv("LSNET_DEFAULT_MLFLOW_STORE", str(store))
     yield store
     mp.undo()

@@ -14,8 +14,8 @@ TOY = {"image_size": [64, 64], "warmup": 0, "iters": 1, "infer_warmup": 0, "infe
 
 
 def test_gpu_benchmark_runs_at_toy_size_on_cpu(ray_session, tmp_path, capsys):
-    from lsnet.bench import run_benchmark
     from pipelines.bench.gpu import NO_GPU_NOTE
+    from pipelines.bench.runner import run_benchmark
 
     record = run_benchmark("gpu", {"force_cpu": True, "toy": TOY}, out_dir=tmp_path)
     printed = capsys.readouterr().out

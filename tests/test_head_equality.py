@@ -77,8 +77,8 @@ def test_sample_landmarks_sums_the_levels_it_samples(mode, expected):
 def test_benchmark_times_the_sampling_of_both_towers_on_every_level(train, monkeypatch):
     """``lsnet bench model``'s floor: every level is sampled for both towers, with a backward
     pass (to the features and the kernel positions) only when timing training."""
-    from lsnet.benchmarks.model import _landmark_sampling
     from lsnet.modeling.head import LSNetHead
+    from pipelines.bench.model import _landmark_sampling
 
     head = LSNetHead(8, 3, 4, channels=8, num_convs=1, norm_groups=4)
     calls, grads = [], []

@@ -315,7 +315,7 @@ def test_preprocess_then_train_job_tags_mlflow_run(ray_head, synth_data, tmp_pat
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert "bbox_AP" in runs[0].data.metrics
     # the uploaded working dir has no .git: the commit comes from the submitter ($LSNET_GIT_COMMIT)
-    from lsnet.bench import git_commit
+    from pipelines.bench.runner import git_commit
 
     assert runs[0].data.tags["git_commit"] == git_commit() != "unknown"
     # status / logs / list of the same job through the CLI

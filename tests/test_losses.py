@@ -413,7 +413,7 @@ def test_vector_loss_config_validation():
 
 def test_losses_benchmark_runner_smoke():
     # Runs the benchmark code path on a tiny problem; asserts structure only, never timings.
-    from lsnet.benchmarks.losses import run
+    from pipelines.bench.losses import run
 
     threads = torch.get_num_threads()
     result = run(num_objects=[64], warmup=0, repeats=1, num_threads=1)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import tracking
-from pipelines.tracking import Journal, RunTracker, sync_run_dir
+from pipelines.tracking import tracker as tracking
+from pipelines.tracking.tracker import Journal, RunTracker, sync_run_dir
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -100,7 +100,7 @@ def test_new_stores_are_copies_of_one_migrated_template(tmp_path, monkeypatch):
     complete, independent MLflow stores."""
     import mlflow
 
-    from pipelines.tracking import prepare_sqlite_store
+    from pipelines.tracking.tracker import prepare_sqlite_store
 
     monkeypatch.setenv("LSNET_CACHE_DIR", str(tmp_path / "cache"))
     template = tmp_path / "cache" / f"mlflow-{mlflow.__version__}-empty.db"
@@ -352,7 +352,7 @@ def test_resolve_tracking_uri(tmp_path, monkeypatch, default_store):
 CONCURRENT_WRITER = """
 import sys, time
 import mlflow.tracking
-from pipelines.tracking import RunTracker
+from pipelines.tracking.tracker import RunTracker
 run_dir, uri, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
 time.sleep(max(0.0, start - time.time()))  # both processes create the store and the experiment at once
 tracker = RunTracker(run_dir, uri, "shared", background=False, verbose=False)
@@ -402,7 +402,7 @@ def test_final_model_and_datasets_are_logged_and_load_back_by_run_id(tmp_path):
     import torch
 
     from lsnet.data.shards import MANIFEST_NAME, SCHEMA_VERSION
-    from pipelines.train import manifest_hash
+    from pipelines.train.driver import manifest_hash
 
     shards = tmp_path / "shards_train"  # only the manifest is read
     shards.mkdir()

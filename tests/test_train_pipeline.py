@@ -66,7 +66,7 @@ def tiny_config(root: Path, *extra: str):
 
 @pytest.fixture(scope="module")
 def uninterrupted(shards, monkeypatch_module):
-    from pipelines.train import run_training
+    from pipelines.train.driver import run_training
 
     monkeypatch_module.delenv("MLFLOW_TRACKING_URI", raising=False)
     return run_training(tiny_config(shards), run_name="uninterrupted", verbose=False)
@@ -90,7 +90,7 @@ def _evaluate_locally(run_dir: Path) -> dict[str, float]:
 
     from lsnet.engine import evaluate
     from lsnet.modeling import build_model
-    from pipelines.train import _build_loaders
+    from pipelines.train.driver import _build_loaders
 
     cfg = load_config(run_dir / "config.yaml")
     _, _, _, val_ds, val_loader = _build_loaders(cfg, 0, 1, False)
@@ -189,7 +189,7 @@ def test_killed_worker_resumes_to_identical_weights(shards, uninterrupted):
     checkpoint; the final weights equal the uninterrupted run's bit for bit (CPU)."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines.train import FAULT_MARKER, run_training
+    from pipelines.train.driver import FAULT_MARKER, run_training
 
     out = run_training(tiny_config(shards, "run.fail_at_step=3", "run.fail_rank=1", "run.max_failures=2"),
                        run_name="killed", verbose=False)
@@ -217,7 +217,7 @@ MULTINODE_SCRIPT = textwrap.dedent("""
     import ray
     from ray.cluster_utils import Cluster
     from pipelines.config import load_config
-    from pipelines.train import run_training
+    from pipelines.train.driver import run_training
 
     # 2 CPUs per node: one for the node's training worker, one for Ray Data's read tasks; the custom
     # resource "node_slot" (one per node, one per worker) puts one worker on each node
@@ -275,7 +275,7 @@ def test_cli_config_errors(tmp_path, capsys):
 
 def test_missing_shards_is_a_clear_error(tmp_path, ray_session):
     from lsnet.errors import LsnetError
-    from pipelines.train import run_training
+    from pipelines.train.driver import run_training
 
     cfg = load_config(REPO_ROOT / "configs" / "tiny_bbox.yaml",
                       [f"data.train_shards={tmp_path / 'nope'}", f"run.storage_path={tmp_path / 'runs'}"])

@@ -16,7 +16,7 @@ import torch
 from lsnet.data.shards import ShardError
 from lsnet.engine import TrainState, checkpoint_state, save_checkpoint
 from pipelines.config import load_config
-from pipelines.train import (
+from pipelines.train.driver import (
     ClusterResourceError,
     check_cluster_resources,
     newest_complete_checkpoint,
@@ -93,7 +93,7 @@ def _small(root: Path, *extra: str):
 
 @pytest.mark.slow
 def test_driver_checks_fail_before_workers_start(small_shards, ray_session):
-    from pipelines.train import run_training
+    from pipelines.train.driver import run_training
 
     with pytest.raises(ClusterResourceError, match="run.num_workers=3 x .* needs {CPU: 3}"):
         run_training(_small(small_shards, "run.num_workers=3"), run_name="too_many", verbose=False)
@@ -118,7 +118,7 @@ def test_worker_data_error_is_not_retried(small_shards, tmp_path, ray_session):
     """Before: a corrupt shard came back as 87-256 lines of Ray output after max_failures retries."""
     import shutil
 
-    from pipelines.train import run_training
+    from pipelines.train.driver import run_training
 
     root = tmp_path / "bad"
     shutil.copytree(small_shards / "shards", root / "shards")

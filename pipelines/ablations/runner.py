@@ -128,8 +128,8 @@ def run_ablation(spec: AblationSpec, scale_name: str, out: Path, tracking_uri: s
     """
     from mlflow.tracking import MlflowClient
 
-    from lsnet.bench import git_commit
-    from pipelines.tracking import (
+    from pipelines.bench.runner import git_commit
+    from pipelines.tracking.tracker import (
         ensure_experiment,
         mlflow_system_tags,
         prepare_sqlite_store,
@@ -236,7 +236,7 @@ RUN_FILE = "ablation.json"
 def resumable_run(runs_dir: Path, table: str, scale: str) -> tuple[str, dict]:
     """``(name, saved)`` of the newest run of ``table``/``scale`` under ``runs_dir`` whose parent run did
     not finish; ConfigError when there is none."""
-    from pipelines.tracking import Journal
+    from pipelines.tracking.tracker import Journal
     from pipelines.tune.trials import PARENT_DIRNAME
 
     pattern = re.compile(rf"{re.escape(table)}-{re.escape(scale)}-\d{{8}}-\d{{6}}")

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Literal
 
 from lsnet.config import ConfigError, from_dict, read_yaml_mapping
+from pipelines.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 ABLATION_DIR = REPO_ROOT / "jobs" / "ablations"
 
 

@@ -5,7 +5,7 @@ import argparse
 
 import yaml
 
-from lsnet.bench import run_benchmark
+from pipelines.bench.runner import run_benchmark
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

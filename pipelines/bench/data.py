@@ -3,7 +3,7 @@
 Every preprocessing measurement runs in a fresh process with its own local Ray (``num_cpus=k``):
 a warm-up job on a few images starts the Ray workers, then the timed job preprocesses the whole set
 into an empty directory. The peak RSS (VmHWM) of each Ray worker process is read from /proc when the
-job ends. Reader numbers come from :mod:`lsnet.benchmarks.data`.
+job ends. Reader numbers come from :mod:`pipelines.bench.reader`.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lsnet.bench import REPO_ROOT, BenchResult
+from pipelines.bench.runner import REPO_ROOT, BenchResult
 
 
 def _descendants(pid: int) -> list[int]:
@@ -41,7 +41,7 @@ def _descendants(pid: int) -> list[int]:
 
 
 def _ray_worker_peaks_mib() -> list[float]:
-    from lsnet.benchmarks.data import proc_status_kb
+    from pipelines.bench.reader import proc_status_kb
 
     peaks = []
     for pid in _descendants(os.getpid()):
@@ -72,7 +72,7 @@ def preprocess_run(ann: str, images: str, out: str, cpus: int, warmup_images: in
     machine is shared: the minimum is the least disturbed measurement)."""
     import ray
 
-    from lsnet.benchmarks.data import proc_status_kb
+    from pipelines.bench.reader import proc_status_kb
     from pipelines.preprocess import preprocess
     from pipelines.ray_local import init_local_ray
 
@@ -115,8 +115,8 @@ def data(synthetic_images: int = 300, synthetic_size: tuple[int, int] = (480, 64
          reader_samples: int = 300, reader_scale_ranges: tuple = (None, (800, 800)), passes: int = 3,
          work_dir: str | None = None, seed: int = 0, target_vs_classic: float = 3.0,
          target_vs_bare: float = 1.3, target_scaling: float = 1.7, target_memory_growth: float = 1.1) -> BenchResult:
-    from lsnet.benchmarks.data import reader_throughput
     from lsnet.data.synthetic import write_synthetic_coco
+    from pipelines.bench.reader import reader_throughput
 
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="lsnet-bench-data-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -204,7 +204,7 @@ def data(synthetic_images: int = 300, synthetic_size: tuple[int, int] = (480, 64
     mem = {}
     for name, shard_dir in ((f"synthetic{small_images}", work / f"shards-synthetic{small_images}-{hi}cpu"),
                             (f"synthetic{synthetic_images}", work / f"shards-synthetic{synthetic_images}-{hi}cpu")):
-        m = _in_subprocess(["-m", "lsnet.benchmarks.data", "memory", str(shard_dir)])
+        m = _in_subprocess(["-m", "pipelines.bench.reader", "memory", str(shard_dir)])
         mem[name] = m
         rows.append({"measure": "reader memory", "dataset": name, "config": "2 epochs, stored size",
                      "value": round(m["peak_rss_mib"], 1), "unit": "MiB peak RSS",

@@ -1,9 +1,9 @@
 """``lsnet bench gpu`` (jobs/bench/gpu.yaml): the GPU path, measured and exercised end to end.
 
-1. :func:`lsnet.benchmarks.gpu.run` on one CUDA device: LSNet-R50 bbox and torchvision FCOS-R50
+1. :func:`pipelines.bench.gpu_models.run` on one CUDA device: LSNet-R50 bbox and torchvision FCOS-R50
    at 800x1333, batch 2, AMP and channels-last on/off: training s/iter, peak memory, batch-1
    inference images/s (forward + post-processing).
-2. A 1-GPU ``lsnet train`` smoke through Ray Train with NCCL (:func:`pipelines.train.run_training`,
+2. A 1-GPU ``lsnet train`` smoke through Ray Train with NCCL (:func:`pipelines.train.driver.run_training`,
    one worker, ``run.use_gpu=true``) on a few synthetic 800-px images: one epoch, evaluation on
    the same shards, checked to have run every step on a CUDA device.
 
@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from lsnet.bench import REPO_ROOT, BenchResult
+from pipelines.bench.runner import REPO_ROOT, BenchResult
 
 NO_GPU_NOTE = ("NO CUDA DEVICE: this ran the same code at toy size on the CPU to keep it working; "
                "the GPU numbers (and the targets) need a GPU: run `lsnet bench gpu` on a machine with one")
@@ -34,7 +34,7 @@ def ray_train_smoke(config: str, num_images: int, image_size: int, use_gpu: bool
     from lsnet.data.synthetic import write_synthetic_coco
     from pipelines.config import load_config
     from pipelines.preprocess import preprocess
-    from pipelines.train import run_training
+    from pipelines.train.driver import run_training
 
     ds = write_synthetic_coco(work_dir / "synth", num_images=num_images, image_size=(image_size, image_size), seed=0)
     shards = work_dir / "shards"
@@ -90,7 +90,7 @@ def gpu(image_size: list[int] | None = None, batch_size: int = 2, warmup: int = 
     parameters when no CUDA device is available (or ``force_cpu``)."""
     import torch
 
-    from lsnet.benchmarks.gpu import DEFAULT_SETTINGS, run
+    from pipelines.bench.gpu_models import DEFAULT_SETTINGS, run
 
     cuda = torch.cuda.is_available() and not force_cpu
     params = {"image_size": image_size or [800, 1333], "batch_size": batch_size, "warmup": warmup, "iters": iters,

@@ -1,6 +1,6 @@
 """``lsnet bench train``: Ray Train throughput on CPU, 1 vs 2 workers (jobs/bench/train.yaml).
 
-Each setting runs ``pipelines.train.run_training`` in a fresh process with its own local Ray
+Each setting runs ``pipelines.train.driver.run_training`` in a fresh process with its own local Ray
 (``num_cpus`` = the machine's cores): the tiny LSNet on synthetic shards, no evaluation and no
 tracking, for ``epochs`` epochs; the images/s of the epochs after the first (warm-up: worker start,
 first-iteration allocations) are averaged from the run's ``epochs.jsonl``. Settings:
@@ -22,13 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from lsnet.bench import REPO_ROOT, BenchResult
+from pipelines.bench.runner import REPO_ROOT, BenchResult
 
 _CHILD = r"""
 import json, sys
 import ray
 from pipelines.config import load_config
-from pipelines.train import run_training
+from pipelines.train.driver import run_training
 args = json.loads(sys.argv[1])
 from pipelines.ray_local import init_local_ray
 init_local_ray(num_cpus=args["num_cpus"], include_dashboard=False, log_to_driver=False, configure_logging=False)

@@ -3,7 +3,7 @@
 In one fresh process with its own local Ray (so both see the same machine state), on tiny synthetic
 shards with evaluation every epoch and MLflow tracking on:
 
-- ``plain``: :func:`pipelines.train.run_training` of the config (what ``lsnet train`` runs);
+- ``plain``: :func:`pipelines.train.driver.run_training` of the config (what ``lsnet train`` runs);
 - ``one trial``: :func:`pipelines.tune.trials.run_trials` of the same config as a single-variant search
   (Tune driver, trial actor, TuneReportCallback, parent + child MLflow runs, the end-of-search report);
 - ``4 trials`` at 1 and at 2 concurrent trials (1 worker each), FIFO scheduling.
@@ -21,13 +21,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lsnet.bench import REPO_ROOT, BenchResult
+from pipelines.bench.runner import REPO_ROOT, BenchResult
 
 _CHILD = r"""
 import json, sys, time
 import ray
 from pipelines.config import load_config
-from pipelines.train import run_training
+from pipelines.train.driver import run_training
 from pipelines.tune.trials import SearchSettings, run_trials
 args = json.loads(sys.argv[1])
 from pipelines.ray_local import init_local_ray

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lsnet.config import ConfigError, from_dict, read_yaml_mapping
+from pipelines.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_EXCLUDES = [".git", ".venv", "results", "data", "mlruns", "*.arrow", "*.pt", "*.db", ".ruff_cache",
                     ".pytest_cache", "__pycache__"]
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")

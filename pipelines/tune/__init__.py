@@ -2,7 +2,7 @@
 
 - :mod:`pipelines.tune.space` — search-space files (configs/spaces/), validated like configs;
 - :mod:`pipelines.tune.trials` — :func:`run_trials`: config variants as Tune trials, each one Ray Train
-  run (pipelines.train.run_training), MLflow parent + child runs; reusable for ablations;
+  run (pipelines.train.driver.run_training), MLflow parent + child runs; reusable for ablations;
 - :mod:`pipelines.tune.report` — trial records, results table, best config, plots;
 - :mod:`pipelines.tune.cli` — the ``lsnet tune`` command.
 """

@@ -5,7 +5,7 @@ variants (ablations): :func:`run_trials` takes a base config and either a :class
 list of ``{dotted key: value}`` variants and returns one :class:`TrialRecord` per trial.
 
 Ray's documented pattern for Train V2 + Tune: each trial is a Tune *function* trainable
-(:func:`_trial`) that runs one ``TorchTrainer.fit()`` through :func:`pipelines.train.run_training`,
+(:func:`_trial`) that runs one ``TorchTrainer.fit()`` through :func:`pipelines.train.driver.run_training`,
 with ``ray.tune.integration.ray_train.TuneReportCallback()`` in the trainer's run callbacks, so rank
 0's per-epoch ``ray.train.report`` (``epoch``, loss, and the COCO metrics on evaluation epochs)
 reaches Tune every epoch (ASHA decides on ``epoch``). The trial's Train run is named after the trial
@@ -17,8 +17,8 @@ Layout of a search (``<run.storage_path>/<name>/``, the *search directory*)::
 
     <tune experiment state>       Tune's files (Tuner.restore reads them)
     search.json                   what the search was started with (for --resume)
-    parent/                       the parent MLflow run's journal (pipelines.tracking) + report files
-    trials/<name>-<trial id>/     one Ray Train run directory per trial (pipelines.train layout)
+    parent/                       the parent MLflow run's journal (pipelines.tracking.tracker) + report files
+    trials/<name>-<trial id>/     one Ray Train run directory per trial (pipelines.train.driver layout)
     mlflow.db                     the default shared MLflow store of the search (parent + children)
 """
 from __future__ import annotations
@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lsnet.bench import git_commit
 from lsnet.config import ConfigError, to_dict
+from pipelines.bench.runner import git_commit
 from pipelines.config import ExperimentConfig
 from pipelines.tune.space import SearchSpace, trial_config, validate_space, validate_variants
 
@@ -118,7 +118,7 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any], search_name: str, se
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipelines.train import run_training
+    from pipelines.train.driver import run_training
 
     trial_id = ray.tune.get_context().get_trial_id()
     overrides = dict(config["overrides"])
@@ -236,7 +236,7 @@ def _scheduler(settings: SearchSettings, epochs: int):
 
 
 def open_parent_tracker(search_dir: Path, tracking_uri: str, experiment: str, name: str, verbose: bool):
-    from pipelines.tracking import RunTracker
+    from pipelines.tracking.tracker import RunTracker
 
     return RunTracker(search_dir / PARENT_DIRNAME, tracking_uri, experiment, name, verbose=verbose)
 
@@ -254,7 +254,7 @@ def run_trials(base: ExperimentConfig, space: SearchSpace | list[dict[str, Any]]
 
     Callers that run a fixed list of variants (``lsnet ablation``) may pass ``variant_tags`` (one tag
     dict per variant, set on that variant's MLflow child run) and their own open ``parent`` tracker
-    (a :class:`pipelines.tracking.RunTracker` under ``<search dir>/parent``): the search's parameters
+    (a :class:`pipelines.tracking.tracker.RunTracker` under ``<search dir>/parent``): the search's parameters
     are logged on it and it is left open for the caller to finish. ``source_name``: the MLflow source
     shown for the runs. ``retry_failed`` (with ``resume``): failed trials run again, from their last
     checkpoint (a search leaves them failed; an ablation table needs every row).
@@ -262,8 +262,8 @@ def run_trials(base: ExperimentConfig, space: SearchSpace | list[dict[str, Any]]
     import ray
     from ray import tune
 
-    from pipelines.tracking import prepare_sqlite_store, resolve_tracking_uri
-    from pipelines.train import absolutize_paths, manifest_hash, ray_job_ids
+    from pipelines.tracking.tracker import prepare_sqlite_store, resolve_tracking_uri
+    from pipelines.train.driver import absolutize_paths, manifest_hash, ray_job_ids
 
     base = absolutize_paths(base)
     check_search(settings, space)
@@ -323,7 +323,7 @@ def run_trials(base: ExperimentConfig, space: SearchSpace | list[dict[str, Any]]
                                "grace_period": settings.grace_period,
                                "reduction_factor": settings.reduction_factor,
                                "max_failures": settings.max_failures})
-            from pipelines.tracking import mlflow_system_tags
+            from pipelines.tracking.tracker import mlflow_system_tags
 
             commit = git_commit()
             parent.set_tags({**mlflow_system_tags(source_name, commit), "git_commit": commit,

@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 import torch
 
-from lsnet.bench import BenchResult
 from lsnet.coding import encode_offsets, soften_targets
 from lsnet.losses import cross_iou_autograd, cross_iou_loss, giou_box_loss, smooth_l1_box_loss, vector_loss
+from pipelines.bench.runner import BenchResult
 
 
 def _inputs(num_objects: int, generator: torch.Generator) -> dict[str, torch.Tensor]:

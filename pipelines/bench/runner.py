@@ -4,7 +4,7 @@ A benchmark is a spec file ``jobs/bench/NAME.yaml``::
 
     name: losses
     description: ...
-    runner: lsnet.benchmarks.losses:run     # module:function
+    runner: pipelines.bench.losses:run     # module:function
     params: {num_objects: [10000, 100000]}  # keyword arguments of the function
 
 The function returns a :class:`BenchResult`; the runner prints it as a table and writes
@@ -25,8 +25,7 @@ from typing import Any
 import yaml
 
 from lsnet.errors import InputError
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from pipelines.paths import REPO_ROOT
 
 
 @dataclass

@@ -70,7 +70,8 @@ def configure_mlflow_http(max_retries: int = 0, timeout_s: int = 5) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from pipelines.paths import REPO_ROOT
+
 #: The experiment tag by which MLflow 3 marks an experiment as model training rather than GenAI. (The
 #: UI of MLflow 3.17 lets its own "GenAI | Model training" switch win over it, default GenAI: the run
 #: URLs lsnet prints select the latter, see :func:`run_url`.)
@@ -711,7 +712,7 @@ def shard_dataset(shard_dir: str | Path, context: str) -> dict[str, str]:
     MLflow's 36 characters; the whole hash is in the profile and the run's ``dataset_manifest_sha256``
     tag), the directory as source and ``context`` (``train`` / ``val``)."""
     from lsnet.data.shards import load_manifest
-    from pipelines.train import manifest_hash
+    from pipelines.train.driver import manifest_hash
 
     sha = manifest_hash(str(shard_dir))
     manifest = load_manifest(shard_dir)

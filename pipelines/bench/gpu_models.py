@@ -32,11 +32,11 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from lsnet.bench import BenchResult
-from lsnet.benchmarks.model import _num_params, _random_objects
 from lsnet.engine import TrainConfig, TrainState, build_grad_scaler, build_optimizer, train_one_epoch
 from lsnet.modeling import ModelConfig, build_model
 from lsnet.structures import Batch, ImageMeta
+from pipelines.bench.model import _num_params, _random_objects
+from pipelines.bench.runner import BenchResult
 
 #: (AMP, channels-last) settings measured by default.
 DEFAULT_SETTINGS = ((False, False), (False, True), (True, False), (True, True))

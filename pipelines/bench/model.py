@@ -28,10 +28,10 @@ import torch
 import torchvision
 
 from lsnet.assigners import anchor_points
-from lsnet.bench import BenchResult
 from lsnet.modeling import ModelConfig, build_model
 from lsnet.modeling.head import LSNetHead
 from lsnet.structures import LandmarkTargets
+from pipelines.bench.runner import BenchResult
 
 
 def _random_objects(batch: int, size: int, num_objects: int, num_classes: int, seed: int):

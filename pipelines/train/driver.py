@@ -9,7 +9,7 @@ Layout of a run (``RunConfig.storage_path / run name``, the *run directory*)::
     model_best.pt, model_final.pt weights + metadata for ``lsnet predict`` (rank 0)
     overlays/epoch_0003/*.png     prediction overlays of the first validation images
     eval/                         per-category AP tables
-    mlflow.db, mlartifacts/       the default embedded MLflow store (pipelines.tracking)
+    mlflow.db, mlartifacts/       the default embedded MLflow store (pipelines.tracking.tracker)
     mlflow_journal/               the tracking write-ahead journal
 
 Each Ray Train worker runs :func:`train_loop_per_worker`: the model and optimiser from
@@ -41,12 +41,11 @@ from typing import Any
 
 import torch
 
-from lsnet.bench import git_commit
 from lsnet.config import ConfigError, flatten, to_dict
 from lsnet.errors import InputError, LsnetError, one_line
+from pipelines.bench.runner import git_commit
 from pipelines.config import ExperimentConfig, config_from_dict, default_run_name, load_config
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 LOSS_KEYS = ("loss", "loss_cls", "loss_vec_init", "loss_vec_refine", "loss_box_init", "loss_box_refine")
 #: per-step training metrics that are not losses: the mean IoU of the output boxes at the positives
 #: (paper Figure 4, lsnet.modeling.detector.compute_losses)
@@ -479,12 +478,12 @@ def wrap_distributed(parts: TrainingParts, ctx: WorkerContext) -> None:
 
 
 def open_tracker(cfg: ExperimentConfig, ctx: WorkerContext, tags: dict[str, Any], tracking_uri: str | None = None):
-    """Rank 0's MLflow run (pipelines.tracking: journaled, survives outages and worker restarts);
+    """Rank 0's MLflow run (pipelines.tracking.tracker: journaled, survives outages and worker restarts);
     None on other ranks or with tracking off. ``tracking_uri``: the store the driver resolved (a worker's
     own environment may name another one, or none)."""
     if ctx.rank != 0 or not cfg.tracking.enabled:
         return None
-    from pipelines.tracking import RunTracker, shard_dataset
+    from pipelines.tracking.tracker import RunTracker, shard_dataset
 
     tracker = RunTracker(ctx.run_dir, tracking_uri or cfg.tracking.uri, cfg.tracking.experiment, ctx.run_dir.name,
                          flush_interval_s=cfg.tracking.flush_interval_s,
@@ -947,7 +946,7 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None, run_name:
     from ray.train.torch import TorchConfig
 
     from pipelines.ray_local import start_ray
-    from pipelines.tracking import Journal, RunTracker, run_url, ui_command
+    from pipelines.tracking.tracker import Journal, RunTracker, run_url, ui_command
 
     cfg = absolutize_paths(cfg)
     if cfg.train.init_from and not Path(cfg.train.init_from).is_file():
@@ -978,7 +977,7 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None, run_name:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     start_ray(address=address, verbose=verbose)  # no-op when Ray is up; a local Ray ends with this process
     check_cluster_resources(cfg)
-    from pipelines.tracking import mlflow_system_tags
+    from pipelines.tracking.tracker import mlflow_system_tags
 
     commit = git_commit()
     tags = {**mlflow_system_tags("lsnet train", commit), "git_commit": commit, "config_name": cfg.name or "",
@@ -987,7 +986,7 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None, run_name:
             "task": cfg.model.task, **ray_job_ids(), **(extra_tags or {})}
     tracking_uri = None
     if cfg.tracking.enabled:
-        from pipelines.tracking import prepare_sqlite_store, resolve_tracking_uri
+        from pipelines.tracking.tracker import prepare_sqlite_store, resolve_tracking_uri
 
         # Resolved here, from the driver's environment: workers (started by a raylet, perhaps on another
         # node) do not share it, and must all log to the store the user asked for.

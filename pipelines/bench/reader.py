@@ -177,7 +177,7 @@ def reader_memory(shard_dir: str | Path, epochs: int = 2, task: str = "bbox",
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m lsnet.benchmarks.data memory SHARD_DIR``: print reader_memory as JSON (fresh process)."""
+    """``python -m pipelines.bench.reader memory SHARD_DIR``: print reader_memory as JSON (fresh process)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("what", choices=["memory"])
     parser.add_argument("shard_dir")

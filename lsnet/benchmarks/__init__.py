@@ -1,1 +1,0 @@
-"""Benchmark runners behind ``lsnet bench NAME`` (specs in ``jobs/bench/NAME.yaml``)."""

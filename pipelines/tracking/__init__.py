@@ -1,0 +1,1 @@
+"""MLflow tracking that survives a tracking-server outage."""
