@@ -76,7 +76,7 @@ def run_demo(out: Path, dataset: str = "synthetic", task: str = "bbox", num_trai
 
     from lsnet.data.shards import load_manifest
     from pipelines.config import load_config
-    from pipelines.tracking.tracker import ui_command
+    from pipelines.tracking.store import ui_command
     from pipelines.train.driver import run_training
 
     started = time.perf_counter()

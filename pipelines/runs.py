@@ -34,7 +34,7 @@ class RunsError(ValueError):
 def tracking_uri_from(arg: str | None) -> str:
     """``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else the checkout's shared store if it exists. For
     commands that only read: a SQLite store that does not exist is an error (MLflow would create it)."""
-    from pipelines.tracking.tracker import default_store_path
+    from pipelines.tracking.store import default_store_path
 
     uri = arg or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:

@@ -106,7 +106,7 @@ def test_upper_bound_row_is_the_papers_per_part_protocol(tiny_coco_dir, tmp_path
     from mlflow.tracking import MlflowClient
 
     from pipelines.ablations.runner import _mask_upper_bound_child
-    from pipelines.tracking.tracker import ensure_experiment, prepare_sqlite_store
+    from pipelines.tracking.store import ensure_experiment, prepare_sqlite_store
 
     spec = load_ablation_spec("landmarks")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -136,7 +136,7 @@ def _fake_run(uri: str, spec, scale: str, values: dict[str, float], listed: list
     parent ran only these variants (``--variants``)."""
     import mlflow
 
-    from pipelines.tracking.tracker import prepare_sqlite_store
+    from pipelines.tracking.store import prepare_sqlite_store
 
     prepare_sqlite_store(uri)
     mlflow.set_tracking_uri(uri)

@@ -38,7 +38,7 @@ def test_every_job_spec_validates(path):
 def test_commit_outside_a_checkout_comes_from_the_submitter(tmp_path, monkeypatch):
     """A job's uploaded working dir has no .git: git_commit() answers $LSNET_GIT_COMMIT (set by
     `lsnet jobs submit`), and `unknown` without it; in a checkout git decides, whatever the variable says."""
-    from lsnet import bench
+    from pipelines import provenance as bench
 
     real = bench.git_commit()
     monkeypatch.setenv(bench.COMMIT_ENV, "abc123")
@@ -315,7 +315,7 @@ def test_preprocess_then_train_job_tags_mlflow_run(ray_head, synth_data, tmp_pat
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert "bbox_AP" in runs[0].data.metrics
     # the uploaded working dir has no .git: the commit comes from the submitter ($LSNET_GIT_COMMIT)
-    from pipelines.bench.runner import git_commit
+    from pipelines.provenance import git_commit
 
     assert runs[0].data.tags["git_commit"] == git_commit() != "unknown"
     # status / logs / list of the same job through the CLI

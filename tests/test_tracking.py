@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.tracking import tracker as tracking
-from pipelines.tracking.tracker import Journal, RunTracker, sync_run_dir
+from pipelines.tracking import store as tracking
+from pipelines.tracking.journal import Journal, sync_run_dir
+from pipelines.tracking.tracker import RunTracker, shard_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -100,7 +101,7 @@ def test_new_stores_are_copies_of_one_migrated_template(tmp_path, monkeypatch):
     complete, independent MLflow stores."""
     import mlflow
 
-    from pipelines.tracking.tracker import prepare_sqlite_store
+    from pipelines.tracking.store import prepare_sqlite_store
 
     monkeypatch.setenv("LSNET_CACHE_DIR", str(tmp_path / "cache"))
     template = tmp_path / "cache" / f"mlflow-{mlflow.__version__}-empty.db"
@@ -402,7 +403,7 @@ def test_final_model_and_datasets_are_logged_and_load_back_by_run_id(tmp_path):
     import torch
 
     from lsnet.data.shards import MANIFEST_NAME, SCHEMA_VERSION
-    from pipelines.train.driver import manifest_hash
+    from pipelines.provenance import manifest_hash
 
     shards = tmp_path / "shards_train"  # only the manifest is read
     shards.mkdir()
@@ -415,8 +416,8 @@ def test_final_model_and_datasets_are_logged_and_load_back_by_run_id(tmp_path):
 
     down = f"http://127.0.0.1:{_free_port()}"  # nothing listens there: the whole run is logged offline
     tracker = RunTracker(tmp_path / "run", down, "models", background=False, verbose=False)
-    tracker.log_datasets([tracking.shard_dataset(shards, "train")])
-    tracker.log_datasets([tracking.shard_dataset(shards, "train")])  # a restarted worker: not twice
+    tracker.log_datasets([shard_dataset(shards, "train")])
+    tracker.log_datasets([shard_dataset(shards, "train")])  # a restarted worker: not twice
     assert tracker.log_model(model, step=4, extra_files=[tmp_path / "config.yaml", tmp_path / "classes.json"],
                              metadata={"class_names": ["a", "b", "c"], "task": "bbox"}, params={"task": "bbox"},
                              model_type="lsnet-bbox")

@@ -90,7 +90,7 @@ def _evaluate_locally(run_dir: Path) -> dict[str, float]:
 
     from lsnet.engine import evaluate
     from lsnet.modeling import build_model
-    from pipelines.train.driver import _build_loaders
+    from pipelines.train.parts import _build_loaders
 
     cfg = load_config(run_dir / "config.yaml")
     _, _, _, val_ds, val_loader = _build_loaders(cfg, 0, 1, False)
@@ -189,7 +189,8 @@ def test_killed_worker_resumes_to_identical_weights(shards, uninterrupted):
     checkpoint; the final weights equal the uninterrupted run's bit for bit (CPU)."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines.train.driver import FAULT_MARKER, run_training
+    from pipelines.train.driver import run_training
+    from pipelines.train.rundir import FAULT_MARKER
 
     out = run_training(tiny_config(shards, "run.fail_at_step=3", "run.fail_rank=1", "run.max_failures=2"),
                        run_name="killed", verbose=False)

@@ -3,8 +3,8 @@ random streams (issue 14, item 3).
 
 The killed-worker test of tests/test_train_pipeline.py cannot see a missing RNG restore today (the
 sampler and the augmentations are seeded by seed/epoch/index, nothing after a resume draws from the
-global RNGs). Here :func:`pipelines.train.driver.checkpoint_and_report` writes a two-rank checkpoint the way
-Ray Train collects it (every rank's files in one directory) and :func:`pipelines.train.driver.resume_training`
+global RNGs). Here :func:`pipelines.train.worker.checkpoint_and_report` writes a two-rank checkpoint the way
+Ray Train collects it (every rank's files in one directory) and :func:`pipelines.train.parts.resume_training`
 restores it; the next draws of torch / NumPy / Python after the resume must equal those an
 uninterrupted worker of the same rank would have made.
 """
@@ -31,7 +31,7 @@ def _fingerprint() -> tuple:
 
 def _parts(cfg):
     from lsnet.engine import TrainState, build_grad_scaler, build_optimizer, build_scheduler
-    from pipelines.train.driver import TrainingParts
+    from pipelines.train.parts import TrainingParts
 
     model = nn.Linear(3, 2)
     optimizer = build_optimizer(model, cfg.train, global_batch=4)
@@ -44,7 +44,8 @@ def _parts(cfg):
 def test_resume_restores_each_ranks_rng_streams(tmp_path, monkeypatch):
     import ray.train
 
-    from pipelines.train.driver import TrainingParts, WorkerContext, checkpoint_and_report, resume_training
+    from pipelines.train.parts import TrainingParts, WorkerContext, resume_training
+    from pipelines.train.worker import checkpoint_and_report
 
     cfg = load_config(REPO_ROOT / "configs" / "tiny_bbox.yaml")
     saved = tmp_path / "checkpoint_epoch_0001"
@@ -87,7 +88,7 @@ def test_resume_restores_each_ranks_rng_streams(tmp_path, monkeypatch):
 def test_fresh_start_leaves_the_seeded_streams_alone(monkeypatch):
     import ray.train
 
-    from pipelines.train.driver import WorkerContext, resume_training
+    from pipelines.train.parts import WorkerContext, resume_training
 
     cfg = load_config(REPO_ROOT / "configs" / "tiny_bbox.yaml")
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)

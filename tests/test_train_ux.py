@@ -16,12 +16,9 @@ import torch
 from lsnet.data.shards import ShardError
 from lsnet.engine import TrainState, checkpoint_state, save_checkpoint
 from pipelines.config import load_config
-from pipelines.train.driver import (
-    ClusterResourceError,
-    check_cluster_resources,
-    newest_complete_checkpoint,
-    step_progress_line,
-)
+from pipelines.train.driver import ClusterResourceError, check_cluster_resources
+from pipelines.train.progress import step_progress_line
+from pipelines.train.rundir import newest_complete_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -57,7 +57,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     from pipelines.ablations.spec import load_ablation_spec
     from pipelines.runs import RunsError, tracking_uri_from
-    from pipelines.tracking.tracker import resolve_tracking_uri, run_url, ui_command
+    from pipelines.tracking.store import resolve_tracking_uri, run_url, ui_command
 
     specs = [load_ablation_spec(t) for t in args.tables]  # all validated before anything runs
     only = [n.strip() for n in args.variants.split(",") if n.strip()] if getattr(args, "variants", None) else None
@@ -67,7 +67,7 @@ def _run(args: argparse.Namespace) -> int:
             select_variants(spec, only)
     out = Path(args.out)
     if args.action == "run":
-        uri = resolve_tracking_uri(args.tracking_uri)
+        uri = resolve_tracking_uri(args.tracking_uri)  # resolved once, here; run_ablation opens the store
     else:  # render only reads
         try:
             uri = tracking_uri_from(args.tracking_uri)

@@ -128,13 +128,8 @@ def run_ablation(spec: AblationSpec, scale_name: str, out: Path, tracking_uri: s
     """
     from mlflow.tracking import MlflowClient
 
-    from pipelines.bench.runner import git_commit
-    from pipelines.tracking.tracker import (
-        ensure_experiment,
-        mlflow_system_tags,
-        prepare_sqlite_store,
-        resolve_tracking_uri,
-    )
+    from pipelines.provenance import commit_tags
+    from pipelines.tracking.store import ensure_experiment, open_store, resolve_tracking_uri
     from pipelines.tune.trials import (
         SEARCH_FILE,
         SearchSettings,
@@ -152,10 +147,10 @@ def run_ablation(spec: AblationSpec, scale_name: str, out: Path, tracking_uri: s
         if verbose:
             print(f"[ablation {spec.name}/{scale_name}] resuming {name}", flush=True)
     variants = select_variants(spec, only)
-    uri = resolve_tracking_uri(tracking_uri)  # default: the checkout's shared store
+    uri = resolve_tracking_uri(tracking_uri)  # default: the checkout's shared store; the command's URI as is
     trained = [v for v in variants if v.kind == "train"]
     variant_configs(spec, scale, "/validate/train", "/validate/val", uri, out, overrides, trained)  # fail fast
-    prepare_sqlite_store(uri)
+    open_store(uri)  # prepared once, after the specs validate
     train_shards, val_shards, mask_json = prepare_dataset(spec, scale, out / "data")
     base = base_config(spec, scale, train_shards, val_shards, uri, out, overrides)
     if not resume:
@@ -171,8 +166,7 @@ def run_ablation(spec: AblationSpec, scale_name: str, out: Path, tracking_uri: s
         (search_dir / RUN_FILE).write_text(json.dumps(
             {"table": spec.name, "scale": scale_name, "variants": [v.name for v in variants],
              "overrides": list(overrides or [])}, indent=1))
-        commit = git_commit()
-        parent.set_tags({**mlflow_system_tags("lsnet ablation", commit), "git_commit": commit, **common,
+        parent.set_tags({**commit_tags("lsnet ablation"), **common,
                          "ablation_kind": "parent", "dataset": scale.dataset_name, "schedule": scale.schedule,
                          "backbone": base.model.backbone, "ablation_variants": ",".join(v.name for v in variants),
                          "lsnet.kind": "ablation"})
@@ -236,7 +230,7 @@ RUN_FILE = "ablation.json"
 def resumable_run(runs_dir: Path, table: str, scale: str) -> tuple[str, dict]:
     """``(name, saved)`` of the newest run of ``table``/``scale`` under ``runs_dir`` whose parent run did
     not finish; ConfigError when there is none."""
-    from pipelines.tracking.tracker import Journal
+    from pipelines.tracking.journal import Journal
     from pipelines.tune.trials import PARENT_DIRNAME
 
     pattern = re.compile(rf"{re.escape(table)}-{re.escape(scale)}-\d{{8}}-\d{{6}}")

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import platform
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +23,7 @@ import yaml
 
 from lsnet.errors import InputError
 from pipelines.paths import REPO_ROOT
+from pipelines.provenance import machine_info
 
 
 @dataclass
@@ -36,43 +34,6 @@ class BenchResult:
     columns: list[str] | None = None
     checks: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-
-
-def machine_info() -> dict[str, Any]:
-    import torch
-
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-    info["git_commit"] = git_commit()
-    return info
-
-
-#: the commit of code that runs outside its git checkout (a Ray job's uploaded working dir, a container
-#: image): ``lsnet jobs submit`` sets it; an image build should too (``ENV LSNET_GIT_COMMIT=...``)
-COMMIT_ENV = "LSNET_GIT_COMMIT"
-
-
-def git_commit() -> str:
-    """The checkout's HEAD commit, with ``-dirty`` when tracked files have changes; outside a git checkout
-    ``$LSNET_GIT_COMMIT`` if set (not git's answer: the directory may sit inside another repository), else
-    ``unknown``."""
-    if not (REPO_ROOT / ".git").exists() and os.environ.get(COMMIT_ENV):
-        return os.environ[COMMIT_ENV]
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                             check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               check=False, capture_output=True, text=True, timeout=10).stdout.strip()
-        return out + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:

@@ -37,7 +37,7 @@ def make_client(address: str, headers: dict[str, str] | None = None):
 def submit_spec(client, spec: JobSpec, extra_args: list[str] | None = None,
                 submission_id: str | None = None) -> str:
     """Submit ``spec``; returns the submission id (``raysubmit_...`` unless given)."""
-    from pipelines.bench.runner import COMMIT_ENV, git_commit
+    from pipelines.provenance import COMMIT_ENV, git_commit
 
     res = spec.resources
     commit = git_commit()

@@ -97,7 +97,8 @@ def close_child_run(record: TrialRecord, base: ExperimentConfig, tracking_uri: s
     """Give the trial's MLflow run its outcome. Its workers are gone: the driver continues the trial's
     own journal (same run). Early-stopped: FINISHED + tag; failed: FAILED + the error's last line (a
     trial that failed before its run existed gets one now, with its config as params)."""
-    from pipelines.tracking.tracker import Journal, RunTracker, sync_run_dir
+    from pipelines.tracking.journal import Journal, sync_run_dir
+    from pipelines.tracking.tracker import RunTracker
 
     if record.status == "FINISHED" or tracking_uri is None:
         if Journal.exists(record.run_dir):
@@ -266,7 +267,7 @@ def finish_search(grid, base: ExperimentConfig, settings: SearchSettings, search
 
 
 def print_summary(outcome: SearchOutcome) -> None:
-    from pipelines.tracking.tracker import ui_command
+    from pipelines.tracking.store import ui_command
 
     metric = outcome.settings.metric
     print(results_markdown(outcome.trials, metric))

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 from lsnet.config import ConfigError, to_dict
-from pipelines.bench.runner import git_commit
 from pipelines.config import ExperimentConfig
 from pipelines.tune.space import SearchSpace, trial_config, validate_space, validate_variants
 
@@ -262,8 +261,9 @@ def run_trials(base: ExperimentConfig, space: SearchSpace | list[dict[str, Any]]
     import ray
     from ray import tune
 
-    from pipelines.tracking.tracker import prepare_sqlite_store, resolve_tracking_uri
-    from pipelines.train.driver import absolutize_paths, manifest_hash, ray_job_ids
+    from pipelines.provenance import run_tags
+    from pipelines.tracking.store import open_store
+    from pipelines.train.driver import absolutize_paths
 
     base = absolutize_paths(base)
     check_search(settings, space)
@@ -308,8 +308,7 @@ def run_trials(base: ExperimentConfig, space: SearchSpace | list[dict[str, Any]]
     tracking_uri = None
     owns_parent = parent is None
     if base.tracking.enabled:
-        tracking_uri = resolve_tracking_uri(base.tracking.uri)
-        prepare_sqlite_store(tracking_uri)
+        tracking_uri = open_store(base.tracking.uri)  # a no-op on the URI a command resolved
         if parent is None:
             parent = open_parent_tracker(search_dir, tracking_uri, base.tracking.experiment, settings.name,
                                          verbose)
@@ -323,13 +322,7 @@ def run_trials(base: ExperimentConfig, space: SearchSpace | list[dict[str, Any]]
                                "grace_period": settings.grace_period,
                                "reduction_factor": settings.reduction_factor,
                                "max_failures": settings.max_failures})
-            from pipelines.tracking.tracker import mlflow_system_tags
-
-            commit = git_commit()
-            parent.set_tags({**mlflow_system_tags(source_name, commit), "git_commit": commit,
-                             "config_name": base.name or "",
-                             "dataset_manifest_sha256": manifest_hash(base.data.train_shards),
-                             "task": base.model.task, **ray_job_ids(),
+            parent.set_tags({**run_tags(base, source_name),
                              **({"lsnet.kind": "search"} if owns_parent else {})})  # else the caller's kind
             (search_dir / "base_config.yaml").write_text(base.to_yaml())
             parent.log_artifact(search_dir / "base_config.yaml", "config")
