@@ -13,21 +13,18 @@ Any tracking URI works: ``--tracking-uri`` (an ``http://`` server, ``sqlite:///.
 """
 from __future__ import annotations
 
-import argparse
-import csv
-import io
 import os
 import re
-import sys
 from pathlib import Path
-from typing import Any
+
+from lsnet.errors import LsnetError
 
 #: params that differ between runs by construction (not a choice worth a column)
 BOOKKEEPING_PARAMS = {"run.name"}
 AP_METRICS = ("bbox_AP", "segm_AP", "kp_AP")
 
 
-class RunsError(ValueError):
+class RunsError(LsnetError, ValueError):
     """The tracking store or the runs asked for cannot be found."""
 
 
@@ -131,79 +128,6 @@ def guess_metric(runs) -> str:
     return "loss"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="action", required=True)
-    listing = sub.add_parser("list", help="every run of the store (newest first)")
-    listing.add_argument("--experiment", default=None, help="only this experiment")
-    compare = sub.add_parser("compare", help="runs of an experiment / trials of a search side by side")
-    compare.add_argument("target", help="experiment name, or the run id of a search's parent run")
-    compare.add_argument("--metric", default=None, help="metric to show (default: the task's AP found in the runs)")
-    compare.add_argument("--mode", choices=("max", "min"), default="max", help="what 'best' means for --metric")
-    compare.add_argument("--sort", action="store_true", help="best first")
-    compare.add_argument("--csv", action="store_true", help="CSV instead of a table")
-    plot = sub.add_parser("plot", help="PNG of a metric over epochs (or steps) for runs, or a search's trials")
-    plot.add_argument("runs", nargs="+", help="run ids; a search's parent run id stands for its trials")
-    plot.add_argument("--metric", default=None, help="metric to plot (default: the task's AP found in the runs)")
-    plot.add_argument("--x", choices=("epoch", "step"), default="epoch",
-                      help="epoch (metrics logged at an epoch's end) or optimiser step")
-    plot.add_argument("--out", default="runs.png", help="PNG file to write (default: runs.png)")
-    for p in (listing, compare, plot):
-        p.add_argument("--tracking-uri", default=None,
-                       help="MLflow store: server URL, sqlite:///..., or a .db file (default: $MLFLOW_TRACKING_URI)")
-
-
-def run(args: argparse.Namespace) -> int:
-    from mlflow.tracking import MlflowClient
-
-    try:
-        client = MlflowClient(tracking_uri_from(args.tracking_uri))
-        if args.action == "list":
-            return _list(client, args)
-        if args.action == "plot":
-            return _plot(client, args)
-        runs, title = find_runs(client, args.target)
-    except RunsError as err:
-        print(f"lsnet runs: {err}", file=sys.stderr)
-        return 2
-    if not runs:
-        print(f"lsnet runs: no runs in {title}", file=sys.stderr)
-        return 1
-    metric = args.metric or guess_metric(runs)
-    header, rows, scores = compare_rows(client, runs, metric, args.mode)
-    if args.sort:
-        worst = -float("inf") if args.mode == "max" else float("inf")
-        order = sorted(range(len(rows)), key=lambda i: worst if scores[i] is None else scores[i],
-                       reverse=args.mode == "max")
-        rows = [rows[i] for i in order]
-    if args.csv:
-        out = io.StringIO()
-        writer = csv.writer(out)
-        writer.writerow(header)
-        writer.writerows(rows)
-        print(out.getvalue(), end="")
-    else:
-        print(f"{title}: {len(rows)} runs\n{format_table(header, rows)}")
-    return 0
-
-
-def _list(client, args: argparse.Namespace) -> int:
-    experiments = client.search_experiments()
-    if args.experiment:
-        experiments = [e for e in experiments if e.name == args.experiment]
-        if not experiments:
-            raise RunsError(f"no experiment {args.experiment!r}")
-    names = {e.experiment_id: e.name for e in experiments}
-    runs = client.search_runs(list(names), max_results=10000, order_by=["attributes.start_time DESC"])
-    header = ["run_id", "experiment", "name", "status", "parent", "AP", "duration"]
-    rows: list[list[Any]] = []
-    for r in runs:
-        ap = next((f"{k} {r.data.metrics[k]:.4f}" for k in AP_METRICS if k in r.data.metrics), "-")
-        rows.append([r.info.run_id, names[r.info.experiment_id], r.info.run_name or "", r.info.status,
-                     r.data.tags.get("mlflow.parentRunId", "")[:8] or "-", ap, _fmt_duration(_duration(r))])
-    print(format_table(header, rows) if rows else "no runs")
-    return 0 if rows else 1
-
-
 def metric_curve(client, run_id: str, metric: str, x: str) -> list[tuple[float, float]]:
     """``(x, value)`` of ``metric`` in a run: x is the logged step, or the epoch (from the run's
     ``epoch`` metric, logged at the same step as each epoch's results)."""
@@ -214,23 +138,3 @@ def metric_curve(client, run_id: str, metric: str, x: str) -> list[tuple[float, 
     return [(epoch_at[step], value) for step, value in points if step in epoch_at]
 
 
-def _plot(client, args: argparse.Namespace) -> int:
-    from pipelines.plots import plot_series
-
-    runs = []
-    for run_id in args.runs:
-        try:
-            run = client.get_run(run_id)
-        except Exception as err:  # noqa: BLE001 - MLflow raises its own error types per store
-            raise RunsError(f"run {run_id}: not found ({type(err).__name__})") from None
-        children = client.search_runs([run.info.experiment_id],
-                                      filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'", max_results=10000)
-        runs += children or [run]
-    metric = args.metric or guess_metric(runs)
-    series = {r.info.run_name or r.info.run_id: metric_curve(client, r.info.run_id, metric, args.x) for r in runs}
-    if not any(series.values()):
-        raise RunsError(f"no run has {metric} per {args.x}" + (" (try --x step)" if args.x == "epoch" else ""))
-    dashed = {r.info.run_name or r.info.run_id for r in runs if r.data.tags.get("lsnet.early_stopped") == "true"}
-    path = plot_series(series, args.out, xlabel=args.x, ylabel=metric, dashed=dashed)
-    print(f"{path}: {metric} per {args.x} of {sum(bool(v) for v in series.values())} runs")
-    return 0

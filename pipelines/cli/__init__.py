@@ -23,20 +23,20 @@ USER_ERROR = 2
 
 #: command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("lsnet.data.synthetic", "write a seeded synthetic COCO-format dataset"),
-    "preprocess": ("pipelines.preprocess", "COCO JSON + images -> Arrow shards with landmark targets (Ray Data)"),
+    "synth": ("pipelines.cli.synth", "write a seeded synthetic COCO-format dataset"),
+    "preprocess": ("pipelines.cli.preprocess", "COCO JSON + images -> Arrow shards with landmark targets (Ray Data)"),
     "train": ("pipelines.cli.train", "train an LSNet with Ray Train, tracked in MLflow"),
-    "predict": ("lsnet.predict", "run a trained model on images: COCO JSON + PNG overlays"),
-    "evaluate": ("lsnet.evaluation", "COCO metrics of a results JSON against a ground-truth JSON"),
-    "tune": ("pipelines.tune.cli", "search config values with Ray Tune: one MLflow parent run, a child per trial"),
-    "runs": ("pipelines.runs", "list and compare MLflow runs (e.g. the trials of a search)"),
-    "test": ("lsnet.checkpoint_eval", "COCO metrics of a checkpoint on shards or a COCO JSON + images"),
-    "browse": ("pipelines.browse", "draw ground truth and landmark targets onto images (check data before training)"),
+    "predict": ("pipelines.cli.predict", "run a trained model on images: COCO JSON + PNG overlays"),
+    "evaluate": ("pipelines.cli.evaluate", "COCO metrics of a results JSON against a ground-truth JSON"),
+    "tune": ("pipelines.cli.tune", "search config values with Ray Tune: one MLflow parent run, a child per trial"),
+    "runs": ("pipelines.cli.runs", "list and compare MLflow runs (e.g. the trials of a search)"),
+    "test": ("pipelines.cli.test", "COCO metrics of a checkpoint on shards or a COCO JSON + images"),
+    "browse": ("pipelines.cli.browse", "draw ground truth and landmark targets onto images (check data before training)"),
     "mlflow-sync": ("pipelines.cli.mlflow_sync", "upload runs buffered locally while the tracking server was down"),
-    "demo": ("pipelines.demo", "the main job end to end on embedded defaults"),
-    "bench": ("pipelines.bench.cli", "run a benchmark spec from jobs/bench and write results/bench/NAME.json"),
-    "jobs": ("pipelines.jobs.cli", "submit job specs (jobs/*.yaml) to a Ray cluster; status, logs, schedules"),
-    "ablation": ("pipelines.ablations.cli", "reproduce a paper ablation table (jobs/ablations/*.yaml)"),
+    "demo": ("pipelines.cli.demo", "the main job end to end on embedded defaults"),
+    "bench": ("pipelines.cli.bench", "run a benchmark spec from jobs/bench and write results/bench/NAME.json"),
+    "jobs": ("pipelines.cli.jobs", "submit job specs (jobs/*.yaml) to a Ray cluster; status, logs, schedules"),
+    "ablation": ("pipelines.cli.ablation", "reproduce a paper ablation table (jobs/ablations/*.yaml)"),
 }
 
 
@@ -89,13 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"lsnet {name}: error: {describe_error(err)}", file=sys.stderr)
-        return USER_ERROR
+        return err.exit_status if isinstance(err, LsnetError) else USER_ERROR
     except KeyboardInterrupt:
         if debug:
             raise
         print(f"lsnet {name}: interrupted", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from lsnet.errors import ServiceError
 from pipelines.jobs.spec import REPO_ROOT, JobSpec
 
 #: Ray job states that end a job, and the ones among them that are a success.
@@ -54,14 +55,14 @@ def submit_spec(client, spec: JobSpec, extra_args: list[str] | None = None,
 
 
 def wait_for(client, submission_id: str, timeout_s: float | None = None, poll_s: float = 1.0) -> str:
-    """Poll until the job is terminal; returns its status name. ``TimeoutError`` past ``timeout_s``."""
+    """Poll until the job is terminal; returns its status name. :class:`JobTimeoutError` past ``timeout_s``."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
         status = str(client.get_job_status(submission_id).value)
         if status in TERMINAL:
             return status
         if deadline is not None and time.monotonic() > deadline:
-            raise TimeoutError(f"job {submission_id} still {status} after {timeout_s:.0f}s")
+            raise JobTimeoutError(f"job {submission_id} still {status} after {timeout_s:.0f}s")
         time.sleep(poll_s)
 
 
@@ -112,7 +113,11 @@ def run_job(spec: JobSpec, *, address: str | None = None, wait: bool = False, fo
                              timeout_s, out)
 
 
-class JobServerError(RuntimeError):
+class JobTimeoutError(ServiceError, TimeoutError):
+    """A job did not reach a terminal state within ``--timeout``."""
+
+
+class JobServerError(ServiceError):
     """The job server could not be reached / did not answer (one line: address and cause)."""
 
 

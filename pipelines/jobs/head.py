@@ -26,11 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
+from lsnet.errors import ServiceError
+
 #: The variables that select and carry Ray's token authentication (Ray's own names).
 AUTH_MODE_VAR, AUTH_TOKEN_VAR, AUTH_TOKEN_PATH_VAR = "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
 
 
-class HeadStartError(RuntimeError):
+class HeadStartError(ServiceError):
     """The local Ray head did not come up (the message ends with the tail of its log)."""
 
 

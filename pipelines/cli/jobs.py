@@ -53,20 +53,6 @@ def _need_address(args) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.jobs.client import JobServerError
-    from pipelines.jobs.head import HeadStartError
-
-    try:
-        return _run(args)
-    except ConfigError as err:
-        print(f"lsnet jobs {args.action}: {err}", file=sys.stderr)
-        return 2
-    except (JobServerError, HeadStartError, TimeoutError) as err:
-        print(f"lsnet jobs {args.action}: {err}", file=sys.stderr)
-        return 1
-
-
-def _run(args: argparse.Namespace) -> int:
     from pipelines.jobs.spec import load_job_spec, resolve_spec_path
 
     if args.action == "schedule":

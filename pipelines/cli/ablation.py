@@ -56,7 +56,7 @@ def _run(args: argparse.Namespace) -> int:
         select_variants,
     )
     from pipelines.ablations.spec import load_ablation_spec
-    from pipelines.runs import RunsError, tracking_uri_from
+    from pipelines.runs import tracking_uri_from
     from pipelines.tracking.store import resolve_tracking_uri, run_url, ui_command
 
     specs = [load_ablation_spec(t) for t in args.tables]  # all validated before anything runs
@@ -69,10 +69,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.action == "run":
         uri = resolve_tracking_uri(args.tracking_uri)  # resolved once, here; run_ablation opens the store
     else:  # render only reads
-        try:
-            uri = tracking_uri_from(args.tracking_uri)
-        except RunsError as err:
-            raise ConfigError(str(err)) from None
+        uri = tracking_uri_from(args.tracking_uri)
     regressed = 0
     failures = []
     skipped = 0
