@@ -1,8 +1,10 @@
 """A plain, single-process training loop for LSNet (no Ray, no MLflow).
 
-The distributed pipeline (``pipelines/train.py``) runs exactly these functions inside each Ray Train
-worker: it wraps the model in DDP, hands :func:`train_one_epoch` that worker's batches, and passes a
-``gather_fn`` to :func:`evaluate` so that COCO metrics are computed over every worker's predictions.
+The distributed pipeline (``pipelines/train/worker.py``) runs exactly these functions inside each Ray
+Train worker: it wraps the model in DDP, hands :func:`train_one_epoch` that worker's batches, passes a
+``gather_fn`` to :func:`evaluate_detailed` so that COCO metrics are computed over every worker's
+predictions, and decides when to evaluate and what is a new best with :func:`is_eval_epoch` and
+:func:`is_improvement` -- the same epoch policy as :func:`fit`, the single-process loop.
 
 Training recipe (paper §4, "Training"; the mmdetection 2.x 1x schedule the authors used):
 
@@ -650,8 +652,19 @@ def init_model_from(model: nn.Module, ckpt: dict[str, Any] | str | Path) -> dict
 
 
 # --------------------------------------------------------------------------------------------------
-# fit: the single-process loop
+# The epoch policy (fit and the distributed worker loop) and fit, the single-process loop
 # --------------------------------------------------------------------------------------------------
+
+
+def is_eval_epoch(done: int, epochs: int, eval_every: int) -> bool:
+    """Evaluate after every ``eval_every`` epochs and after the last one (``done``: epochs completed)."""
+    return done % max(eval_every, 1) == 0 or done == epochs
+
+
+def is_improvement(score: float | None, best: float | None) -> bool:
+    """Whether ``score`` of the task's main metric is a new best: a number above the best so far (a
+    missing or NaN score never is)."""
+    return score is not None and not math.isnan(score) and (best is None or score > best)
 
 
 def fit(
@@ -708,8 +721,7 @@ def fit(
         if log_fn is not None:
             log_fn(state.global_step, {f"epoch_{k}": v for k, v in summary.items()} | {"epoch": float(state.epoch)})
         improved = False
-        last = state.epoch == cfg.epochs
-        if val_batches is not None and gt is not None and (last or state.epoch % max(cfg.eval_every, 1) == 0):
+        if val_batches is not None and gt is not None and is_eval_epoch(state.epoch, cfg.epochs, cfg.eval_every):
             if category_ids is None:
                 raise ValueError("evaluation needs category_ids (contiguous label -> COCO category id)")
             metrics = evaluate(model, val_batches(), gt, category_ids, task, device=device,
@@ -717,7 +729,7 @@ def fit(
             if log_fn is not None:
                 log_fn(state.global_step, metrics)
             value = metrics.get(main_metric)
-            if value is not None and not math.isnan(value) and (state.best_metric is None or value > state.best_metric):
+            if is_improvement(value, state.best_metric):
                 state.best_metric, state.best_epoch, improved = float(value), state.epoch, True
         if out_dir is not None:
             ckpt = checkpoint_state(model, optimizer, scheduler, scaler, state, extra)

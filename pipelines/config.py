@@ -18,7 +18,6 @@ them from there), so data and model cannot disagree.
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,8 +48,6 @@ SCHEDULES: dict[str, tuple[int, tuple[int, ...]]] = {
     "60e_ref": (60, (54, 56)),
     "2x_ft": (24, (12, 20)),
 }
-#: TrainConfig fields that a schedule name fills in (unless the config sets them itself).
-SCHEDULE_FIELDS = ("epochs", "lr_steps")
 
 
 @dataclass
@@ -245,6 +242,11 @@ def default_run_name(config: ExperimentConfig, timestamp: str) -> str:
     return f"{base}-{timestamp}"
 
 
-def replace(config: ExperimentConfig, **sections) -> ExperimentConfig:
-    """A copy with whole sections replaced (dataclasses.replace re-runs the checks)."""
-    return dataclasses.replace(config, **sections)
+def required_resources(config: ExperimentConfig) -> dict[str, float]:
+    """Resources of the whole worker group of a run, as Ray Train asks for them (default per worker:
+    1 CPU, or 1 GPU with ``run.use_gpu``)."""
+    run = config.run
+    per_worker = dict(run.resources_per_worker or ({"GPU": 1.0} if run.use_gpu else {"CPU": 1.0}))
+    if run.use_gpu:
+        per_worker.setdefault("GPU", 1.0)
+    return {k: float(v) * run.num_workers for k, v in per_worker.items() if v}

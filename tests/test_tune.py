@@ -166,7 +166,8 @@ def test_asha_stops_zero_lr_and_failed_trial_is_recorded(shards, monkeypatch):
     """Variants run one at a time in order: lr 0.08, lr 1e-12 (loss stays at its initial level: stopped
     at the epoch-1 rung by ASHA on the loss; the config refuses lr 0), training shards that do not exist
     (raises inside the trial, retried once)."""
-    from pipelines.tune.trials import SearchSettings, run_trials
+    from pipelines.tune.records import SearchSettings
+    from pipelines.tune.trials import run_trials
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     variants = [{"train.lr_per_16_images": 0.08}, {"train.lr_per_16_images": 1e-12},
@@ -283,8 +284,9 @@ def test_space_errors_name_file_and_key(shards, tmp_path, capsys, space, message
 
 
 def test_search_that_cannot_fit_one_trial_fails_at_once(shards, ray_session):
+    from pipelines.tune.records import SearchSettings
     from pipelines.tune.space import SearchSpace
-    from pipelines.tune.trials import SearchSettings, run_trials
+    from pipelines.tune.trials import run_trials
 
     cfg = base_config(shards, "too_big", "tiny_bbox.yaml", "run.num_workers=3")
     with pytest.raises(ConfigError, match=r"one trial needs 3 CPU, .* but the Ray cluster has 2 CPU"):
@@ -308,8 +310,8 @@ def test_concurrent_trials_from_cluster_resources():
 
 
 def test_report_helpers():
+    from pipelines.tune.records import TrialRecord
     from pipelines.tune.report import best_trial, error_line, metric_history, results_markdown
-    from pipelines.tune.trials import TrialRecord
 
     rows = [{"epoch": 1, "AP": 0.1}, {"epoch": 2}, {"epoch": 2, "AP": 0.3}, {"epoch": 2, "AP": 0.25},
             {"epoch": 3, "AP": float("nan")}]
@@ -330,8 +332,9 @@ def test_report_helpers():
 def test_optuna_missing_is_a_clear_error(monkeypatch):
     import builtins
 
+    from pipelines.tune.records import SearchSettings
     from pipelines.tune.space import SearchSpace
-    from pipelines.tune.trials import SearchSettings, check_search
+    from pipelines.tune.trials import check_search
 
     real_import = builtins.__import__
 

@@ -196,11 +196,6 @@ _MEAN = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
 _STD = torch.tensor(IMAGE_STD).view(3, 1, 1)
 
 
-def normalize_image(image: Tensor) -> Tensor:
-    """uint8 (3, H, W) -> float32 normalised with ImageNet mean/std (RGB, 0..255 scale)."""
-    return (image.float() - _MEAN) / _STD
-
-
 def collate_batch(items: list[tuple[Tensor, LandmarkTargets, ImageMeta]],
                   size_divisor: int = SIZE_DIVISOR) -> Batch:
     """Samples -> :class:`lsnet.structures.Batch`: float, normalised, zero-padded (bottom/right) to a

@@ -458,12 +458,3 @@ class ShardSampler(Sampler[int]):
         if self.drop_last:
             return self.num_samples // self.world_size
         return self.num_samples // self.world_size + (self.rank < self.num_samples % self.world_size)
-
-
-def batched(indices: list[int], batch_size: int, drop_last: bool = False) -> list[list[int]]:
-    """Consecutive groups of ``batch_size`` indices (the same grouping torch's DataLoader uses)."""
-    groups = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
-    if drop_last and groups and len(groups[-1]) < batch_size:
-        groups.pop()
-    return groups
-

@@ -130,13 +130,8 @@ def run_ablation(spec: AblationSpec, scale_name: str, out: Path, tracking_uri: s
 
     from pipelines.provenance import commit_tags
     from pipelines.tracking.store import ensure_experiment, open_store, resolve_tracking_uri
-    from pipelines.tune.trials import (
-        SEARCH_FILE,
-        SearchSettings,
-        open_parent_tracker,
-        run_trials,
-        variant_key,
-    )
+    from pipelines.tune.records import SEARCH_FILE, SearchSettings, variant_key
+    from pipelines.tune.trials import open_parent_tracker, run_trials
 
     scale = spec.scale(scale_name)
     out = Path(out)
@@ -231,7 +226,7 @@ def resumable_run(runs_dir: Path, table: str, scale: str) -> tuple[str, dict]:
     """``(name, saved)`` of the newest run of ``table``/``scale`` under ``runs_dir`` whose parent run did
     not finish; ConfigError when there is none."""
     from pipelines.tracking.journal import Journal
-    from pipelines.tune.trials import PARENT_DIRNAME
+    from pipelines.tune.records import PARENT_DIRNAME
 
     pattern = re.compile(rf"{re.escape(table)}-{re.escape(scale)}-\d{{8}}-\d{{6}}")
     candidates = sorted((p for p in Path(runs_dir).glob(f"{table}-{scale}-*")

@@ -7,8 +7,9 @@ import sys
 
 from lsnet.config import ConfigError
 from pipelines.config import load_config
+from pipelines.tune.records import SearchSettings
 from pipelines.tune.space import load_space
-from pipelines.tune.trials import SearchSettings, run_trials
+from pipelines.tune.trials import run_trials
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

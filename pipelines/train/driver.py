@@ -19,7 +19,7 @@ from typing import Any
 
 from lsnet.config import ConfigError, to_dict
 from lsnet.errors import LsnetError
-from pipelines.config import ExperimentConfig, default_run_name
+from pipelines.config import ExperimentConfig, default_run_name, required_resources
 from pipelines.provenance import run_tags
 from pipelines.tracking.journal import Journal
 from pipelines.tracking.store import open_store, run_url, ui_command
@@ -36,15 +36,6 @@ from pipelines.train.worker import train_loop_per_worker
 
 class ClusterResourceError(LsnetError, RuntimeError):
     """The Ray cluster does not have the resources the requested workers need."""
-
-
-def required_resources(cfg: ExperimentConfig) -> dict[str, float]:
-    """Resources of the whole worker group, as Ray Train asks for them (default per worker: 1 CPU,
-    or 1 GPU with ``run.use_gpu``)."""
-    per_worker = dict(cfg.run.resources_per_worker or ({"GPU": 1.0} if cfg.run.use_gpu else {"CPU": 1.0}))
-    if cfg.run.use_gpu:
-        per_worker.setdefault("GPU", 1.0)
-    return {k: float(v) * cfg.run.num_workers for k, v in per_worker.items() if v}
 
 
 def check_cluster_resources(cfg: ExperimentConfig, cluster_resources=None, wait_s: float | None = None,

@@ -101,7 +101,9 @@ def train_epoch(parts: TrainingParts, ctx: WorkerContext, injector: FaultInjecto
 
 def is_eval_epoch(cfg: ExperimentConfig, done: int, has_val: bool) -> bool:
     """Evaluate after every ``train.eval_every`` epochs and after the last one."""
-    return has_val and (done % cfg.train.eval_every == 0 or done == cfg.train.epochs)
+    from lsnet import engine
+
+    return has_val and engine.is_eval_epoch(done, cfg.train.epochs, cfg.train.eval_every)  # fit's policy
 
 
 def evaluate_epoch(parts: TrainingParts, ctx: WorkerContext):
@@ -118,11 +120,11 @@ def evaluate_epoch(parts: TrainingParts, ctx: WorkerContext):
 
 def keep_best(parts: TrainingParts, ctx: WorkerContext, eval_metrics: dict[str, float], done: int) -> None:
     """Rank 0: a new best of the task's AP updates the TrainState and writes ``model_best.pt``."""
-    from lsnet.engine import checkpoint_state, save_checkpoint
+    from lsnet.engine import checkpoint_state, is_improvement, save_checkpoint
 
     state = parts.state
     score = eval_metrics.get(parts.cfg.primary_metric, -1.0)
-    if state.best_metric is None or score > state.best_metric:
+    if is_improvement(score, state.best_metric):
         state.best_metric, state.best_epoch = score, done
         save_checkpoint(checkpoint_state(parts.model, state=state, extra=parts.checkpoint_metadata(),
                                          include_rng=False), ctx.run_dir / "model_best.pt")

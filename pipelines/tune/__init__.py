@@ -3,6 +3,7 @@
 - :mod:`pipelines.tune.space` — search-space files (configs/spaces/), validated like configs;
 - :mod:`pipelines.tune.trials` — :func:`run_trials`: config variants as Tune trials, each one Ray Train
   run (pipelines.train.driver.run_training), MLflow parent + child runs; reusable for ablations;
-- :mod:`pipelines.tune.report` — trial records, results table, best config, plots;
-- :mod:`pipelines.tune.cli` — the ``lsnet tune`` command.
+- :mod:`pipelines.tune.records` — the search directory's names, settings, trial records, outcome;
+- :mod:`pipelines.tune.report` — results table, best config, plots, the end of the parent run.
+The ``lsnet tune`` command: :mod:`pipelines.cli.tune`.
 """

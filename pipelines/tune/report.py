@@ -11,8 +11,7 @@ from typing import Any
 
 from lsnet.config import flatten, to_dict
 from pipelines.config import ExperimentConfig
-from pipelines.tune.space import trial_config
-from pipelines.tune.trials import (
+from pipelines.tune.records import (
     EARLY_STOPPED_TAG,
     ERROR_TAG,
     PARENT_DIRNAME,
@@ -23,6 +22,7 @@ from pipelines.tune.trials import (
     trial_run_name,
     variant_key,
 )
+from pipelines.tune.space import trial_config
 
 TABLE_COLUMNS = ("trial", "status", "epochs", "final", "best", "mlflow_run_id")
 

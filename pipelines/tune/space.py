@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lsnet.config import ConfigError, apply_overrides, from_dict, read_yaml_mapping, to_dict
+from lsnet.config import ConfigError, from_dict, read_yaml_mapping, to_dict
 from pipelines.config import ExperimentConfig, config_from_dict
 
 #: domain kind -> what its value must be
@@ -170,10 +170,3 @@ def validate_space(base: ExperimentConfig, space: SearchSpace) -> None:
     """Check every searched key on each value its domain can produce (see module docstring)."""
     variants = [{key: value} for key in space.params for value in space.candidate_values(key)]
     validate_variants(base, variants, space.source)
-
-
-def apply_base_overrides(base: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
-    """``--set KEY=VALUE`` on an already loaded config."""
-    data = to_dict(base)
-    apply_overrides(data, overrides)
-    return config_from_dict(data)

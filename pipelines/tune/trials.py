@@ -17,9 +17,11 @@ Layout of a search (``<run.storage_path>/<name>/``, the *search directory*)::
 
     <tune experiment state>       Tune's files (Tuner.restore reads them)
     search.json                   what the search was started with (for --resume)
-    parent/                       the parent MLflow run's journal (pipelines.tracking.tracker) + report files
-    trials/<name>-<trial id>/     one Ray Train run directory per trial (pipelines.train.driver layout)
-    mlflow.db                     the default shared MLflow store of the search (parent + children)
+    parent/                       the parent MLflow run's journal (pipelines.tracking.journal) + report files
+    trials/<name>-<trial id>/     one Ray Train run directory per trial (pipelines.train.rundir)
+
+The names and records of a search live in :mod:`pipelines.tune.records`; the report written at its end
+(:func:`pipelines.tune.report.finish_search`) in :mod:`pipelines.tune.report`.
 """
 from __future__ import annotations
 
@@ -27,87 +29,28 @@ import dataclasses
 import json
 import math
 import os
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lsnet.config import ConfigError, to_dict
-from pipelines.config import ExperimentConfig
+from pipelines.config import ExperimentConfig, required_resources
+from pipelines.tune.records import (
+    PARENT_DIRNAME,
+    SEARCH_FILE,
+    TRIAL_DRIVER_RESOURCES,
+    TRIALS_DIRNAME,
+    SearchOutcome,
+    SearchSettings,
+    _plain,
+    trial_run_name,
+    variant_key,
+)
+from pipelines.tune.report import finish_search
 from pipelines.tune.space import SearchSpace, trial_config, validate_space, validate_variants
-
-PARENT_DIRNAME = "parent"
-TRIALS_DIRNAME = "trials"
-SEARCH_FILE = "search.json"
-EARLY_STOPPED_TAG = "lsnet.early_stopped"
-ERROR_TAG = "lsnet.error"
-#: the trial driver (the function trainable) only waits on TorchTrainer.fit(): it reserves no CPU
-#: (so a trial's CPUs/GPUs are exactly its workers'), only memory (Ray needs a non-empty request).
-TRIAL_DRIVER_RESOURCES = {"memory": 256 * 2**20}
-
-
-@dataclass
-class SearchSettings:
-    """How trials are scheduled (``lsnet tune`` flags)."""
-
-    name: str
-    metric: str
-    mode: str = "max"
-    scheduler: str = "asha"  # "asha" | "fifo"
-    grace_period: int = 1
-    reduction_factor: float = 2.0
-    search: str = "random"  # "random" | "grid" | "optuna"
-    num_samples: int = 1
-    max_concurrent: int | None = None  # None: what the cluster holds
-    max_failures: int = 0  # Tune retries of a failed trial
-    seed: int | None = 0  # the search algorithm's seed (optuna / random sampling)
-
-
-@dataclass
-class TrialRecord:
-    """One trial after the search: its values, outcome and per-epoch metric."""
-
-    trial_id: str
-    run_name: str
-    run_dir: Path
-    values: dict[str, Any]
-    status: str  # FINISHED | EARLY_STOPPED | FAILED
-    epochs_run: int
-    final_metric: float | None
-    best_metric: float | None
-    history: list[tuple[int, float]] = field(default_factory=list)  # (epoch, metric) on eval epochs
-    error: str | None = None
-    mlflow_run_id: str | None = None
-
-
-@dataclass
-class SearchOutcome:
-    search_dir: Path
-    trials: list[TrialRecord]
-    best: TrialRecord | None
-    best_config: ExperimentConfig | None
-    tracking_uri: str | None
-    parent_run_id: str | None
-    settings: SearchSettings
-
-
-def trial_run_name(search_name: str, trial_id: str) -> str:
-    """Deterministic: the same trial always trains in the same Train run directory."""
-    return f"{search_name}-{trial_id}"
-
-
-def _sanitize(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
-
 
 # --------------------------------------------------------------------------------------------------
 # The trial (runs inside a Tune trial actor)
 # --------------------------------------------------------------------------------------------------
-
-
-def variant_key(overrides: dict[str, Any]) -> str:
-    """A variant's identity (its overrides, canonical JSON): per-variant tags are looked up by it."""
-    return json.dumps({key: _plain(value) for key, value in overrides.items()}, sort_keys=True)
 
 
 def _trial(config: dict[str, Any], *, base: dict[str, Any], search_name: str, search_dir: str,
@@ -133,23 +76,14 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any], search_name: str, se
     run_training(cfg, run_name=name, callbacks=[TuneReportCallback()], extra_tags=trial_tags, verbose=False)
 
 
-def _plain(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") else value
-
-
 # --------------------------------------------------------------------------------------------------
 # The driver
 # --------------------------------------------------------------------------------------------------
 
 
 def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
-    """What one trial holds while it trains: its Train workers (the trial driver holds nothing)."""
-    per_worker = dict(cfg.run.resources_per_worker or {})
-    if not per_worker:  # Ray Train's default: 1 CPU per worker, or 1 GPU with use_gpu
-        per_worker = {"GPU": 1.0} if cfg.run.use_gpu else {"CPU": 1.0}
-    elif cfg.run.use_gpu:
-        per_worker.setdefault("GPU", 1.0)
-    need = {key: value * cfg.run.num_workers for key, value in per_worker.items()}
+    """What one trial holds while it trains: its Train workers, and the trial driver's bit of memory."""
+    need = required_resources(cfg)
     for key, value in TRIAL_DRIVER_RESOURCES.items():
         need[key] = need.get(key, 0.0) + value
     return {key: value for key, value in need.items() if value > 0}
@@ -361,7 +295,6 @@ def run_trials(base: ExperimentConfig, space: SearchSpace | list[dict[str, Any]]
         )
     grid = tuner.fit()
 
-    from pipelines.tune.report import finish_search
 
     return finish_search(grid, base, settings, search_dir, parent, tracking_uri, verbose=verbose,
                          close_parent=owns_parent, variant_tags=tags_by_variant)

@@ -1,0 +1,89 @@
+"""What a search is made of and leaves behind, shared by the trials (:mod:`pipelines.tune.trials`) and
+the report (:mod:`pipelines.tune.report`): the search directory's names, the trial tags,
+:class:`SearchSettings`, :class:`TrialRecord` and :class:`SearchOutcome`."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines.config import ExperimentConfig
+
+PARENT_DIRNAME = "parent"
+
+
+TRIALS_DIRNAME = "trials"
+
+
+SEARCH_FILE = "search.json"
+
+
+EARLY_STOPPED_TAG = "lsnet.early_stopped"
+
+
+ERROR_TAG = "lsnet.error"
+
+
+#: the trial driver (the function trainable) only waits on TorchTrainer.fit(): it reserves no CPU
+#: (so a trial's CPUs/GPUs are exactly its workers'), only memory (Ray needs a non-empty request).
+TRIAL_DRIVER_RESOURCES = {"memory": 256 * 2**20}
+
+
+@dataclass
+class SearchSettings:
+    """How trials are scheduled (``lsnet tune`` flags)."""
+
+    name: str
+    metric: str
+    mode: str = "max"
+    scheduler: str = "asha"  # "asha" | "fifo"
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+    search: str = "random"  # "random" | "grid" | "optuna"
+    num_samples: int = 1
+    max_concurrent: int | None = None  # None: what the cluster holds
+    max_failures: int = 0  # Tune retries of a failed trial
+    seed: int | None = 0  # the search algorithm's seed (optuna / random sampling)
+
+
+@dataclass
+class TrialRecord:
+    """One trial after the search: its values, outcome and per-epoch metric."""
+
+    trial_id: str
+    run_name: str
+    run_dir: Path
+    values: dict[str, Any]
+    status: str  # FINISHED | EARLY_STOPPED | FAILED
+    epochs_run: int
+    final_metric: float | None
+    best_metric: float | None
+    history: list[tuple[int, float]] = field(default_factory=list)  # (epoch, metric) on eval epochs
+    error: str | None = None
+    mlflow_run_id: str | None = None
+
+
+@dataclass
+class SearchOutcome:
+    search_dir: Path
+    trials: list[TrialRecord]
+    best: TrialRecord | None
+    best_config: ExperimentConfig | None
+    tracking_uri: str | None
+    parent_run_id: str | None
+    settings: SearchSettings
+
+
+def trial_run_name(search_name: str, trial_id: str) -> str:
+    """Deterministic: the same trial always trains in the same Train run directory."""
+    return f"{search_name}-{trial_id}"
+
+
+def variant_key(overrides: dict[str, Any]) -> str:
+    """A variant's identity (its overrides, canonical JSON): per-variant tags are looked up by it."""
+    return json.dumps({key: _plain(value) for key, value in overrides.items()}, sort_keys=True)
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
