@@ -82,16 +82,14 @@ def _build_dataset(spec: AblationSpec, d, root: Path) -> tuple[str, str, str | N
     from pipelines.preprocess import preprocess
 
     points = tuple(d.contour_points)
-    if d.source == "synthetic":
-        from lsnet.data.synthetic import write_synthetic_coco
+    if d.source == "synthetic":  # no held-out split: evaluate on the training images (said in the report)
+        from pipelines.synthetic import synthetic_shards
 
-        synth = write_synthetic_coco(root / "synth", num_images=d.num_images, image_size=(d.image_size, d.image_size),
-                                     seed=d.seed, objects_per_image=(1, 3), person_prob=d.person_prob)
-        ann = synth.keypoints_json if spec.task == "pose" else synth.instances_json
-        images = synth.image_dir
-        val_ann = val_images = None
-    else:
-        ann, images, val_ann, val_images = (_repo_path(x) for x in (d.ann, d.images, d.val_ann, d.val_images))
+        train, ann = synthetic_shards(root, d.num_images, d.image_size, task=spec.task, max_size=d.max_size,
+                                      contour_points=points, shard_dir=root / "shards" / "train", seed=d.seed,
+                                      objects_per_image=(1, 3), person_prob=d.person_prob, overwrite=False)
+        return str(train), str(train), str(ann)
+    ann, images, val_ann, val_images = (_repo_path(x) for x in (d.ann, d.images, d.val_ann, d.val_images))
     train = root / "shards" / "train"
     preprocess(ann, images, train, max_size=d.max_size, contour_points=points, executor="local", verbose=False)
     if val_ann is None:  # no held-out split: evaluate on the training images (said in the report)

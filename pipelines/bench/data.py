@@ -17,7 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipelines.bench.runner import REPO_ROOT, BenchResult
+from pipelines.bench.runner import BenchResult
+from pipelines.paths import REPO_ROOT
 
 
 def _descendants(pid: int) -> list[int]:

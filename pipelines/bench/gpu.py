@@ -18,7 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipelines.bench.runner import REPO_ROOT, BenchResult
+from pipelines.bench.runner import BenchResult
+from pipelines.paths import REPO_ROOT
 
 NO_GPU_NOTE = ("NO CUDA DEVICE: this ran the same code at toy size on the CPU to keep it working; "
                "the GPU numbers (and the targets) need a GPU: run `lsnet bench gpu` on a machine with one")
@@ -31,15 +32,11 @@ def ray_train_smoke(config: str, num_images: int, image_size: int, use_gpu: bool
     step is missing; returns the row of the benchmark table."""
     import ray
 
-    from lsnet.data.synthetic import write_synthetic_coco
     from pipelines.config import load_config
-    from pipelines.preprocess import preprocess
+    from pipelines.synthetic import synthetic_shards
     from pipelines.train.driver import run_training
 
-    ds = write_synthetic_coco(work_dir / "synth", num_images=num_images, image_size=(image_size, image_size), seed=0)
-    shards = work_dir / "shards"
-    preprocess(ds.instances_json, ds.image_dir, shards, max_size=image_size, contour_points=(18,),
-               executor="local", verbose=False)
+    shards, _ = synthetic_shards(work_dir, num_images, image_size, overwrite=False)
     batch = 2
     settings = [
         f"data.train_shards={shards}", f"data.val_shards={shards}", f"data.scale_range=[{image_size}, {image_size}]",

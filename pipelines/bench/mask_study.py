@@ -11,7 +11,8 @@ import itertools
 from pathlib import Path
 
 from lsnet.mask_study import mask_study
-from pipelines.bench.runner import REPO_ROOT, BenchResult
+from pipelines.bench.runner import BenchResult
+from pipelines.paths import REPO_ROOT
 
 #: Paper §4.4, COCO val2017 (the per-part protocol, see lsnet.mask_study; no polar number).
 PAPER_MASK_AP = {18: 0.890, 36: 0.974, 72: 0.992}

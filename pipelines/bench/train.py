@@ -1,6 +1,6 @@
 """``lsnet bench train``: Ray Train throughput on CPU, 1 vs 2 workers (jobs/bench/train.yaml).
 
-Each setting runs ``pipelines.train.driver.run_training`` in a fresh process with its own local Ray
+Each setting runs :func:`pipelines.train.driver.run_training` in a fresh process (:func:`run_setting`) with its own local Ray
 (``num_cpus`` = the machine's cores): the tiny LSNet on synthetic shards, no evaluation and no
 tracking, for ``epochs`` epochs; the images/s of the epochs after the first (warm-up: worker start,
 first-iteration allocations) are averaged from the run's ``epochs.jsonl``. Settings:
@@ -22,25 +22,28 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipelines.bench.runner import REPO_ROOT, BenchResult
-
-_CHILD = r"""
-import json, sys
-import ray
-from pipelines.config import load_config
-from pipelines.train.driver import run_training
-args = json.loads(sys.argv[1])
-from pipelines.ray_local import init_local_ray
-init_local_ray(num_cpus=args["num_cpus"], include_dashboard=False, log_to_driver=False, configure_logging=False)
-cfg = load_config(args["config"], args["overrides"])
-out = run_training(cfg, run_name=args["name"], verbose=False)
-print("RUN_DIR " + str(out.run_dir))
-"""
+from pipelines.bench.runner import BenchResult
+from pipelines.paths import REPO_ROOT
+from pipelines.synthetic import synthetic_shards
 
 
-_ALLREDUCE = r"""
-import os, sys, time, torch, torch.distributed as dist, torch.multiprocessing as mp
-def run(rank, numel, port):
+def run_setting(args: dict) -> None:
+    """``python -m pipelines.bench.train setting JSON``: one setting's training run in this fresh process,
+    with its own local Ray of ``num_cpus``; prints ``RUN_DIR <path>`` for the parent."""
+    from pipelines.config import load_config
+    from pipelines.ray_local import init_local_ray
+    from pipelines.train.driver import run_training
+
+    init_local_ray(num_cpus=args["num_cpus"], include_dashboard=False, log_to_driver=False, configure_logging=False)
+    cfg = load_config(args["config"], args["overrides"])
+    out = run_training(cfg, run_name=args["name"], verbose=False)
+    print("RUN_DIR " + str(out.run_dir), flush=True)
+
+
+def _allreduce_rank(rank: int, numel: int, port: int) -> None:
+    import torch
+    import torch.distributed as dist
+
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -53,9 +56,6 @@ def run(rank, numel, port):
     if rank == 0:
         print("ALLREDUCE_MS", (time.perf_counter() - start) / 10 * 1000, flush=True)
     dist.destroy_process_group()
-if __name__ == "__main__":
-    mp.spawn(run, args=(int(sys.argv[1]), int(sys.argv[2])), nprocs=2)
-"""
 
 
 def allreduce_ms(numel: int) -> float:
@@ -66,27 +66,9 @@ def allreduce_ms(numel: int) -> float:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as fh:
-        fh.write(_ALLREDUCE)
-    try:
-        proc = subprocess.run([sys.executable, fh.name, str(numel), str(port)], capture_output=True, text=True,
-                              check=True, timeout=300)
-    finally:
-        os.unlink(fh.name)
+    proc = subprocess.run([sys.executable, "-m", "pipelines.bench.train", "allreduce", str(numel), str(port)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=300)
     return float([ln for ln in proc.stdout.splitlines() if ln.startswith("ALLREDUCE_MS")][-1].split()[1])
-
-
-def _prepare(root: Path, num_images: int, image_size: int) -> Path:
-    from lsnet.data.synthetic import write_synthetic_coco
-    from pipelines.preprocess import preprocess
-
-    ds = write_synthetic_coco(root / "synth", num_images=num_images, image_size=(image_size, image_size), seed=0,
-                              overwrite=True)
-    shards = root / "shards"
-    # the in-process executor: no Ray in this parent process (each setting starts its own)
-    preprocess(ds.instances_json, ds.image_dir, shards, max_size=image_size, contour_points=(18,),
-               executor="local", verbose=False)
-    return shards
 
 
 def train(num_images: int = 32, image_size: int = 128, epochs: int = 4, global_batch: int = 4,
@@ -98,7 +80,7 @@ def train(num_images: int = 32, image_size: int = 128, epochs: int = 4, global_b
     rows = []
     with tempfile.TemporaryDirectory(prefix="lsnet-bench-train-") as tmp:
         root = Path(tmp)
-        shards = _prepare(root, num_images, image_size)
+        shards, _ = synthetic_shards(root, num_images, image_size)
         for workers, cpus in settings:
             if global_batch % workers:
                 raise ValueError(f"global_batch {global_batch} is not divisible by {workers} workers")
@@ -113,8 +95,8 @@ def train(num_images: int = 32, image_size: int = 128, epochs: int = 4, global_b
             args = {"num_cpus": max(cores, workers * cpus), "config": str(REPO_ROOT / config),
                     "overrides": overrides, "name": name}
             started = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args)], cwd=REPO_ROOT,
-                                  capture_output=True, text=True, check=False)
+            proc = subprocess.run([sys.executable, "-m", "pipelines.bench.train", "setting", json.dumps(args)],
+                                  cwd=REPO_ROOT, capture_output=True, text=True, check=False)
             wall = time.perf_counter() - started
             if proc.returncode != 0:
                 raise RuntimeError(f"setting {name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -165,3 +147,14 @@ def train(num_images: int = 32, image_size: int = 128, epochs: int = 4, global_b
     columns = ["workers", "cpus_per_worker", "batch_per_worker", "global_batch", "steps_per_epoch",
                "images_per_s", "images_per_s_best_epoch", "s_per_step", "vs_1x1", "first_epoch_s", "run_wall_s"]
     return BenchResult(rows=rows, columns=columns, checks=checks, notes=notes)
+
+
+if __name__ == "__main__":  # the fresh processes of the benchmark (see run_setting, allreduce_ms)
+    if sys.argv[1] == "setting":
+        run_setting(json.loads(sys.argv[2]))
+    elif sys.argv[1] == "allreduce":
+        import torch.multiprocessing as mp
+
+        mp.spawn(_allreduce_rank, args=(int(sys.argv[2]), int(sys.argv[3])), nprocs=2)
+    else:
+        sys.exit(f"usage: python -m pipelines.bench.train setting JSON | allreduce NUMEL PORT (got {sys.argv[1:]})")

@@ -19,45 +19,51 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-from pipelines.bench.runner import REPO_ROOT, BenchResult
+from pipelines.bench.runner import BenchResult
+from pipelines.paths import REPO_ROOT
+from pipelines.synthetic import synthetic_shards
 
-_CHILD = r"""
-import json, sys, time
-import ray
-from pipelines.config import load_config
-from pipelines.train.driver import run_training
-from pipelines.tune.trials import SearchSettings, run_trials
-args = json.loads(sys.argv[1])
-from pipelines.ray_local import init_local_ray
-init_local_ray(num_cpus=args["num_cpus"], include_dashboard=False, log_to_driver=False, configure_logging=False)
-cfg = load_config(args["config"], args["overrides"])
-out = {"plain": [], "trial": [], "search": {}}
-def timed(fn):
-    start = time.perf_counter(); fn(); return time.perf_counter() - start
-for i in range(args["repeats"]):
-    out["plain"].append(timed(lambda: run_training(cfg, run_name=f"plain{i}", verbose=False)))
-    settings = SearchSettings(name=f"one{i}", metric=cfg.primary_metric, scheduler="fifo", max_concurrent=1)
-    out["trial"].append(timed(lambda: run_trials(cfg, [{}], settings, verbose=False)))
-variants = [{"model.loss.alpha": a} for a in (0.0, 0.1, 0.2, 0.3)]
-for k in args["concurrency"]:
-    settings = SearchSettings(name=f"four_c{k}", metric=cfg.primary_metric, scheduler="fifo", max_concurrent=k)
-    out["search"][k] = timed(lambda: run_trials(cfg, variants, settings, verbose=False))
-print("BENCH " + json.dumps(out))
-"""
+
+def measure(args: dict) -> dict:
+    """``python -m pipelines.bench.tune JSON``: the timed runs, in this fresh process with its own local
+    Ray; prints ``BENCH <json>`` (the wall times) for the parent."""
+    from pipelines.config import load_config
+    from pipelines.ray_local import init_local_ray
+    from pipelines.train.driver import run_training
+    from pipelines.tune.records import SearchSettings
+    from pipelines.tune.trials import run_trials
+
+    init_local_ray(num_cpus=args["num_cpus"], include_dashboard=False, log_to_driver=False, configure_logging=False)
+    cfg = load_config(args["config"], args["overrides"])
+    out = {"plain": [], "trial": [], "search": {}}
+
+    def timed(fn, *args, **kwargs) -> float:
+        start = time.perf_counter()
+        fn(*args, **kwargs)
+        return time.perf_counter() - start
+
+    for i in range(args["repeats"]):
+        out["plain"].append(timed(run_training, cfg, run_name=f"plain{i}", verbose=False))
+        settings = SearchSettings(name=f"one{i}", metric=cfg.primary_metric, scheduler="fifo", max_concurrent=1)
+        out["trial"].append(timed(run_trials, cfg, [{}], settings, verbose=False))
+    variants = [{"model.loss.alpha": a} for a in (0.0, 0.1, 0.2, 0.3)]
+    for k in args["concurrency"]:
+        settings = SearchSettings(name=f"four_c{k}", metric=cfg.primary_metric, scheduler="fifo", max_concurrent=k)
+        out["search"][k] = timed(run_trials, cfg, variants, settings, verbose=False)
+    return out
 
 
 def tune(num_images: int = 8, image_size: int = 64, epochs: int = 4, repeats: int = 2,
          concurrency: list[int] | None = None, config: str = "configs/tiny_bbox.yaml") -> BenchResult:
-    from pipelines.bench.train import _prepare
-
     concurrency = concurrency or [1, 2]
     cores = os.cpu_count() or 2
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="lsnet-bench-tune-") as tmp:
         root = Path(tmp)
-        shards = _prepare(root, num_images, image_size)
+        shards, _ = synthetic_shards(root, num_images, image_size)
         overrides = [
             f"data.train_shards={shards}", f"data.val_shards={shards}",
             f"data.scale_range=[{image_size}, {image_size}]", f"data.max_size={image_size}",
@@ -70,7 +76,7 @@ def tune(num_images: int = 8, image_size: int = 64, epochs: int = 4, repeats: in
                 "repeats": repeats, "concurrency": concurrency}
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
         env.pop("MLFLOW_TRACKING_URI", None)
-        proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args)], cwd=REPO_ROOT, env=env,
+        proc = subprocess.run([sys.executable, "-m", "pipelines.bench.tune", json.dumps(args)], cwd=REPO_ROOT, env=env,
                               capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"bench tune failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -97,3 +103,7 @@ def tune(num_images: int = 8, image_size: int = 64, epochs: int = 4, repeats: in
         notes.append(f"4 trials: 2 concurrent / 1 concurrent wall time = {searches[2] / searches[1]:.2f}")
     return BenchResult(rows=rows, columns=["run", "trials", "concurrent", "wall_s", "vs_plain"], checks=checks,
                        notes=notes)
+
+
+if __name__ == "__main__":  # the fresh process of the benchmark (see measure)
+    print("BENCH " + json.dumps(measure(json.loads(sys.argv[1]))), flush=True)
