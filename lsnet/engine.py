@@ -23,7 +23,6 @@ Python RNG states, all stored as tensors and plain Python values so that
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -36,6 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 
+from lsnet.atomic import atomic_write
 from lsnet.config import check_range
 from lsnet.evaluation import (
     TASK_IOU_TYPES,
@@ -573,12 +573,7 @@ def checkpoint_state(
 
 def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> Path:
     """Write atomically (temp file + rename): a crash mid-write never leaves a truncated checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -18,7 +18,6 @@ them from there), so data and model cannot disagree.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -238,7 +237,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
 
 
 def default_run_name(config: ExperimentConfig, timestamp: str) -> str:
-    base = re.sub(r"[^A-Za-z0-9_.-]+", "-", config.name or "lsnet")
+    from pipelines.text import slug
+
+    base = slug(config.name or "lsnet")
     return f"{base}-{timestamp}"
 
 

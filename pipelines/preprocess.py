@@ -50,6 +50,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 from pyarrow import ipc
 
+from lsnet.atomic import atomic_write_bytes
 from lsnet.data.shards import (
     GT_NAME,
     MANIFEST_NAME,
@@ -413,15 +414,6 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _crash_hook() -> tuple[int | None, str]:
     value = os.environ.get(CRASH_ENV)
     if not value:
@@ -547,7 +539,7 @@ class _ShardInProgress:
             "ann_ids": self.ann_ids,
             "rejected": self.rejected,
         }
-        atomic_write_bytes(_sidecar_path(self.writer.path), json.dumps(info).encode())
+        atomic_write_bytes(_sidecar_path(self.writer.path), json.dumps(info).encode(), fsync=True)
         return info
 
 
@@ -774,7 +766,7 @@ def _write_outputs(out_dir: Path, ann: str, images: str, source_sha: str, cfg: P
     gt["annotations"] = gt_anns
     gt["categories"] = categories
     gt_bytes = json.dumps(gt, separators=(",", ":")).encode()
-    atomic_write_bytes(out_dir / GT_NAME, gt_bytes)
+    atomic_write_bytes(out_dir / GT_NAME, gt_bytes, fsync=True)
     rejected = plan.rejected + [r for info in infos for r in info["rejected"]]
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -797,7 +789,7 @@ def _write_outputs(out_dir: Path, ann: str, images: str, source_sha: str, cfg: P
         "rejected_summary": dict(sorted(Counter(f"{r['kind']}:{r['code']}" for r in rejected).items())),
         "rejected": rejected,
     }
-    atomic_write_bytes(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
+    atomic_write_bytes(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=1).encode(), fsync=True)
     return manifest
 
 

@@ -112,15 +112,6 @@ def compare_rows(client, runs, metric: str, mode: str) -> tuple[list[str], list[
     return header, rows, scores
 
 
-def format_table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
-
-    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
-
-
 def guess_metric(runs) -> str:
     for name in AP_METRICS:
         if any(name in r.data.metrics for r in runs):

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from lsnet.config import ConfigError
 from pipelines.ablations.spec import REPO_ROOT, AblationSpec, ScaleSpec
+from pipelines.text import slug
 
 #: metrics shown as percentages (the paper's unit)
 PERCENT_PREFIXES = ("bbox_AP", "segm_AP", "kp_AP", "mask_AP")
@@ -64,8 +65,8 @@ def prepare_dataset(spec: AblationSpec, scale: ScaleSpec, data_root: Path) -> tu
         if not Path(_repo_path(d.ann)).exists():
             raise ConfigError(f"{spec.name}: dataset annotations not found: {_repo_path(d.ann)}")
     identity = json.dumps({"task": spec.task, **dataclasses.asdict(d)}, sort_keys=True)
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", scale.dataset_name).strip("-")[:40]
-    root = Path(data_root) / f"{spec.task}-{slug}-{hashlib.sha256(identity.encode()).hexdigest()[:10]}"
+    name = slug(scale.dataset_name).strip("-")[:40]
+    root = Path(data_root) / f"{spec.task}-{name}-{hashlib.sha256(identity.encode()).hexdigest()[:10]}"
     done = root / "prepared.json"
     root.parent.mkdir(parents=True, exist_ok=True)
     with open(root.parent / ".prepare.lock", "w") as lock:

@@ -13,7 +13,6 @@ The function returns a :class:`BenchResult`; the runner prints it as a table and
 from __future__ import annotations
 
 import importlib
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,9 +20,11 @@ from typing import Any
 
 import yaml
 
+from lsnet.atomic import atomic_write_json
 from lsnet.errors import InputError
 from pipelines.paths import REPO_ROOT
 from pipelines.provenance import machine_info
+from pipelines.text import format_table as text_table
 
 
 @dataclass
@@ -37,6 +38,7 @@ class BenchResult:
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    """A benchmark's rows as a table: floats to 4 significant digits, numbers right-aligned."""
     if not rows:
         return "(no rows)"
     columns = columns or list(dict.fromkeys(k for row in rows for k in row))
@@ -46,12 +48,7 @@ def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -
             return f"{value:.4g}"
         return "" if value is None else str(value)
 
-    cells = [[fmt(row.get(c)) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
-    sep = "  ".join("-" * w for w in widths)
-    body = ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
-    return "\n".join([line, sep, *body])
+    return text_table(columns, [[fmt(row.get(c)) for c in columns] for row in rows], right_align=True)
 
 
 def find_spec(name: str, jobs_dir: Path | None = None) -> Path:
@@ -92,11 +89,7 @@ def run_benchmark(name: str, overrides: dict[str, Any] | None = None, out_dir: P
         "seconds": elapsed,
         **asdict(result),
     }
-    out_dir = out_dir or REPO_ROOT / "results" / "bench"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out_path = out_dir / f"{name}.json"
-    tmp = out_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    tmp.replace(out_path)
+    out_path = atomic_write_json((out_dir or REPO_ROOT / "results" / "bench") / f"{name}.json", record, indent=2,
+                                 default=str)
     print(f"wrote {out_path}")
     return record

@@ -14,11 +14,11 @@ from pipelines.runs import (
     _fmt_duration,
     compare_rows,
     find_runs,
-    format_table,
     guess_metric,
     metric_curve,
     tracking_uri_from,
 )
+from pipelines.text import format_table
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -25,6 +25,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from lsnet.atomic import atomic_write_json
 from pipelines.provenance import SYSTEM_TAG_KEYS
 from pipelines.tracking.store import configure_mlflow_http, ensure_experiment, prepare_sqlite_store
 
@@ -45,12 +46,6 @@ _MAX_METRICS, _MAX_PARAMS, _MAX_TAGS = 1000, 100, 100
 
 #: The MLflow model of a run is logged under this name: ``runs:/<run_id>/model``.
 MODEL_NAME = "model"
-
-
-def _atomic_write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 class Journal:
@@ -151,7 +146,7 @@ class Journal:
     def save_state(self, **updates: Any) -> None:
         with self._lock:
             self.state.update(updates)
-            _atomic_write_json(self.state_path, self.state)
+            atomic_write_json(self.state_path, self.state, indent=1)
 
     @property
     def synced_seq(self) -> int:

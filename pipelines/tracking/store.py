@@ -16,6 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
+from lsnet.atomic import atomic_write
 from pipelines.paths import REPO_ROOT
 
 
@@ -63,7 +64,9 @@ def artifact_root_for(tracking_uri: str, experiment_name: str) -> str | None:
     process runs in). None (the server decides) for other stores."""
     if not tracking_uri.startswith("sqlite:///"):
         return None
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment_name) or "experiment"
+    from pipelines.text import slug
+
+    safe = slug(experiment_name, "_") or "experiment"
     return (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts" / safe).as_uri()
 
 
@@ -102,12 +105,8 @@ def _empty_store_template() -> Path | None:
     template = cache / f"mlflow-{mlflow.__version__}-empty.db"
     if template.is_file():
         return template
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = cache / f".{template.name}.tmp{os.getpid()}"
-        tmp.unlink(missing_ok=True)
-        _migrate_new_sqlite_store(tmp)
-        os.replace(tmp, template)  # built whole, then renamed: another process never copies half of it
+    try:  # built whole, then renamed: another process never copies half of it
+        atomic_write(template, _migrate_new_sqlite_store)
     except OSError:
         return None
     return template

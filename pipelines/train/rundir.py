@@ -21,6 +21,7 @@ import json
 import os
 from pathlib import Path
 
+from lsnet.atomic import atomic_write_json
 from lsnet.config import ConfigError
 from lsnet.errors import InputError, LsnetError, one_line
 
@@ -90,11 +91,7 @@ def write_worker_info(run_dir: Path, rank: int, world: int, device, resumed_from
             "hostname": socket.gethostname(), "pid": os.getpid(), "device": str(device),
             "resumed_from": resumed_from,
             "time": _dt.datetime.now(_dt.UTC).isoformat()}
-    out = run_dir / "workers"
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".rank{rank}.json.tmp"
-    tmp.write_text(json.dumps(info, indent=1))
-    os.replace(tmp, out / f"rank{rank}.json")
+    atomic_write_json(run_dir / "workers" / f"rank{rank}.json", info, indent=1)
 
 
 def record_worker_error(run_dir: Path, rank: int, err: LsnetError) -> None:
@@ -103,11 +100,8 @@ def record_worker_error(run_dir: Path, rank: int, err: LsnetError) -> None:
     if "Original Traceback" in message:  # re-raised from a DataLoader worker process: its last line
         last = [line for line in message.splitlines() if line.strip()][-1]
         message = last.split(f"{type(err).__name__}: ", 1)[-1]
-    out = run_dir / WORKER_ERRORS_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".rank{rank}.json.tmp"
-    tmp.write_text(json.dumps({"rank": rank, "type": type(err).__name__, "message": one_line(message)}))
-    os.replace(tmp, out / f"rank{rank}.json")
+    atomic_write_json(run_dir / WORKER_ERRORS_DIR / f"rank{rank}.json",
+                      {"rank": rank, "type": type(err).__name__, "message": one_line(message)})
 
 
 def worker_error(run_dir: Path) -> LsnetError | None:
