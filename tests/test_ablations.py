@@ -85,7 +85,7 @@ def test_unknown_table_and_bad_variant_override_exit_2(tmp_path, capsys):
 def test_tables_on_the_same_dataset_share_one_prepared_copy(tmp_path):
     """The nightly job runs Table 2 then Table 3 on the same tiny dataset: the second finds it prepared
     (it used to fail on the first one's files); an interrupted preparation is rebuilt."""
-    from pipelines.ablations.runner import prepare_dataset
+    from pipelines.ablations.data import prepare_dataset
 
     t2, t3 = load_ablation_spec("table2"), load_ablation_spec("table3")
     first = prepare_dataset(t2, t2.scales["tiny"], tmp_path)
@@ -159,7 +159,7 @@ TABLE2_VALUES = {"giou_rectangle": 0.30, "smooth_l1_rectangle": 0.20, "smooth_l1
 
 
 def test_report_from_mlflow_ranks_and_previous(tmp_path):
-    from pipelines.ablations.runner import build_report
+    from pipelines.ablations.report import build_report
 
     spec = load_ablation_spec("table2")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -186,7 +186,7 @@ def test_report_from_mlflow_ranks_and_previous(tmp_path):
 
 
 def test_run_of_some_variants_renders_those_rows(tmp_path, capsys):
-    from pipelines.ablations.runner import build_report
+    from pipelines.ablations.report import build_report
     from pipelines.cli import main
 
     spec = load_ablation_spec("table2")
@@ -226,7 +226,7 @@ def _edit_metric(db: Path, run_id: str, key: str, value: float) -> None:
 def test_planted_regression_is_flagged(tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    from pipelines.ablations.runner import build_report
+    from pipelines.ablations.report import build_report
     from pipelines.cli import main
 
     spec = load_ablation_spec("table2")
@@ -261,7 +261,7 @@ def test_planted_regression_is_flagged(tmp_path, capsys):
 
 
 def test_paper_ranking_check_at_full_scale(tmp_path):
-    from pipelines.ablations.runner import build_report
+    from pipelines.ablations.report import build_report
 
     spec = load_ablation_spec("table2")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -280,7 +280,7 @@ def test_paper_ranking_check_at_full_scale(tmp_path):
 def test_tiny_table2_job_end_to_end(ray_head, tmp_path, monkeypatch, capsys):
     import json
 
-    from pipelines.ablations.runner import build_report
+    from pipelines.ablations.report import build_report
     from pipelines.cli import main
 
     monkeypatch.setattr("pipelines.jobs.client.make_client",
@@ -358,7 +358,7 @@ def test_resume_keeps_finished_variants_and_continues_the_failed_one(ray_session
     trained again, a failed one runs again (here its shards were missing at first)."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines.ablations.runner import find_parent_runs
+    from pipelines.ablations.report import find_parent_runs
     from pipelines.cli import main
 
     late = tmp_path / "late_shards"

@@ -20,96 +20,14 @@ A run (one table at one scale):
 from __future__ import annotations
 
 import datetime as _dt
-import html
 import json
-import math
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from lsnet.config import ConfigError
-from pipelines.ablations.spec import REPO_ROOT, AblationSpec, ScaleSpec
-from pipelines.text import slug
-
-#: metrics shown as percentages (the paper's unit)
-PERCENT_PREFIXES = ("bbox_AP", "segm_AP", "kp_AP", "mask_AP")
-#: per-variant extras read from the child runs (Figure 4: final mean IoU of positives, classification loss)
-EXTRA_METRICS = ("epoch_pos_iou", "epoch_loss_cls")
-
-
-# --------------------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------------------
-
-
-def prepare_dataset(spec: AblationSpec, scale: ScaleSpec, data_root: Path) -> tuple[str, str, str | None]:
-    """Shards for the scale: ``(train_shards, val_shards, mask_study_json)``.
-
-    Cached under ``data_root/<task>-<dataset>-<hash of the data spec>/``: tables sharing a dataset (the
-    nightly job runs Table 2 and Table 3 on the same one) prepare it once. ``prepared.json`` is written
-    last: a folder without it (an interrupted preparation) is rebuilt; a lock file keeps two runs on
-    the same machine from building it at once."""
-    import dataclasses
-    import fcntl
-    import hashlib
-    import shutil
-
-    d = scale.data
-    if d.source == "shards":
-        if not d.train_shards:
-            raise ConfigError(f"{spec.name}: data.source=shards needs data.train_shards")
-        return d.train_shards, d.val_shards or d.train_shards, d.val_ann or d.ann
-    if d.source == "coco":
-        if d.ann is None or d.images is None:
-            raise ConfigError(f"{spec.name}: data.source=coco needs data.ann and data.images")
-        if not Path(_repo_path(d.ann)).exists():
-            raise ConfigError(f"{spec.name}: dataset annotations not found: {_repo_path(d.ann)}")
-    identity = json.dumps({"task": spec.task, **dataclasses.asdict(d)}, sort_keys=True)
-    name = slug(scale.dataset_name).strip("-")[:40]
-    root = Path(data_root) / f"{spec.task}-{name}-{hashlib.sha256(identity.encode()).hexdigest()[:10]}"
-    done = root / "prepared.json"
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / ".prepare.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if done.exists():
-            return tuple(json.loads(done.read_text())["paths"])
-        shutil.rmtree(root, ignore_errors=True)  # ours, and incomplete
-        paths = _build_dataset(spec, d, root)
-        done.write_text(json.dumps({"dataset": identity, "paths": list(paths)}, indent=1))
-        return paths
-
-
-def _build_dataset(spec: AblationSpec, d, root: Path) -> tuple[str, str, str | None]:
-    from pipelines.preprocess import preprocess
-
-    points = tuple(d.contour_points)
-    if d.source == "synthetic":  # no held-out split: evaluate on the training images (said in the report)
-        from pipelines.synthetic import synthetic_shards
-
-        train, ann = synthetic_shards(root, d.num_images, d.image_size, task=spec.task, max_size=d.max_size,
-                                      contour_points=points, shard_dir=root / "shards" / "train", seed=d.seed,
-                                      objects_per_image=(1, 3), person_prob=d.person_prob, overwrite=False)
-        return str(train), str(train), str(ann)
-    ann, images, val_ann, val_images = (_repo_path(x) for x in (d.ann, d.images, d.val_ann, d.val_images))
-    train = root / "shards" / "train"
-    preprocess(ann, images, train, max_size=d.max_size, contour_points=points, executor="local", verbose=False)
-    if val_ann is None:  # no held-out split: evaluate on the training images (said in the report)
-        return str(train), str(train), str(ann)
-    val = root / "shards" / "val"
-    preprocess(val_ann, val_images, val, max_size=d.max_size, contour_points=points, executor="local",
-               verbose=False)
-    return str(train), str(val), str(val_ann)
-
-
-def _repo_path(path: str | None) -> str | None:
-    if path is None or "://" in path or Path(path).is_absolute():
-        return path
-    return str((REPO_ROOT / path).resolve())
-
-
-# --------------------------------------------------------------------------------------------------
-# Running
-# --------------------------------------------------------------------------------------------------
+from pipelines.ablations.data import prepare_dataset, repo_path
+from pipelines.ablations.report import Report, child_runs, render_table
+from pipelines.ablations.spec import AblationSpec, ScaleSpec
 
 
 def run_ablation(spec: AblationSpec, scale_name: str, out: Path, tracking_uri: str | None = None,
@@ -127,10 +45,8 @@ def run_ablation(spec: AblationSpec, scale_name: str, out: Path, tracking_uri: s
     """
     from mlflow.tracking import MlflowClient
 
-    from pipelines.provenance import commit_tags
     from pipelines.tracking.store import ensure_experiment, open_store, resolve_tracking_uri
-    from pipelines.tune.records import SEARCH_FILE, SearchSettings, variant_key
-    from pipelines.tune.trials import open_parent_tracker, run_trials
+    from pipelines.tune.trials import open_parent_tracker
 
     scale = spec.scale(scale_name)
     out = Path(out)
@@ -157,60 +73,107 @@ def run_ablation(spec: AblationSpec, scale_name: str, out: Path, tracking_uri: s
     if resume:
         parent.reopen()
     else:
-        (search_dir / RUN_FILE).write_text(json.dumps(
-            {"table": spec.name, "scale": scale_name, "variants": [v.name for v in variants],
-             "overrides": list(overrides or [])}, indent=1))
-        parent.set_tags({**commit_tags("lsnet ablation"), **common,
-                         "ablation_kind": "parent", "dataset": scale.dataset_name, "schedule": scale.schedule,
-                         "backbone": base.model.backbone, "ablation_variants": ",".join(v.name for v in variants),
-                         "lsnet.kind": "ablation"})
+        _start_parent_run(parent, spec, scale_name, base, variants, overrides, search_dir, common)
     if not parent.flush() or not parent.run_id:
         raise ConfigError(f"{spec.name}: cannot open the parent MLflow run at {uri}")
-    failed: list[str] = []
     try:
-        if trained:
-            if verbose:
-                print(f"[ablation {spec.name}/{scale_name}] training {len(trained)} variant(s): "
-                      f"{', '.join(v.name for v in trained)}", flush=True)
-            settings = SearchSettings(name=name, metric=spec.metric, mode="max" if spec.higher_is_better else "min",
-                                      scheduler="fifo", search="grid")
-            overrides_of = {v.name: variant_overrides(v) for v in trained}
-            outcome = run_trials(
-                base, list(overrides_of.values()), settings, address=address or scale.address,
-                verbose=verbose, source=f"{spec.name} ({scale_name})", parent=parent, source_name="lsnet ablation",
-                # (a run killed before its trials started has no Tune state: they start now)
-                resume=resume and (search_dir / SEARCH_FILE).exists(), retry_failed=True,
-                # readable child names in MLflow (the Train run directories keep Tune's trial ids)
-                variant_tags=[{**common, "ablation_variant": v.name, "mlflow.runName": f"{name}-{v.name}"}
-                              for v in trained])
-            by_key = {variant_key(r.values): r for r in outcome.trials}
-            for v in trained:
-                record = by_key.get(variant_key(overrides_of[v.name]))
-                if record is None or record.status != "FINISHED":
-                    failed.append(f"{v.name}: {record.error if record else 'no trial ran'}")
-        done = _children(client, [experiment_id], parent.run_id) if resume else {}
+        failed = _train_variants(spec, scale_name, base, trained, name, search_dir, parent, common,
+                                 address=address or scale.address, resume=resume, verbose=verbose)
+        done = child_runs(client, [experiment_id], parent.run_id) if resume else {}
         for v in variants:
             if v.kind == "mask_upper_bound" and v.name not in done:
                 _mask_upper_bound_child(spec, v, mask_json, client, experiment_id, parent.run_id,
                                         {**common, "ablation_variant": v.name})
-        parent.flush()  # the report reads the parent's tags back from MLflow
-        report = build_report(spec, scale_name, uri, parent.run_id)
-        folder = out / f"{spec.name}-{scale_name}"
-        report.write(folder)
-        report.files += plot_curves(report, uri, folder)
-        for path in report.files:
-            parent.log_artifact(path, "report")
-        parent.set_tags({"mlflow.note.content": report.markdown()[:7500],  # the run page's Description
-                         "regressions": str(len(report.regressions)),
-                         "regression_list": "; ".join(report.regressions)[:4000] or "none",
-                         "failed_variants": "; ".join(failed)[:4000] or "none"})
-        parent.close("FAILED" if failed else "FINISHED")
+        report = _publish_report(spec, scale_name, uri, parent, out, failed)
     except BaseException:
         parent.close("FAILED")
         raise
     if failed:
         raise AblationFailed(report, failed)
     return report
+
+
+def _start_parent_run(parent, spec: AblationSpec, scale_name: str, base, variants: list, overrides: list[str] | None,
+                      search_dir: Path, common: dict[str, str]) -> None:
+    """A new table run: what it was started with (``ablation.json``, for ``--resume``) and its tags."""
+    from pipelines.provenance import commit_tags
+
+    scale = spec.scale(scale_name)
+    (search_dir / RUN_FILE).write_text(json.dumps(
+        {"table": spec.name, "scale": scale_name, "variants": [v.name for v in variants],
+         "overrides": list(overrides or [])}, indent=1))
+    parent.set_tags({**commit_tags("lsnet ablation"), **common,
+                     "ablation_kind": "parent", "dataset": scale.dataset_name, "schedule": scale.schedule,
+                     "backbone": base.model.backbone, "ablation_variants": ",".join(v.name for v in variants),
+                     "lsnet.kind": "ablation"})
+
+
+def _train_variants(spec: AblationSpec, scale_name: str, base, trained: list, name: str, search_dir: Path, parent,
+                    common: dict[str, str], *, address: str | None, resume: bool, verbose: bool) -> list[str]:
+    """The trained variants as Tune trials (FIFO, children of ``parent``); returns ``variant: error`` of
+    each one that did not finish."""
+    from pipelines.tune.records import SEARCH_FILE, SearchSettings, variant_key
+    from pipelines.tune.trials import run_trials
+
+    if not trained:
+        return []
+    if verbose:
+        print(f"[ablation {spec.name}/{scale_name}] training {len(trained)} variant(s): "
+              f"{', '.join(v.name for v in trained)}", flush=True)
+    settings = SearchSettings(name=name, metric=spec.metric, mode="max" if spec.higher_is_better else "min",
+                              scheduler="fifo", search="grid")
+    overrides_of = {v.name: variant_overrides(v) for v in trained}
+    outcome = run_trials(
+        base, list(overrides_of.values()), settings, address=address,
+        verbose=verbose, source=f"{spec.name} ({scale_name})", parent=parent, source_name="lsnet ablation",
+        # (a run killed before its trials started has no Tune state: they start now)
+        resume=resume and (search_dir / SEARCH_FILE).exists(), retry_failed=True,
+        # readable child names in MLflow (the Train run directories keep Tune's trial ids)
+        variant_tags=[{**common, "ablation_variant": v.name, "mlflow.runName": f"{name}-{v.name}"}
+                      for v in trained])
+    by_key = {variant_key(r.values): r for r in outcome.trials}
+    failed = []
+    for v in trained:
+        record = by_key.get(variant_key(overrides_of[v.name]))
+        if record is None or record.status != "FINISHED":
+            failed.append(f"{v.name}: {record.error if record else 'no trial ran'}")
+    return failed
+
+
+def _publish_report(spec: AblationSpec, scale_name: str, uri: str, parent, out: Path, failed: list[str]) -> Report:
+    """Render the table from MLflow (as ``lsnet ablation render`` does), log it on the parent run (the table
+    as the run page's Description, the regressions and failed variants as tags) and end the parent run."""
+    parent.flush()  # the report reads the parent's tags back from MLflow
+    report = render_table(spec, scale_name, uri, out, parent.run_id)
+    for path in report.files:
+        parent.log_artifact(path, "report")
+    parent.set_tags({"mlflow.note.content": report.markdown()[:7500],  # the run page's Description
+                     "regressions": str(len(report.regressions)),
+                     "regression_list": "; ".join(report.regressions)[:4000] or "none",
+                     "failed_variants": "; ".join(failed)[:4000] or "none"})
+    parent.close("FAILED" if failed else "FINISHED")
+    return report
+
+
+def run_tables(specs: list[AblationSpec], scale_name: str, out: Path, tracking_uri: str, overrides: list[str] | None,
+               address: str | None, only: list[str] | None = None, resume: bool = False):
+    """:func:`run_ablation` of each table in turn, yielding ``(report, failure)`` as each ends (``failure``:
+    the :class:`AblationFailed` line of a table whose variants did not all finish, else None). With
+    ``resume`` a table with nothing to resume is skipped (a killed nightly job had finished it); none at all
+    is an error."""
+    skipped = 0
+    for spec in specs:
+        try:
+            yield run_ablation(spec, scale_name, out, tracking_uri, overrides, address, only=only, resume=resume), None
+        except AblationFailed as err:  # the table of what finished is still shown
+            yield err.report, str(err)
+        except NothingToResume as err:
+            if len(specs) == 1:
+                raise
+            print(f"{err}: skipped", flush=True)
+            skipped += 1
+    if skipped == len(specs):
+        raise ConfigError(f"--resume: none of {', '.join(s.name for s in specs)} has an unfinished run under {out}")
 
 
 class NothingToResume(ConfigError):
@@ -276,7 +239,7 @@ def base_config(spec: AblationSpec, scale: ScaleSpec, train_shards: str, val_sha
              f"tracking.uri={uri}", f"tracking.experiment={spec.experiment}",
              f"run.storage_path={(Path(out) / 'runs').resolve()}"]
     try:
-        return load_config(_repo_path(scale.config), items)
+        return load_config(repo_path(scale.config), items)
     except ConfigError as err:
         raise ConfigError(f"{spec.name}: {err}") from None
 
@@ -325,238 +288,3 @@ def _mask_upper_bound_child(spec: AblationSpec, v, mask_json: str | None, client
     client.set_terminated(run.info.run_id, "FINISHED")
 
 
-#: Figure 4 of the paper: per training step, one line per variant (the MLflow metric, its axis label)
-CURVE_METRICS = (("pos_iou", "mean IoU of positive predictions"), ("loss_cls", "classification loss"))
-
-
-def plot_curves(report: Report, tracking_uri: str, folder: Path) -> list[Path]:
-    """Figure 4 as curves from MLflow: ``figure4_<metric>.png`` per metric of :data:`CURVE_METRICS`, one
-    line per trained variant (its per-step history). Variants without the metric are left out."""
-    from mlflow.tracking import MlflowClient
-
-    from pipelines.plots import plot_series
-
-    client = MlflowClient(tracking_uri)
-    paths = []
-    for metric, label in CURVE_METRICS:
-        series = {}
-        for row in report.rows:
-            if row.run_id is None:
-                continue
-            history = client.get_metric_history(row.run_id, metric)
-            if history:
-                series[row.label] = [(m.step, m.value) for m in history]
-        if series:
-            paths.append(plot_series(series, folder / f"figure4_{metric}.png", xlabel="training step", ylabel=label,
-                                     title=f"{report.spec.name} ({report.scale}): {label} per step"))
-    return paths
-
-
-# --------------------------------------------------------------------------------------------------
-# Reading back + rendering
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Row:
-    name: str
-    label: str
-    paper: float | None
-    ours: float | None  # in display units (percent for AP metrics)
-    previous: float | None = None
-    extras: dict[str, float] = field(default_factory=dict)
-    paper_rank: int | None = None
-    our_rank: int | None = None
-    run_id: str | None = None
-
-
-@dataclass
-class Report:
-    spec: AblationSpec
-    scale: str
-    experiment_id: str
-    parent_run_id: str
-    previous_run_id: str | None
-    rows: list[Row]
-    header: dict[str, str]
-    regressions: list[str]
-    ranking_notes: list[str]
-    files: list[Path] = field(default_factory=list)
-
-    def markdown(self) -> str:
-        return render_markdown(self)
-
-    def write(self, folder: Path) -> list[Path]:
-        folder.mkdir(parents=True, exist_ok=True)
-        md, page = folder / "table.md", folder / "table.html"
-        md.write_text(render_markdown(self))
-        page.write_text(render_html(self))
-        (folder / "table.json").write_text(json.dumps(
-            {"table": self.spec.name, "scale": self.scale, "parent_run_id": self.parent_run_id,
-             "previous_run_id": self.previous_run_id, "regressions": self.regressions,
-             "rows": [r.__dict__ for r in self.rows]}, indent=1))
-        self.files = [md, page, folder / "table.json"]
-        return self.files
-
-
-def _display(metric: str, value: float | None) -> float | None:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    return value * 100 if metric.startswith(PERCENT_PREFIXES) else value
-
-
-def _ranks(values: list[float | None], higher_is_better: bool) -> list[int | None]:
-    present = sorted((v for v in values if v is not None), reverse=higher_is_better)
-    return [None if v is None else present.index(v) + 1 for v in values]
-
-
-def _children(client, experiment_ids: list[str], parent_id: str) -> dict[str, object]:
-    runs = client.search_runs(experiment_ids, filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
-                              max_results=1000)
-    return {r.data.tags.get("ablation_variant"): r for r in runs}
-
-
-def find_parent_runs(client, experiment_id: str, table: str, scale: str) -> list:
-    """Finished parent runs of ``table``/``scale``, newest first."""
-    return client.search_runs(
-        [experiment_id],
-        filter_string=(f"tags.ablation_table = '{table}' and tags.ablation_scale = '{scale}' "
-                       "and tags.ablation_kind = 'parent'"),
-        order_by=["attributes.start_time DESC"], max_results=100)
-
-
-def build_report(spec: AblationSpec, scale: str, tracking_uri: str, parent_id: str | None = None) -> Report:
-    """Read the variants of a parent run (default: the latest finished one) back from MLflow."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name(spec.experiment)
-    if experiment is None:
-        raise ConfigError(f"no MLflow experiment {spec.experiment!r} at {tracking_uri}")
-    parents = find_parent_runs(client, experiment.experiment_id, spec.name, scale)
-    if parent_id is None:
-        finished = [r for r in parents if r.info.status == "FINISHED"]
-        if not finished:
-            raise ConfigError(f"no finished {spec.name}/{scale} ablation run in experiment {spec.experiment!r}")
-        parent_id = finished[0].info.run_id
-    parent = client.get_run(parent_id)
-    # the previous *finished* run of the same table and scale on the same data and schedule (a spec edited
-    # to another dataset starts a new series), started before this one
-    same = {key: parent.data.tags.get(key) for key in ("dataset", "schedule")}
-    previous = next((r for r in parents if r.info.status == "FINISHED" and r.info.run_id != parent_id
-                     and r.info.start_time < parent.info.start_time
-                     and all(r.data.tags.get(key) == value for key, value in same.items())), None)
-    ours = _children(client, [experiment.experiment_id], parent_id)
-    before = _children(client, [experiment.experiment_id], previous.info.run_id) if previous else {}
-    listed = parent.data.tags.get("ablation_variants")  # a run of some variants (--variants) shows those
-    shown = [v for v in spec.variants if not listed or v.name in listed.split(",")]
-    rows = []
-    for v in shown:
-        run = ours.get(v.name)
-        value = run.data.metrics.get(spec.metric) if run else None
-        prev_run = before.get(v.name)
-        prev = prev_run.data.metrics.get(spec.metric) if prev_run else None
-        extras = {k: run.data.metrics[k] for k in EXTRA_METRICS if run and k in run.data.metrics}
-        rows.append(Row(v.name, v.label or v.name, v.paper, _display(spec.metric, value),
-                        _display(spec.metric, prev), extras, run_id=run.info.run_id if run else None))
-    for row, rank in zip(rows, _ranks([r.paper for r in rows], spec.higher_is_better)):
-        row.paper_rank = rank
-    for row, rank in zip(rows, _ranks([r.ours for r in rows], spec.higher_is_better)):
-        row.our_rank = rank
-    tol = spec.tolerance * (100 if spec.metric.startswith(PERCENT_PREFIXES) else 1)
-    regressions = []
-    for row in rows:
-        if row.ours is None:
-            regressions.append(f"{row.name}: no {spec.metric} in this run")
-            continue
-        if row.previous is None:
-            continue
-        drop = (row.previous - row.ours) if spec.higher_is_better else (row.ours - row.previous)
-        if drop > tol:
-            regressions.append(f"{row.name}: {spec.metric} {row.ours:.2f} vs {row.previous:.2f} in the previous "
-                               f"run (worse by {drop:.2f} > tolerance {tol:.2f})")
-    ranking_notes = _ranking_notes(rows)
-    if spec.scales[scale].check_paper_ranking and ranking_notes:
-        regressions += [f"ranking: {n}" for n in ranking_notes]
-    tags = parent.data.tags
-    header = {"Table": spec.title, "Paper": spec.paper_source, "Scale": scale,
-              "Dataset": tags.get("dataset", ""), "Schedule": tags.get("schedule", ""),
-              "Backbone": tags.get("backbone", ""), "Metric": spec.metric,
-              "Commit": tags.get("git_commit", ""), "MLflow parent run": parent_id,
-              "Compared with": previous.info.run_id if previous else "(no previous finished run)"}
-    return Report(spec, scale, experiment.experiment_id, parent_id, previous.info.run_id if previous else None,
-                  rows, header, regressions, ranking_notes)
-
-
-def _ranking_notes(rows: list[Row]) -> list[str]:
-    """Pairs ordered one way by the paper and the other way by us."""
-    notes = []
-    for i, a in enumerate(rows):
-        for b in rows[i + 1:]:
-            if None in (a.paper_rank, b.paper_rank, a.our_rank, b.our_rank) or a.paper_rank == b.paper_rank:
-                continue
-            if (a.paper_rank < b.paper_rank) != (a.our_rank < b.our_rank):
-                notes.append(f"paper ranks {a.name} {'above' if a.paper_rank < b.paper_rank else 'below'} {b.name}, "
-                             "we do not")
-    return notes
-
-
-def _fmt(value: float | None, digits: int = 1) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
-
-
-def _table_cells(report: Report) -> tuple[list[str], list[list[str]]]:
-    columns = ["Variant", "Paper", "Ours", "Paper rank", "Our rank", "Previous run", "pos IoU (final)",
-               "cls loss (final)"]
-    digits = 1 if report.spec.metric.startswith(PERCENT_PREFIXES) else 3
-    body = []
-    for r in report.rows:
-        body.append([r.label, _fmt(r.paper, 1), _fmt(r.ours, digits), _fmt(r.paper_rank, 0), _fmt(r.our_rank, 0),
-                     _fmt(r.previous, digits), _fmt(r.extras.get("epoch_pos_iou"), 3),
-                     _fmt(r.extras.get("epoch_loss_cls"), 3)])
-    return columns, body
-
-
-def _caveat(report: Report) -> str:
-    if report.scale == "full":
-        return "Full scale: the numbers are comparable with the paper's."
-    return (f"Scale `{report.scale}`: absolute numbers are NOT comparable with the paper's (tiny data, short "
-            "schedule, no pretraining); compare the rankings.")
-
-
-def render_markdown(report: Report) -> str:
-    lines = [f"# {report.spec.title} — {report.scale}", ""]
-    lines += [f"- **{k}**: {v}" for k, v in report.header.items() if v]
-    lines += ["", f"> {_caveat(report)}", ""]
-    columns, body = _table_cells(report)
-    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
-    lines += ["", f"Paper ranking: {_ranking(report.rows, 'paper_rank', 'the paper gives no numbers for these rows')}",
-              f"Our ranking: {_ranking(report.rows, 'our_rank', 'no variant has a number')}"]
-    if report.ranking_notes:
-        lines += ["", "Ranking differences:"] + [f"- {n}" for n in report.ranking_notes]
-    lines += ["", f"## Regressions ({len(report.regressions)})"]
-    lines += [f"- REGRESSION {r}" for r in report.regressions] or ["- none"]
-    if report.spec.notes:
-        lines += ["", report.spec.notes.strip()]
-    return "\n".join(lines) + "\n"
-
-
-def _ranking(rows: list[Row], attr: str, none: str) -> str:
-    """Names of the ranked rows, best first (unranked rows are left out)."""
-    ranked = sorted((r for r in rows if getattr(r, attr) is not None), key=lambda r: getattr(r, attr))
-    return ", ".join(r.name for r in ranked) if ranked else f"— ({none})"
-
-
-def render_html(report: Report) -> str:
-    esc = html.escape
-    columns, body = _table_cells(report)
-    head = "".join(f"<li><b>{esc(k)}</b>: {esc(str(v))}</li>" for k, v in report.header.items() if v)
-    table = ("<table border=1 cellpadding=4><tr>" + "".join(f"<th>{esc(c)}</th>" for c in columns) + "</tr>"
-             + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in body) + "</table>")
-    regs = "".join(f"<li style='color:#b00'>REGRESSION {esc(r)}</li>" for r in report.regressions) or "<li>none</li>"
-    notes = "".join(f"<li>{esc(n)}</li>" for n in report.ranking_notes)
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(report.spec.title)}</title></head><body>"
-            f"<h1>{esc(report.spec.title)} — {esc(report.scale)}</h1><ul>{head}</ul><p><i>{esc(_caveat(report))}</i></p>"
-            f"{table}<h2>Ranking differences</h2><ul>{notes or '<li>none</li>'}</ul>"
-            f"<h2>Regressions ({len(report.regressions)})</h2><ul>{regs}</ul></body></html>\n")

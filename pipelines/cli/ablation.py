@@ -47,14 +47,8 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from pipelines.ablations.runner import (
-        AblationFailed,
-        NothingToResume,
-        build_report,
-        plot_curves,
-        run_ablation,
-        select_variants,
-    )
+    from pipelines.ablations.report import render_table
+    from pipelines.ablations.runner import run_tables, select_variants
     from pipelines.ablations.spec import load_ablation_spec
     from pipelines.runs import tracking_uri_from
     from pipelines.tracking.store import resolve_tracking_uri, run_url, ui_command
@@ -65,41 +59,22 @@ def _run(args: argparse.Namespace) -> int:
         spec.scale(args.scale, str(spec.name))
         if only:
             select_variants(spec, only)
+    if args.experiment:
+        specs = [dataclasses.replace(spec, experiment=args.experiment) for spec in specs]
     out = Path(args.out)
     if args.action == "run":
         uri = resolve_tracking_uri(args.tracking_uri)  # resolved once, here; run_ablation opens the store
+        tables = run_tables(specs, args.scale, out, uri, args.overrides, args.address, only=only, resume=args.resume)
     else:  # render only reads
         uri = tracking_uri_from(args.tracking_uri)
-    regressed = 0
-    failures = []
-    skipped = 0
-    for spec in specs:
-        if args.experiment:
-            spec = dataclasses.replace(spec, experiment=args.experiment)
-        if args.action == "run":
-            try:
-                report = run_ablation(spec, args.scale, out, uri, args.overrides, args.address, only=only,
-                                      resume=args.resume)
-            except AblationFailed as err:  # the table of what finished is still shown, then exit 1
-                report = err.report
-                failures.append(str(err))
-            except NothingToResume as err:
-                if len(specs) == 1:
-                    raise
-                print(f"{err}: skipped", flush=True)  # e.g. a killed nightly job: the tables it had finished
-                skipped += 1
-                continue
-        else:
-            report = build_report(spec, args.scale, uri, args.parent)
-            folder = out / f"{spec.name}-{args.scale}"
-            report.write(folder)
-            report.files += plot_curves(report, uri, folder)
+        tables = ((render_table(spec, args.scale, uri, out, args.parent), None) for spec in specs)
+    regressed, failures = 0, []
+    for report, failure in tables:
         print(report.markdown())
         print(f"written: {', '.join(str(p) for p in report.files)}")
         print(f"MLflow parent run: {run_url(uri, report.experiment_id, report.parent_run_id)}")
         regressed += len(report.regressions)
-    if skipped == len(specs):
-        raise ConfigError(f"--resume: none of {', '.join(s.name for s in specs)} has an unfinished run under {out}")
+        failures += [failure] if failure else []
     print(f"open the MLflow UI with: {ui_command(uri)}")
     if failures:
         print(f"lsnet ablation run: {' | '.join(failures)}", file=sys.stderr)
@@ -108,4 +83,3 @@ def _run(args: argparse.Namespace) -> int:
         print(f"lsnet ablation: {regressed} regression(s) (see the reports)", file=sys.stderr)
         return 1
     return 0
-

@@ -54,9 +54,9 @@ from pipelines.tune.space import SearchSpace, trial_config, validate_space, vali
 
 
 def _trial(config: dict[str, Any], *, base: dict[str, Any], search_name: str, search_dir: str,
-           tracking_uri: str | None, tags: dict[str, str],
-           variant_tags: dict[str, dict[str, str]] | None = None) -> None:
-    """Tune function trainable: one Ray Train run of ``base`` with ``config["overrides"]``."""
+           tags: dict[str, str], variant_tags: dict[str, dict[str, str]] | None = None) -> None:
+    """Tune function trainable: one Ray Train run of ``base`` with ``config["overrides"]`` (the tracking
+    store: ``base``'s ``tracking.uri``, resolved by the search's driver)."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -67,8 +67,7 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any], search_name: str, se
     cfg = trial_config(base, overrides)
     name = trial_run_name(search_name, trial_id)
     run = dataclasses.replace(cfg.run, name=name, storage_path=str(Path(search_dir) / TRIALS_DIRNAME))
-    tracking = dataclasses.replace(cfg.tracking, uri=tracking_uri)
-    cfg = dataclasses.replace(cfg, run=run, tracking=tracking)
+    cfg = dataclasses.replace(cfg, run=run)
     trial_tags = {**tags, "lsnet.trial_id": trial_id,
                   **{key: json.dumps(_plain(value)) if not isinstance(value, str) else value
                      for key, value in overrides.items()},
@@ -192,14 +191,52 @@ def run_trials(base: ExperimentConfig, space: SearchSpace | list[dict[str, Any]]
     shown for the runs. ``retry_failed`` (with ``resume``): failed trials run again, from their last
     checkpoint (a search leaves them failed; an ablation table needs every row).
     """
-    import ray
-    from ray import tune
-
-    from pipelines.provenance import run_tags
-    from pipelines.tracking.store import open_store
+    from pipelines.ray_local import start_ray
     from pipelines.train.driver import absolutize_paths
 
     base = absolutize_paths(base)
+    space, settings, search_dir = _check_search_inputs(base, space, settings, source, variant_tags, resume)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # The task's AP arrives only on evaluation epochs; ASHA skips results without it (Tune's strict
+    # check would instead fail the trial).
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    start_ray(address=address, verbose=verbose)  # a local Ray on 127.0.0.1 that ends with this command
+    need, max_concurrent = _concurrency(base, space, settings)
+    search_dir.mkdir(parents=True, exist_ok=True)
+    owns_parent = parent is None
+    if base.tracking.enabled:
+        from pipelines.tracking.store import open_store
+
+        # resolved once (a no-op on the URI a command resolved); the trials get it in tracking.uri
+        base = dataclasses.replace(base, tracking=dataclasses.replace(base.tracking, uri=open_store(base.tracking.uri)))
+        parent = parent or open_parent_tracker(search_dir, base.tracking.uri, base.tracking.experiment,
+                                               settings.name, verbose)
+        if not resume:
+            _record_search_on_parent(parent, base, space, settings, search_dir, max_concurrent, source_name,
+                                     owns_parent)
+        parent.flush()  # the children need the parent's run id
+    if not resume:
+        (search_dir / SEARCH_FILE).write_text(json.dumps({"settings": dataclasses.asdict(settings),
+                                                          "source": source}, indent=1))
+    tags = {"lsnet.search": settings.name, "lsnet.kind": "trial", "mlflow.source.name": source_name}
+    if parent is not None and parent.run_id:
+        tags["mlflow.parentRunId"] = parent.run_id
+    tags_by_variant = None if variant_tags is None else {variant_key(v): dict(t) for v, t in zip(space, variant_tags)}
+    if verbose:
+        print(f"[tune] {settings.name}: up to {max_concurrent} concurrent trial(s) of {_fmt(need)} each; "
+              f"search directory {search_dir}", flush=True)
+    tuner = _tuner(base, space, settings, search_dir, tags, tags_by_variant, max_concurrent, resume, retry_failed,
+                   verbose)
+    grid = tuner.fit()
+    tracking_uri = base.tracking.uri if base.tracking.enabled else None
+    return finish_search(grid, base, settings, search_dir, parent, tracking_uri, verbose=verbose,
+                         close_parent=owns_parent, variant_tags=tags_by_variant)
+
+
+def _check_search_inputs(base: ExperimentConfig, space, settings: SearchSettings, source: str,
+                         variant_tags: list[dict[str, str]] | None, resume: bool):
+    """Validate the space (or variants) against the config, find the search directory and, on
+    ``resume``, the settings the search was started with. Returns ``(space, settings, search_dir)``."""
     check_search(settings, space)
     if isinstance(space, SearchSpace):
         validate_space(base, space)
@@ -223,78 +260,63 @@ def run_trials(base: ExperimentConfig, space: SearchSpace | list[dict[str, Any]]
     if not resume and state_file.exists():
         raise ConfigError(f"search {settings.name!r} already exists in {search_dir.parent}: continue it with "
                           "--resume or choose another --name")
+    return space, settings, search_dir
 
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    # The task's AP arrives only on evaluation epochs; ASHA skips results without it (Tune's strict
-    # check would instead fail the trial).
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    from pipelines.ray_local import start_ray
 
-    start_ray(address=address, verbose=verbose)  # a local Ray on 127.0.0.1 that ends with this command
+def _concurrency(base: ExperimentConfig, space, settings: SearchSettings) -> tuple[dict[str, float], int]:
+    """One trial's resources and how many trials run at once on the cluster (Ray is up)."""
+    import ray
+
     need = trial_resources(base)
-    n_variants = len(space) if isinstance(space, list) else None
     max_concurrent = concurrent_trials(need, ray.cluster_resources(), settings.max_concurrent)
-    if n_variants:
-        max_concurrent = min(max_concurrent, n_variants)
-    search_algorithm = _search_algorithm(settings, max_concurrent)
+    if isinstance(space, list) and space:
+        max_concurrent = min(max_concurrent, len(space))
+    return need, max_concurrent
 
-    search_dir.mkdir(parents=True, exist_ok=True)
-    tracking_uri = None
-    owns_parent = parent is None
-    if base.tracking.enabled:
-        tracking_uri = open_store(base.tracking.uri)  # a no-op on the URI a command resolved
-        if parent is None:
-            parent = open_parent_tracker(search_dir, tracking_uri, base.tracking.experiment, settings.name,
-                                         verbose)
-        if not resume:
-            searched = space.describe() if isinstance(space, SearchSpace) else {
-                f"variant_{i}": json.dumps(v) for i, v in enumerate(space)}
-            parent.log_params({**{f"space.{k}": v for k, v in searched.items()},
-                               "scheduler": settings.scheduler, "search": settings.search,
-                               "metric": settings.metric, "mode": settings.mode,
-                               "num_samples": settings.num_samples, "max_concurrent": max_concurrent,
-                               "grace_period": settings.grace_period,
-                               "reduction_factor": settings.reduction_factor,
-                               "max_failures": settings.max_failures})
-            parent.set_tags({**run_tags(base, source_name),
-                             **({"lsnet.kind": "search"} if owns_parent else {})})  # else the caller's kind
-            (search_dir / "base_config.yaml").write_text(base.to_yaml())
-            parent.log_artifact(search_dir / "base_config.yaml", "config")
-        parent.flush()  # the children need the parent's run id
-    if not resume:
-        state_file.write_text(json.dumps({"settings": dataclasses.asdict(settings), "source": source}, indent=1))
 
-    tags = {"lsnet.search": settings.name, "lsnet.kind": "trial", "mlflow.source.name": source_name}
-    if parent is not None and parent.run_id:
-        tags["mlflow.parentRunId"] = parent.run_id
-    tags_by_variant = None if variant_tags is None else {variant_key(v): dict(t) for v, t in zip(space, variant_tags)}
+def _record_search_on_parent(parent, base: ExperimentConfig, space, settings: SearchSettings, search_dir: Path,
+                             max_concurrent: int, source_name: str, owns_parent: bool) -> None:
+    """A new search's parameters, provenance tags and base config on its parent run."""
+    from pipelines.provenance import run_tags
+
+    searched = space.describe() if isinstance(space, SearchSpace) else {
+        f"variant_{i}": json.dumps(v) for i, v in enumerate(space)}
+    parent.log_params({**{f"space.{k}": v for k, v in searched.items()},
+                       "scheduler": settings.scheduler, "search": settings.search,
+                       "metric": settings.metric, "mode": settings.mode,
+                       "num_samples": settings.num_samples, "max_concurrent": max_concurrent,
+                       "grace_period": settings.grace_period,
+                       "reduction_factor": settings.reduction_factor,
+                       "max_failures": settings.max_failures})
+    parent.set_tags({**run_tags(base, source_name),
+                     **({"lsnet.kind": "search"} if owns_parent else {})})  # else the caller's kind
+    (search_dir / "base_config.yaml").write_text(base.to_yaml())
+    parent.log_artifact(search_dir / "base_config.yaml", "config")
+
+
+def _tuner(base: ExperimentConfig, space, settings: SearchSettings, search_dir: Path, tags: dict[str, str],
+           tags_by_variant: dict | None, max_concurrent: int, resume: bool, retry_failed: bool, verbose: bool):
+    """The Tuner of the search (restored from ``search_dir`` on ``resume``)."""
+    from ray import tune
+
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=to_dict(base), search_name=settings.name, search_dir=str(search_dir),
-                             tracking_uri=tracking_uri, tags=tags, variant_tags=tags_by_variant),
+                             tags=tags, variant_tags=tags_by_variant),
         TRIAL_DRIVER_RESOURCES)
-    if verbose:
-        print(f"[tune] {settings.name}: up to {max_concurrent} concurrent trial(s) of {_fmt(need)} each; "
-              f"search directory {search_dir}", flush=True)
     if resume:
-        tuner = tune.Tuner.restore(str(search_dir), trainable, resume_unfinished=True, resume_errored=retry_failed,
-                                   restart_errored=False)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=_param_space(space),
-            tune_config=tune.TuneConfig(
-                metric=settings.metric, mode=settings.mode, search_alg=search_algorithm,
-                scheduler=_scheduler(settings, base.train.epochs),
-                num_samples=1 if n_variants else settings.num_samples,  # (concurrency: search_alg)
-                trial_name_creator=lambda trial: trial.trial_id,
-                trial_dirname_creator=lambda trial: trial.trial_id),
-            run_config=tune.RunConfig(
-                name=settings.name, storage_path=str(search_dir.parent),
-                failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-                verbose=1 if verbose else 0),
-        )
-    grid = tuner.fit()
-
-
-    return finish_search(grid, base, settings, search_dir, parent, tracking_uri, verbose=verbose,
-                         close_parent=owns_parent, variant_tags=tags_by_variant)
+        return tune.Tuner.restore(str(search_dir), trainable, resume_unfinished=True, resume_errored=retry_failed,
+                                  restart_errored=False)
+    return tune.Tuner(
+        trainable,
+        param_space=_param_space(space),
+        tune_config=tune.TuneConfig(
+            metric=settings.metric, mode=settings.mode, search_alg=_search_algorithm(settings, max_concurrent),
+            scheduler=_scheduler(settings, base.train.epochs),
+            num_samples=1 if isinstance(space, list) else settings.num_samples,  # (concurrency: search_alg)
+            trial_name_creator=lambda trial: trial.trial_id,
+            trial_dirname_creator=lambda trial: trial.trial_id),
+        run_config=tune.RunConfig(
+            name=settings.name, storage_path=str(search_dir.parent),
+            failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+            verbose=1 if verbose else 0),
+    )
