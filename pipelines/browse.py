@@ -136,7 +136,8 @@ def browse_shards(shard_dir: str | Path, out: str | Path, task: str = "bbox", li
 def browse_coco(ann: str | Path, images: str | Path, out: str | Path, task: str = "bbox", limit: int = 20,
                 train: bool = False, anchors: bool = False, model_cfg=None) -> list[Path]:
     """Preprocess the first ``limit`` images of a COCO JSON into a temporary shard directory, then draw."""
-    from pipelines.preprocess import load_coco_json, preprocess
+    from pipelines.preprocess import preprocess
+    from pipelines.preprocess.records import load_coco_json
 
     data, _ = load_coco_json(str(ann))
     keep = {im["id"] for im in data["images"][:limit] if isinstance(im, dict)}

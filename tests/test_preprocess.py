@@ -24,7 +24,8 @@ from lsnet.data.augment import collate_batch
 from lsnet.data.shards import ShardDataset, ShardSampler
 from lsnet.data.synthetic import write_synthetic_coco
 from lsnet.targets import TargetConfig, compute_image_targets, scale_record
-from pipelines.preprocess import CRASH_ENV, PreprocessError, preprocess
+from pipelines.preprocess import PreprocessError, preprocess
+from pipelines.preprocess.settings import CRASH_ENV
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -124,7 +125,7 @@ def _crash_run(synth, out, crash: str, address: str) -> subprocess.CompletedProc
 def test_shard_bytes_do_not_depend_on_block_size(synth, tmp_path, monkeypatch):
     """Rows are streamed into the shard files as blocks arrive, in write groups of a fixed number of
     rows; blocks of 1, 2, 3 or all 7 images (straddling the groups and the shards) give the same bytes."""
-    import pipelines.preprocess as pp
+    import pipelines.preprocess.writer as pp
 
     monkeypatch.setattr(pp, "SHARD_WRITE_GROUP_ROWS", 2)
     files = []

@@ -133,7 +133,7 @@ def data(synthetic_images: int = 300, synthetic_size: tuple[int, int] = (480, 64
     jobs = [(name, ann, img, k, None) for name, (ann, img) in datasets.items() for k in cpus]
     # The memory comparison's small job runs with the big job's images per task: a worker holds one
     # task's images, so only then does the comparison isolate the dataset size.
-    from pipelines.preprocess import images_per_task
+    from pipelines.preprocess.job import images_per_task
 
     same_tasks = {"LSNET_PREPROCESS_IMAGES_PER_TASK": str(images_per_task(synthetic_images, max(cpus)))}
     jobs.append((f"synthetic{small_images}", small, synth.image_dir, max(cpus), same_tasks))

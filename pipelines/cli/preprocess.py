@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from pipelines.preprocess import DEFAULT_MAX_REJECT_FRACTION, JPEG_SUBSAMPLING, preprocess
+from pipelines.preprocess import preprocess
+from pipelines.preprocess.settings import DEFAULT_MAX_REJECT_FRACTION, JPEG_SUBSAMPLING
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
