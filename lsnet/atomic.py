@@ -16,7 +16,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any], *, fsync: bool 
     crash). The parent directory is created; a failed ``write`` leaves no temporary file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
         if fsync:

@@ -133,15 +133,21 @@ def reader_throughput(shard_dir: str | Path, ann_json: str | Path, image_dir: st
         classic[order[k]]
 
     fns = {"bare_decode": bare, "bare_decode_resize": bare_resize, "reader": shard_reader, "classic": classic_loader}
+    best = _interleaved_seconds(fns, n, passes, block)
+    return {k: n / v for k, v in best.items()} | {"num_samples": n}
+
+
+def _interleaved_seconds(fns: dict, n: int, passes: int, block: int) -> dict[str, float]:
+    """Seconds each ``fn(k)`` takes over samples ``k < n``, measured interleaved per block of ``block``
+    samples: each method runs the block (as one DataLoader worker would run it, with its own data in the
+    CPU caches), then the next method runs the same block. Blocks last tens of milliseconds, so background
+    load still hits every method alike. Every sample's work is deterministic, so its fastest of ``passes``
+    timings is its undisturbed cost; a method's time is the sum of those minima (robust to load spikes on
+    a shared machine)."""
     clock = time.perf_counter
     for k in range(n):  # warm-up: page cache, allocator, lazy imports
         for fn in fns.values():
             fn(k)
-    # Interleaved per block of ``block`` samples: each method runs the block (as one DataLoader worker
-    # would run it, with its own data in the CPU caches), then the next method runs the same block.
-    # Blocks last tens of milliseconds, so background load still hits every method alike. Every
-    # sample's work is deterministic, so its fastest of ``passes`` timings is its undisturbed cost; a
-    # method's time is the sum of those minima (robust to load spikes on a shared machine).
     per_sample = {name: np.full(n, np.inf) for name in fns}
     for _ in range(passes):
         for lo in range(0, n, block):
@@ -151,8 +157,7 @@ def reader_throughput(shard_dir: str | Path, ann_json: str | Path, image_dir: st
                     t = clock()
                     fn(k)
                     times[k] = min(times[k], clock() - t)
-    best = {name: float(times.sum()) for name, times in per_sample.items()}
-    return {k: n / v for k, v in best.items()} | {"num_samples": n}
+    return {name: float(times.sum()) for name, times in per_sample.items()}
 
 
 def reader_memory(shard_dir: str | Path, epochs: int = 2, task: str = "bbox",

@@ -112,6 +112,15 @@ def train(num_images: int = 32, image_size: int = 128, epochs: int = 4, global_b
                          "images_per_s": images / seconds, "images_per_s_best_epoch": best,
                          "s_per_step": seconds / sum(e["steps"] for e in warm),
                          "first_epoch_s": epochs_log[0]["epoch_time_s"], "run_wall_s": wall})
+    checks, notes = _compare(rows, config, num_images, image_size, epochs, cores, load_start)
+    columns = ["workers", "cpus_per_worker", "batch_per_worker", "global_batch", "steps_per_epoch",
+               "images_per_s", "images_per_s_best_epoch", "s_per_step", "vs_1x1", "first_epoch_s", "run_wall_s"]
+    return BenchResult(rows=rows, columns=columns, checks=checks, notes=notes)
+
+
+def _compare(rows: list[dict], config: str, num_images: int, image_size: int, epochs: int, cores: int,
+             load_start: tuple) -> tuple[dict, list[str]]:
+    """The scaling checks and notes of the settings' rows (adds ``vs_1x1`` to each row)."""
     base = next((r for r in rows if r["workers"] == 1 and r["cpus_per_worker"] == 1), None)
     two = next((r for r in rows if r["workers"] == 2 and r["cpus_per_worker"] == 1), None)
     threads = next((r for r in rows if r["workers"] == 1 and r["cpus_per_worker"] == 2), None)
@@ -144,9 +153,7 @@ def train(num_images: int = 32, image_size: int = 128, epochs: int = 4, global_b
                      "were shared with other work and the numbers understate what the settings can do")
     except OSError:
         pass
-    columns = ["workers", "cpus_per_worker", "batch_per_worker", "global_batch", "steps_per_epoch",
-               "images_per_s", "images_per_s_best_epoch", "s_per_step", "vs_1x1", "first_epoch_s", "run_wall_s"]
-    return BenchResult(rows=rows, columns=columns, checks=checks, notes=notes)
+    return checks, notes
 
 
 if __name__ == "__main__":  # the fresh processes of the benchmark (see run_setting, allreduce_ms)

@@ -100,28 +100,13 @@ def preprocess(ann: str | Path, images: str | Path, out: str | Path, max_size: i
     categories = check_categories(data["categories"], ann)
     category_to_label = {c["id"]: k for k, c in enumerate(categories)}
     plan = check_records(data)
-    shards = plan_shards(plan.images, cfg)
+    planned = _planned_shards(plan, cfg)
+    count = len(planned)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    count = len(shards)
-    planned = []
-    for k, imgs in enumerate(shards):
-        rows = [input_row(im, k) for im in imgs]
-        planned.append((k, rows, plan_hash(rows, k, count, cfg)))
     _log(f"{ann}: {len(data['images'])} images, {len(data['annotations'])} annotations, "
          f"{len(categories)} categories -> {count} shard(s) planned", verbose)
-
-    # Leftovers of a killed run, and shards of another plan, go.
-    names = {shard_file_name(k, count) for k in range(count)}
-    for p in out_dir.iterdir():
-        stale_shard = p.name.startswith("shard-") and p.name.split(SIDECAR_SUFFIX)[0] not in names
-        if (p.name.startswith(".") and ".tmp-" in p.name) or stale_shard:
-            p.unlink()
-    done: dict[int, dict] = {}
-    for k, _rows, phash in planned:
-        info = shard_is_complete(out_dir / shard_file_name(k, count), phash)
-        if info is not None:
-            done[k] = info
+    done = _complete_shards(out_dir, planned)
     todo = [(k, rows, phash) for k, rows, phash in planned if k not in done]
     if done:
         _log(f"resuming: {len(done)} shard(s) complete and verified, {len(todo)} to do", verbose)
@@ -136,6 +121,33 @@ def preprocess(ann: str | Path, images: str | Path, out: str | Path, max_size: i
     _log(summarize_rejections(manifest["rejected"]), verbose)
     check_reject_fraction(manifest, max_reject_fraction, out_dir / MANIFEST_NAME)
     return manifest
+
+
+def _planned_shards(plan: CheckedRecords, cfg: PreprocessConfig) -> list[tuple[int, list[dict], str]]:
+    """``(index, input rows, plan hash)`` of every shard of the plan."""
+    shards = plan_shards(plan.images, cfg)
+    planned = []
+    for k, imgs in enumerate(shards):
+        rows = [input_row(im, k) for im in imgs]
+        planned.append((k, rows, plan_hash(rows, k, len(shards), cfg)))
+    return planned
+
+
+def _complete_shards(out_dir: Path, planned: list[tuple[int, list[dict], str]]) -> dict[int, dict]:
+    """The shards already complete in ``out_dir`` (same plan hash, same bytes), by index; leftovers of a
+    killed run and shards of another plan are removed."""
+    count = len(planned)
+    names = {shard_file_name(k, count) for k in range(count)}
+    for p in out_dir.iterdir():
+        stale_shard = p.name.startswith("shard-") and p.name.split(SIDECAR_SUFFIX)[0] not in names
+        if (p.name.startswith(".") and ".tmp-" in p.name) or stale_shard:
+            p.unlink()
+    done: dict[int, dict] = {}
+    for k, _rows, phash in planned:
+        info = shard_is_complete(out_dir / shard_file_name(k, count), phash)
+        if info is not None:
+            done[k] = info
+    return done
 
 
 def check_image_root(images: str) -> None:

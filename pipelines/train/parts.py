@@ -26,15 +26,26 @@ def test_time_data_config(cfg: ExperimentConfig) -> dict[str, Any]:
     return {"test_scale": cfg.data.test_scale, "max_size": cfg.data.max_size, "flip_test": cfg.eval.flip_test}
 
 
+def sample_settings(cfg: ExperimentConfig, train: bool) -> dict[str, Any]:
+    """How a sample is made from a shard row, the same for the shard reader (``ShardDataset``) and the Ray
+    Data reader (``build_ray_dataset``): task targets, scales, flips (training) or test size (validation)."""
+    m, d = cfg.model, cfg.data
+    settings = {"task": m.task, "num_points": m.num_points, "pose_box": m.pose_box, "train": train,
+                "scale_range": tuple(d.scale_range), "max_size": d.max_size, "seed": cfg.train.seed}
+    if train:
+        settings["flip_prob"] = d.flip_prob
+    else:
+        settings["test_short_side"] = d.test_scale
+    return settings
+
+
 def _build_loaders(cfg: ExperimentConfig, rank: int, world: int, use_cuda: bool):
     from torch.utils.data import DataLoader
 
     from lsnet.data.shards import ShardDataset, ShardSampler, collate_batch
 
     m, d = cfg.model, cfg.data
-    train_ds = ShardDataset(d.train_shards, task=m.task, num_points=m.num_points, pose_box=m.pose_box,
-                            train=True, scale_range=tuple(d.scale_range), max_size=d.max_size,
-                            flip_prob=d.flip_prob, seed=cfg.train.seed, verify=d.verify)
+    train_ds = ShardDataset(d.train_shards, **sample_settings(cfg, train=True), verify=d.verify)
     if train_ds.num_classes != m.num_classes:
         raise ConfigError(f"model.num_classes is {m.num_classes} but the shards in {d.train_shards} have "
                           f"{train_ds.num_classes} categories")
@@ -50,9 +61,7 @@ def _build_loaders(cfg: ExperimentConfig, rank: int, world: int, use_cuda: bool)
                               persistent_workers=d.loader_workers > 0)
     val_ds = val_loader = None
     if d.val_shards:
-        val_ds = ShardDataset(d.val_shards, task=m.task, num_points=m.num_points, pose_box=m.pose_box,
-                              train=False, scale_range=tuple(d.scale_range), max_size=d.max_size,
-                              test_short_side=d.test_scale, seed=cfg.train.seed, verify=d.verify)
+        val_ds = ShardDataset(d.val_shards, **sample_settings(cfg, train=False), verify=d.verify)
         n_val = len(val_ds) if d.max_val_images is None else min(len(val_ds), d.max_val_images)
         # every validation image exactly once across ranks (uneven shares are fine: no collectives)
         val_sampler = ShardSampler(n_val, rank, world, shuffle=False, drop_last=False)
@@ -168,11 +177,8 @@ class TrainingParts:
             return self.train_loader
         from pipelines.datasets import build_ray_dataset, iter_ray_batches
 
-        m, d = self.cfg.model, self.cfg.data
-        ds = build_ray_dataset(d.train_shards, task=m.task, num_points=m.num_points, pose_box=m.pose_box,
-                               train=True, scale_range=tuple(d.scale_range), max_size=d.max_size,
-                               flip_prob=d.flip_prob, seed=self.cfg.train.seed, epoch=epoch, rank=ctx.rank,
-                               world_size=ctx.world, shuffle=True, drop_last=True, verify="none")
+        ds = build_ray_dataset(self.cfg.data.train_shards, **sample_settings(self.cfg, train=True), epoch=epoch,
+                               rank=ctx.rank, world_size=ctx.world, shuffle=True, drop_last=True, verify="none")
         return iter_ray_batches(ds, self.cfg.train.batch_size)
 
 
