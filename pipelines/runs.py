@@ -65,16 +65,33 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def get_run(client, run_id: str):
+    try:
+        return client.get_run(run_id)
+    except Exception as err:  # noqa: BLE001 - MLflow raises its own error types per store
+        raise RunsError(f"run {run_id}: not found ({type(err).__name__})") from None
+
+
+def child_runs(client, parent) -> list:
+    """The child runs of ``parent`` (the trials of a search, the variants of an ablation table)."""
+    return client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", max_results=10000)
+
+
+def runs_behind(client, run_ids: list[str]) -> list:
+    """The runs ``run_ids`` name: a parent run stands for its children."""
+    runs = []
+    for run_id in run_ids:
+        run = get_run(client, run_id)
+        runs += child_runs(client, run) or [run]
+    return runs
+
+
 def find_runs(client, target: str) -> tuple[list, str]:
     """The runs of experiment ``target``, or the child runs of parent run ``target``; and a title."""
     if re.fullmatch(r"[0-9a-f]{32}", target):
-        try:
-            parent = client.get_run(target)
-        except Exception as err:  # noqa: BLE001 - MLflow raises its own error types per store
-            raise RunsError(f"run {target}: not found ({type(err).__name__})") from None
-        runs = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{target}'", max_results=10000)
-        return runs, f"children of {parent.info.run_name} ({target})"
+        parent = get_run(client, target)
+        return child_runs(client, parent), f"children of {parent.info.run_name} ({target})"
     experiment = client.get_experiment_by_name(target)
     if experiment is None:
         names = [e.name for e in client.search_experiments()]

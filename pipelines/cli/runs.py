@@ -16,6 +16,7 @@ from pipelines.runs import (
     find_runs,
     guess_metric,
     metric_curve,
+    runs_behind,
     tracking_uri_from,
 )
 from pipelines.text import format_table
@@ -93,15 +94,7 @@ def _list(client, args: argparse.Namespace) -> int:
 def _plot(client, args: argparse.Namespace) -> int:
     from pipelines.plots import plot_series
 
-    runs = []
-    for run_id in args.runs:
-        try:
-            run = client.get_run(run_id)
-        except Exception as err:  # noqa: BLE001 - MLflow raises its own error types per store
-            raise RunsError(f"run {run_id}: not found ({type(err).__name__})") from None
-        children = client.search_runs([run.info.experiment_id],
-                                      filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'", max_results=10000)
-        runs += children or [run]
+    runs = runs_behind(client, args.runs)
     metric = args.metric or guess_metric(runs)
     series = {r.info.run_name or r.info.run_id: metric_curve(client, r.info.run_id, metric, args.x) for r in runs}
     if not any(series.values()):
