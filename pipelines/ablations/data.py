@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from lsnet.config import ConfigError
-from pipelines.ablations.spec import REPO_ROOT, AblationSpec, ScaleSpec
+from pipelines.ablations.spec import AblationSpec, ScaleSpec
+from pipelines.paths import REPO_ROOT
 from pipelines.text import slug
 
 

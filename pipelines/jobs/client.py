@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass
 
 from lsnet.errors import ServiceError
-from pipelines.jobs.spec import REPO_ROOT, JobSpec
+from pipelines.jobs.spec import JobSpec
+from pipelines.paths import REPO_ROOT
 
 #: Ray job states that end a job, and the ones among them that are a success.
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}

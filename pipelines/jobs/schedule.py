@@ -17,7 +17,8 @@ from pathlib import Path
 import yaml
 
 from lsnet.config import ConfigError
-from pipelines.jobs.spec import REPO_ROOT, ClusterTemplate, JobSpec
+from pipelines.jobs.spec import ClusterTemplate, JobSpec
+from pipelines.paths import REPO_ROOT
 
 RAYCRONJOB_NOTE = ("RayCronJob is an alpha API of KubeRay >= 1.6: the operator must run with the RayCronJob "
                    "feature gate (--feature-gates=RayCronJob=true; Helm: featureGates: [{name: RayCronJob, "
