@@ -1,11 +1,13 @@
 """The ``lsnet`` command: a thin dispatcher over command modules.
 
-Each command lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int | None``;
-only the module of the command being run is imported, so ``lsnet predict`` never imports Ray.
+Each command ``lsnet NAME`` lives in its own module, ``pipelines/cli/NAME.py`` (``mlflow-sync``:
+``mlflow_sync.py``), exposing ``add_arguments(parser)`` and ``run(args) -> int | None``; only the module of
+the command being run is imported, so ``lsnet predict`` never imports Ray.
 
 User errors are reported here, once for all commands: an :class:`lsnet.errors.LsnetError` (config,
 shard, input, preprocessing errors ...) or a filesystem ``OSError`` (``--out`` is a file, read-only,
-a file is missing) prints one line ``lsnet CMD: error: <message>`` and exits with status 2.
+a file is missing) prints one line ``lsnet CMD: error: <message>`` and exits with the error's
+``exit_status`` (2; 1 for a :class:`lsnet.errors.ServiceError`, a service that did not answer).
 ``--debug`` (any command) or ``LSNET_DEBUG=1`` re-raises instead, showing the traceback.
 Ctrl-C prints ``lsnet CMD: interrupted`` and exits 130.
 """
