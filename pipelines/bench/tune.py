@@ -40,9 +40,9 @@ def measure(args: dict) -> dict:
     cfg = load_config(args["config"], args["overrides"])
     out = {"plain": [], "trial": [], "search": {}}
 
-    def timed(fn, *args, **kwargs) -> float:
+    def timed(fn, *fn_args, **fn_kwargs) -> float:
         start = time.perf_counter()
-        fn(*args, **kwargs)
+        fn(*fn_args, **fn_kwargs)
         return time.perf_counter() - start
 
     for i in range(args["repeats"]):
