@@ -78,3 +78,21 @@ def test_negative_entrypoint_resources_are_refused(tmp_path, resources, key):
     """(hole next to row 8) Ray refuses them only after the upload, on the cluster."""
     with pytest.raises(JobSpecError, match=rf"resources.{key}: must be >= 0"):
         _spec(tmp_path, resources=resources)
+
+
+@pytest.mark.parametrize("group", [{"replicas": 2, "min_replicas": 3}, {"replicas": 2, "max_replicas": 1},
+                                   {"replicas": -1}, {"gpu": -1}])
+def test_worker_group_bounds_must_hold_its_replicas(tmp_path, group):
+    """(hole next to row 8) a RayJob cluster whose worker group KubeRay cannot size."""
+    with pytest.raises(JobSpecError, match=r"cluster.workers 'workers': needs gpu >= 0 and 0 <= min_replicas"):
+        _spec(tmp_path, cluster={"workers": [group]})
+
+
+def test_worker_group_bounds_reach_the_rayjob(tmp_path):
+    from pipelines.jobs.schedule import ray_job_spec
+
+    spec, _ = _spec(tmp_path, cluster={"workers": [{"replicas": 2, "min_replicas": 1, "max_replicas": 4, "gpu": 1}]})
+    (group,) = ray_job_spec(spec)["rayClusterSpec"]["workerGroupSpecs"]
+    assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (2, 1, 4)
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "1"

@@ -49,6 +49,18 @@ def test_use_gpu_with_explicit_worker_resources_reserves_one_gpu_per_worker():
     assert "GPU" not in trial_resources(cpu)
 
 
+def test_lsnet_train_reserves_one_gpu_per_worker_with_explicit_worker_resources():
+    """(second path of row 1) ``lsnet train``'s own check of the cluster before Ray Train starts."""
+    from pipelines.train import ClusterResourceError, check_cluster_resources, required_resources
+
+    cfg = load_config(REPO_ROOT / "configs" / "tiny_bbox.yaml",
+                      ["run.use_gpu=true", "run.num_workers=2", "run.resources_per_worker={CPU: 3}"])
+    assert required_resources(cfg) == {"CPU": 6.0, "GPU": 2.0}
+    check_cluster_resources(cfg, lambda: {"CPU": 8.0, "GPU": 2.0}, wait_s=0)
+    with pytest.raises(ClusterResourceError, match=r"needs \{CPU: 6, GPU: 2\}, but the Ray cluster has CPU 16, GPU 1"):
+        check_cluster_resources(cfg, lambda: {"CPU": 16.0, "GPU": 1.0}, wait_s=0)
+
+
 # ------------------------------------------------------------------------------------------------
 # row 2: degenerate ranges
 

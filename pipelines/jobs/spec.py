@@ -94,6 +94,14 @@ class WorkerGroup:
     memory: str = "16Gi"
     gpu: int = 0
 
+    def __post_init__(self) -> None:
+        # KubeRay would refuse (or never scale) a group whose bounds do not hold its replicas
+        low = self.replicas if self.min_replicas is None else self.min_replicas
+        high = self.replicas if self.max_replicas is None else self.max_replicas
+        if self.gpu < 0 or not 0 <= low <= self.replicas <= high:
+            raise ConfigError(f"cluster.workers {self.name!r}: needs gpu >= 0 and 0 <= min_replicas <= replicas "
+                              f"<= max_replicas, got gpu {self.gpu}, {low} <= {self.replicas} <= {high}")
+
 
 @dataclass
 class ClusterTemplate:
