@@ -118,6 +118,8 @@ class TestConfig:
             self.scales = [float(s) for s in self.scales]
             if not self.scales or any(s <= 0 for s in self.scales):
                 raise ValueError(f"model.test.scales must be a non-empty list of factors > 0, got {self.scales}")
+            if len(set(self.scales)) != len(self.scales):  # a pass run twice weighs its boxes double in the vote
+                raise ValueError(f"model.test.scales lists a factor more than once: {self.scales}")
         if self.scale_ranges is not None:
             n = len(self.scales) if self.scales is not None else 1
             ranges = [[float(v) for v in r] for r in self.scale_ranges]

@@ -76,6 +76,13 @@ class EntrypointResources:
     memory: int | None = None  # bytes
     resources: dict[str, float] | None = None
 
+    def __post_init__(self) -> None:
+        # Ray refuses a negative request only at submission (on the cluster, after the upload)
+        for name, value in (("num_cpus", self.num_cpus), ("num_gpus", self.num_gpus), ("memory", self.memory),
+                            *(self.resources or {}).items()):
+            if value is not None and value < 0:
+                raise ConfigError(f"resources.{name}: must be >= 0, got {value}")
+
 
 @dataclass
 class WorkerGroup:
@@ -86,6 +93,14 @@ class WorkerGroup:
     cpu: str = "4"
     memory: str = "16Gi"
     gpu: int = 0
+
+    def __post_init__(self) -> None:
+        # KubeRay would refuse (or never scale) a group whose bounds do not hold its replicas
+        low = self.replicas if self.min_replicas is None else self.min_replicas
+        high = self.replicas if self.max_replicas is None else self.max_replicas
+        if self.gpu < 0 or not 0 <= low <= self.replicas <= high:
+            raise ConfigError(f"cluster.workers {self.name!r}: needs gpu >= 0 and 0 <= min_replicas <= replicas "
+                              f"<= max_replicas, got gpu {self.gpu}, {low} <= {self.replicas} <= {high}")
 
 
 @dataclass
@@ -145,6 +160,8 @@ class JobSpec:
                 raise ConfigError(f"config: file not found: {self.config}")
         if self.schedule is not None:
             validate_cron(self.schedule)
+        if self.time_zone is not None:
+            validate_time_zone(self.time_zone)
         if self.cluster.auth not in ("token", "disabled"):
             raise ConfigError(f"cluster.auth: expected 'token' or 'disabled', got {self.cluster.auth!r}")
 
@@ -169,6 +186,16 @@ def validate_cron(expression: str) -> None:
 
     if not isinstance(expression, str) or len(expression.split()) != 5 or not croniter.is_valid(expression):
         raise ConfigError(f"schedule: {expression!r} is not a valid 5-field cron expression")
+
+
+def validate_time_zone(name: str) -> None:
+    """An IANA time zone name (what a CronJob's ``timeZone`` and crontab's ``CRON_TZ`` take)."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, TypeError):
+        raise ConfigError(f"time_zone: {name!r} is not an IANA time zone name (e.g. Etc/UTC, Europe/Berlin)") from None
 
 
 def job_spec_from_dict(data: dict, source: str = "<spec>") -> JobSpec:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lsnet.config import ConfigError, check_range
 from pipelines.config import ExperimentConfig
 
 PARENT_DIRNAME = "parent"
@@ -45,6 +46,20 @@ class SearchSettings:
     max_concurrent: int | None = None  # None: what the cluster holds
     max_failures: int = 0  # Tune retries of a failed trial
     seed: int | None = 0  # the search algorithm's seed (optuna / random sampling)
+
+    def __post_init__(self) -> None:
+        # flags and space-file options alike: a value Tune would reject only after the search started
+        # (ASHA's reduction factor), or take as "no trials" / "no limit" (0 samples, 0 concurrent)
+        if self.mode not in ("max", "min"):
+            raise ConfigError(f"mode: expected 'max' or 'min', got {self.mode!r}")
+        try:
+            check_range(self.num_samples, "num_samples", ge=1)
+            check_range(self.grace_period, "grace_period", ge=1)
+            check_range(self.reduction_factor, "reduction_factor", gt=1)
+            check_range(self.max_concurrent, "max_concurrent", ge=1)
+            check_range(self.max_failures, "max_failures", ge=0)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 @dataclass

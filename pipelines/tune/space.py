@@ -89,6 +89,13 @@ def _parse_domain(source: str, key: str, spec: Any) -> tuple[str, list[Any]]:
     kind, values = next(iter(spec.items()))
     if not isinstance(values, list) or not values:
         raise ConfigError(f"{source}: {key}: {kind} needs a non-empty list, got {values!r}")
+    if kind in ("grid", "choice"):
+        seen = []
+        for v in values:
+            if v in seen:  # (18 == 18.0 too) the same trial twice
+                raise ConfigError(f"{source}: {key}: {kind} lists {v!r} more than once (a repeated value "
+                                  "trains the same trial again)")
+            seen.append(v)
     if kind in ("uniform", "loguniform", "randint"):
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
         if len(values) != 2 or not numeric or not values[0] < values[1]:
