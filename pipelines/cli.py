@@ -24,6 +24,7 @@ USER_ERROR = 2
 #: command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("lsnet.data.synthetic", "write a seeded synthetic COCO-format dataset"),
+    "data": ("lsnet.data.fetch", "fetch a real COCO subset (tiny-coco, coco-mini) into data/, verified by SHA-256"),
     "preprocess": ("pipelines.preprocess", "COCO JSON + images -> Arrow shards with landmark targets (Ray Data)"),
     "train": ("pipelines.train", "train an LSNet with Ray Train, tracked in MLflow"),
     "predict": ("lsnet.predict", "run a trained model on images: COCO JSON + PNG overlays"),
