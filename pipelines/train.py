@@ -944,8 +944,8 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None, run_name:
     ``callbacks``: Ray Train run callbacks (a Tune trial passes ``TuneReportCallback()``);
     ``extra_tags``: more MLflow tags of the run (a trial's parent run id and searched values)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig
 
+    from pipelines.process_group import BoundTorchConfig
     from pipelines.ray_local import start_ray
     from pipelines.tracking import Journal, RunTracker, run_url, ui_command
 
@@ -1001,7 +1001,7 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None, run_name:
         train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "tags": tags,
                            "tracking_uri": tracking_uri,
                            "resume_from": str(resume_from) if resume_from else None},
-        torch_config=TorchConfig(backend=backend),
+        torch_config=BoundTorchConfig(backend=backend),  # the rendezvous store on the node's address only
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
                                      resources_per_worker=cfg.run.resources_per_worker),
         run_config=RunConfig(

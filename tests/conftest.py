@@ -105,19 +105,20 @@ def golden_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A local Ray cluster started once for the whole test session (2 CPUs, no dashboard)."""
+    """A local Ray cluster started once for the whole test session (2 CPUs, no dashboard, on loopback)."""
     import ray
 
     if not ray.is_initialized():
         # Workers inherit this process's environment: none of the stores a test may have named.
         os.environ.pop("MLFLOW_TRACKING_URI", None)
         # address="local": always a fresh cluster, never one that another process started on this machine
-        from pipelines.ray_local import init_local_ray
+        from pipelines.ray_local import _single_node_on_loopback, init_local_ray
 
         for attempt in range(3):  # a loaded machine's raylet may miss Ray's fixed 30-s registration window
             try:
-                init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                               _node_ip_address="127.0.0.1")
+                with _single_node_on_loopback():  # as `lsnet` starts it: every server on 127.0.0.1
+                    init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                                   configure_logging=False, _node_ip_address="127.0.0.1")
                 break
             except Exception:  # "The current node timed out during startup"
                 ray.shutdown()
