@@ -61,8 +61,13 @@ def prepare_dataset(spec: AblationSpec, scale: ScaleSpec, data_root: Path) -> tu
     if d.source == "coco":
         if d.ann is None or d.images is None:
             raise ConfigError(f"{spec.name}: data.source=coco needs data.ann and data.images")
-        if not Path(_repo_path(d.ann)).exists():
-            raise ConfigError(f"{spec.name}: dataset annotations not found: {_repo_path(d.ann)}")
+        for key in ("ann", "images", "val_ann", "val_images"):
+            path = getattr(d, key)
+            if path is not None and not Path(_repo_path(path)).exists():
+                from lsnet.data.fetch import missing_data_message  # a real subset: which `lsnet data fetch`
+
+                raise ConfigError(missing_data_message(path, f"{spec.name}: data.{key}")
+                                  or f"{spec.name}: data.{key}: {_repo_path(path)} not found")
     identity = json.dumps({"task": spec.task, **dataclasses.asdict(d)}, sort_keys=True)
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", scale.dataset_name).strip("-")[:40]
     root = Path(data_root) / f"{spec.task}-{slug}-{hashlib.sha256(identity.encode()).hexdigest()[:10]}"
