@@ -51,6 +51,7 @@ def _run(args: argparse.Namespace) -> int:
         AblationFailed,
         NothingToResume,
         build_report,
+        check_data_present,
         plot_curves,
         run_ablation,
         select_variants,
@@ -62,9 +63,11 @@ def _run(args: argparse.Namespace) -> int:
     specs = [load_ablation_spec(t) for t in args.tables]  # all validated before anything runs
     only = [n.strip() for n in args.variants.split(",") if n.strip()] if getattr(args, "variants", None) else None
     for spec in specs:
-        spec.scale(args.scale, str(spec.name))
+        scale = spec.scale(args.scale, str(spec.name))
         if only:
             select_variants(spec, only)
+        if args.action == "run":
+            check_data_present(spec, scale)  # e.g. the real data of `small`: before any table runs
     out = Path(args.out)
     if args.action == "run":
         uri = resolve_tracking_uri(args.tracking_uri)
