@@ -310,7 +310,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("fetch", help="download (or copy from a mirror) a real COCO subset, verified by SHA-256")
     p.add_argument("dataset", choices=sorted(DATASETS),
                    help="tiny-coco: 50 train2017 images; coco-mini: 80 train2017 + 78 val2017 images")
-    p.add_argument("--to", default=None, help="dataset directory (default: data/tiny_coco or data/coco_mini "
+    p.add_argument("--to", default=None, metavar="DIR", help="dataset directory (default: data/tiny_coco or data/coco_mini "
                                               "in the checkout)")
     p.add_argument("--from", dest="source", default=None, metavar="URL_OR_DIR",
                    help="a mirror with the same layout (annotations/, train2017/, val2017/): a base URL or a "
