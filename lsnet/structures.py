@@ -1,6 +1,6 @@
 """The one landmark representation that flows from the shards to the loss and out to evaluation.
 
-DESIGN.md §3: every object is a box, a label and ``N`` landmark points with visibility. Extreme
+docs/design.md §3: every object is a box, a label and ``N`` landmark points with visibility. Extreme
 points (N=4), contour points (N=18/36/72) and COCO keypoints (N=17) all share this shape; the task
 only decides ``N`` and how the points are produced and consumed.
 """
@@ -16,7 +16,7 @@ TASK_NUM_POINTS: dict[str, int] = {"bbox": 4, "segm": 36, "pose": 17}
 
 #: Order of the four non-negative components of a cross-coordinate vector (paper §3.3 and
 #: Appendix A): ``(dy)^-, (dy)^+, (dx)^-, (dx)^+`` = towards top, bottom, left, right.
-#: This is also the layout of the authors' reference tensors (shared/golden).
+#: This is also the layout of the authors' reference tensors (the golden vectors under tests/data).
 COMPONENTS: tuple[str, str, str, str] = ("top", "bottom", "left", "right")
 
 #: Extreme points are stored in this order (paper Fig. 1).

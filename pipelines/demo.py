@@ -1,8 +1,8 @@
 """``lsnet demo`` (what ``make demo`` runs): the whole pipeline on embedded defaults, on this machine.
 
 1. writes a seeded synthetic COCO-format dataset (``lsnet synth``): a training and a held-out
-   validation split — or, with ``--dataset tiny_coco``, uses the 50 real images of
-   ``../shared/data/tiny_coco`` (train and evaluate on the same images: there is no val split);
+   validation split — or, with ``--dataset tiny_coco``, uses the 50 real images of ``data/tiny_coco``
+   (``lsnet data fetch tiny-coco``; train and evaluate on the same images: there is no val split);
 2. preprocesses both to Arrow shards with Ray Data on a local Ray (``lsnet preprocess``);
 3. trains a tiny LSNet (``configs/tiny_<task>.yaml``: ResNet-18, 64 channels, 128-px images) with
    2 Ray Train workers on the CPU (``lsnet train``), evaluating COCO metrics every few epochs;
@@ -24,7 +24,7 @@ from pathlib import Path
 from lsnet.errors import InputError
 from pipelines.paths import REPO_ROOT
 
-TINY_COCO = REPO_ROOT.parent / "shared" / "data" / "tiny_coco"
+TINY_COCO = REPO_ROOT / "data" / "tiny_coco"  # where `lsnet data fetch tiny-coco` puts it
 HEADLINE = {"bbox": ("bbox_AP", "bbox_AP50", "bbox_AP75", "bbox_APs", "bbox_APm", "bbox_APl"),
             "segm": ("bbox_AP", "segm_AP", "segm_AP50", "segm_AP75", "segm_APs", "segm_APm", "segm_APl"),
             "pose": ("kp_AP", "kp_AP50", "kp_AP75", "kp_APm", "kp_APl")}
@@ -32,6 +32,17 @@ HEADLINE = {"bbox": ("bbox_AP", "bbox_AP50", "bbox_AP75", "bbox_APs", "bbox_APm"
 
 def _say(message: str) -> None:
     print(f"[demo] {message}", flush=True)
+
+
+def tiny_coco_annotations(task: str) -> Path:
+    """The annotation JSON of ``data/tiny_coco`` for ``task``; a missing dataset is one line saying which
+    ``lsnet data fetch`` to run (checked before any Ray starts)."""
+    ann = TINY_COCO / "annotations" / f"{'person_keypoints' if task == 'pose' else 'instances'}_train2017.json"
+    if not ann.exists() or not (TINY_COCO / "train2017").is_dir():
+        from lsnet.data.fetch import fetch_instruction
+
+        raise InputError(f"--dataset tiny_coco: {TINY_COCO} is not there: {fetch_instruction('tiny-coco')}")
+    return ann
 
 
 def prepare_data(out: Path, dataset: str, task: str, num_train: int, num_val: int, image_size: int,
@@ -53,9 +64,7 @@ def prepare_data(out: Path, dataset: str, task: str, num_train: int, num_val: in
                                      split=split, first_image_id=first_id, size_jitter=0.15, overwrite=True)
             splits[split] = (ann, root / "images")
     else:
-        if not (TINY_COCO / "annotations" / f"{kind}_train2017.json").exists():
-            raise InputError(f"--dataset tiny_coco: {TINY_COCO} is not present (use the default synthetic data)")
-        ann = TINY_COCO / "annotations" / f"{kind}_train2017.json"
+        ann = tiny_coco_annotations(task)
         splits = {"train": (ann, TINY_COCO / "train2017"), "val": (ann, TINY_COCO / "train2017")}
     shard_dirs = []
     for split in ("train", "val"):
@@ -83,6 +92,8 @@ def run_demo(out: Path, dataset: str = "synthetic", task: str = "bbox", num_trai
     out.mkdir(parents=True, exist_ok=True)
     num_cpus = os.cpu_count() or 2
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # the demo always logs to its own local store (tracking.uri below)
+    if dataset == "tiny_coco":
+        tiny_coco_annotations(task)
     if not ray.is_initialized():
         from pipelines.ray_local import start_ray
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+#: The developers' folder beside the checkout (a user's clone has none): only an optional source of
+#: the real data (``lsnet data fetch --from``) and, until they are vendored, of golden vectors.
 SHARED_DIR = Path(os.environ.get("LSNET_SHARED_DIR", REPO_ROOT.parent / "shared"))
-TINY_COCO_DIR = SHARED_DIR / "data" / "tiny_coco"
-COCO_MINI_DIR = SHARED_DIR / "data" / "coco_mini"
 GOLDEN_DIR = SHARED_DIR / "golden"
 
 
@@ -65,20 +65,35 @@ def _isolated_mlflow_tracking_uri():
         os.environ["MLFLOW_TRACKING_URI"] = before
 
 
-@pytest.fixture(scope="session")
-def tiny_coco_dir() -> Path:
-    """The 50 real COCO images of ../shared/data/tiny_coco (read-only: copy before mutating)."""
-    if not (TINY_COCO_DIR / "annotations" / "instances_train2017.json").exists():
-        pytest.skip(f"real-data test: {TINY_COCO_DIR} is not present (only CI and dev machines have ../shared)")
-    return TINY_COCO_DIR
+def _real_dataset(name: str, tmp_path_factory) -> Path:
+    """A verified copy of a fetchable real dataset (``lsnet data fetch NAME``): fetched from the developers'
+    mirror ``../shared/data/<dir>`` into a session temp dir when that exists, else the checkout's
+    ``data/<dir>`` once a user fetched it; skips with the fetch instruction otherwise."""
+    from lsnet.data.fetch import default_dir, fetch_dataset, fetch_instruction, load_manifest
+
+    manifest = load_manifest(name)
+    mirror = SHARED_DIR / "data" / manifest.directory
+    if mirror.is_dir():
+        target = tmp_path_factory.mktemp(manifest.directory)
+        report = fetch_dataset(manifest, target, source=str(mirror))
+        assert report.ok, f"lsnet data fetch {name} --from {mirror}: {report.failed[:3]}"
+        return target
+    fetched = default_dir(name)
+    if all((fetched / f.path).is_file() for f in manifest.annotations + manifest.images):
+        return fetched
+    pytest.skip(f"real-data test: {fetched} is not there: {fetch_instruction(name)}")
 
 
 @pytest.fixture(scope="session")
-def coco_mini_dir() -> Path:
-    """The 158 real COCO images of ../shared/data/coco_mini (train/val; read-only)."""
-    if not (COCO_MINI_DIR / "annotations" / "instances_train2017.json").exists():
-        pytest.skip(f"real-data test: {COCO_MINI_DIR} is not present (only CI and dev machines have ../shared)")
-    return COCO_MINI_DIR
+def tiny_coco_dir(tmp_path_factory) -> Path:
+    """The 50 real COCO images of tiny-coco (``lsnet data fetch tiny-coco``; read-only: copy before mutating)."""
+    return _real_dataset("tiny-coco", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def coco_mini_dir(tmp_path_factory) -> Path:
+    """The 158 real COCO images of coco-mini (``lsnet data fetch coco-mini``; train/val; read-only)."""
+    return _real_dataset("coco-mini", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -90,19 +105,20 @@ def golden_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A local Ray cluster started once for the whole test session (2 CPUs, no dashboard)."""
+    """A local Ray cluster started once for the whole test session (2 CPUs, no dashboard, on loopback)."""
     import ray
 
     if not ray.is_initialized():
         # Workers inherit this process's environment: none of the stores a test may have named.
         os.environ.pop("MLFLOW_TRACKING_URI", None)
         # address="local": always a fresh cluster, never one that another process started on this machine
-        from pipelines.ray_local import init_local_ray
+        from pipelines.ray_local import _single_node_on_loopback, init_local_ray
 
         for attempt in range(3):  # a loaded machine's raylet may miss Ray's fixed 30-s registration window
             try:
-                init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                               _node_ip_address="127.0.0.1")
+                with _single_node_on_loopback():  # as `lsnet` starts it: every server on 127.0.0.1
+                    init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                                   configure_logging=False, _node_ip_address="127.0.0.1")
                 break
             except Exception:  # "The current node timed out during startup"
                 ray.shutdown()

@@ -1,6 +1,6 @@
 """A seeded synthetic COCO-format dataset: ``lsnet synth OUT --num-images 8 --image-size 256 256``.
 
-What it exercises (issue 4, DESIGN §1):
+What it exercises (issue 4, docs/design.md §1):
 
 - several classes of varied scale drawn as **solid, distinct colours on a textured background**, so a
   small model can overfit them quickly (the overfit tests and ``make demo`` train on it);

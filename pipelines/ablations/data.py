@@ -11,6 +11,23 @@ from pipelines.paths import REPO_ROOT
 from pipelines.text import slug
 
 
+def check_data_present(spec: AblationSpec, scale: ScaleSpec) -> None:
+    """A ``coco`` scale's annotation files and image folders exist; else one line naming the key, and for
+    the real subsets of ``data/`` which ``lsnet data fetch`` to run."""
+    from lsnet.data.fetch import missing_data_message
+
+    d = scale.data
+    if d.source != "coco":
+        return
+    if d.ann is None or d.images is None:
+        raise ConfigError(f"{spec.name}: data.source=coco needs data.ann and data.images")
+    for key in ("ann", "images", "val_ann", "val_images"):
+        path = getattr(d, key)
+        if path is not None and not Path(repo_path(path)).exists():
+            raise ConfigError(missing_data_message(path, f"{spec.name}: data.{key}")
+                              or f"{spec.name}: data.{key}: {repo_path(path)} not found")
+
+
 def prepare_dataset(spec: AblationSpec, scale: ScaleSpec, data_root: Path) -> tuple[str, str, str | None]:
     """Shards for the scale: ``(train_shards, val_shards, mask_study_json)``.
 
@@ -28,11 +45,7 @@ def prepare_dataset(spec: AblationSpec, scale: ScaleSpec, data_root: Path) -> tu
         if not d.train_shards:
             raise ConfigError(f"{spec.name}: data.source=shards needs data.train_shards")
         return d.train_shards, d.val_shards or d.train_shards, d.val_ann or d.ann
-    if d.source == "coco":
-        if d.ann is None or d.images is None:
-            raise ConfigError(f"{spec.name}: data.source=coco needs data.ann and data.images")
-        if not Path(repo_path(d.ann)).exists():
-            raise ConfigError(f"{spec.name}: dataset annotations not found: {repo_path(d.ann)}")
+    check_data_present(spec, scale)
     identity = json.dumps({"task": spec.task, **dataclasses.asdict(d)}, sort_keys=True)
     name = slug(scale.dataset_name).strip("-")[:40]
     root = Path(data_root) / f"{spec.task}-{name}-{hashlib.sha256(identity.encode()).hexdigest()[:10]}"

@@ -113,7 +113,7 @@ def _in_subprocess(args: list[str], env_extra: dict[str, str] | None = None) -> 
 
 
 def data(synthetic_images: int = 300, synthetic_size: tuple[int, int] = (480, 640), small_images: int = 100,
-         cpus: tuple[int, ...] = (1, 2), tiny_coco: str | None = "../shared/data/tiny_coco",
+         cpus: tuple[int, ...] = (1, 2), tiny_coco: str | None = "data/tiny_coco",
          reader_samples: int = 300, reader_scale_ranges: tuple = (None, (800, 800)), passes: int = 3,
          work_dir: str | None = None, seed: int = 0, target_vs_classic: float = 3.0,
          target_vs_bare: float = 1.3, target_scaling: float = 1.7, target_memory_growth: float = 1.1) -> BenchResult:
@@ -131,6 +131,11 @@ def data(synthetic_images: int = 300, synthetic_size: tuple[int, int] = (480, 64
     if tiny is not None and (tiny / "annotations" / "instances_train2017.json").exists():
         datasets["tiny_coco"] = (tiny / "annotations" / "instances_train2017.json", tiny / "train2017")
     out = _Tables([], {}, [])
+    if tiny is not None and "tiny_coco" not in datasets:  # real data not fetched: said, not silently left out
+        from lsnet.data.fetch import missing_data_message
+
+        out.notes.append(f"tiny_coco left out: {missing_data_message(tiny_coco) or f'{tiny} not found'}")
+        print(f"[bench data] {out.notes[-1]}", flush=True)
     hi = max(cpus)
     _preprocess_section(out, work, datasets, (f"synthetic{small_images}", small, synth.image_dir), synthetic_images,
                         cpus, target_scaling, target_memory_growth)

@@ -25,7 +25,7 @@ PROTOCOL_NAMES = {
 
 
 def run(
-    annotations: list[str] = ("../shared/data/tiny_coco/annotations/instances_train2017.json",),
+    annotations: list[str] = ("data/tiny_coco/annotations/instances_train2017.json",),
     num_points: list[int] = (18, 36, 72),
     polar_rays: int = 36,
     protocols: list[str] = ("per_part", "total", "largest"),
@@ -35,7 +35,9 @@ def run(
         path = Path(ann)
         path = path if path.is_absolute() else (REPO_ROOT / path).resolve()
         if not path.exists():
-            raise SystemExit(f"mask_study: annotation file {path} not found")
+            from lsnet.data.fetch import missing_data_message
+
+            raise SystemExit(f"mask_study: {missing_data_message(ann) or f'annotation file {path} not found'}")
         dataset = f"{path.parent.parent.name}/{path.stem}"
         study = mask_study(path, tuple(num_points), polar_rays, protocols=tuple(protocols), include_gt=True)
         res = study["results"]

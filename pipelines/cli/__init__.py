@@ -26,6 +26,7 @@ USER_ERROR = 2
 #: command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("pipelines.cli.synth", "write a seeded synthetic COCO-format dataset"),
+    "data": ("pipelines.cli.data", "fetch a real COCO subset (tiny-coco, coco-mini) into data/, verified by SHA-256"),
     "preprocess": ("pipelines.cli.preprocess", "COCO JSON + images -> Arrow shards with landmark targets (Ray Data)"),
     "train": ("pipelines.cli.train", "train an LSNet with Ray Train, tracked in MLflow"),
     "predict": ("pipelines.cli.predict", "run a trained model on images: COCO JSON + PNG overlays"),

@@ -48,6 +48,7 @@ def _run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from pipelines.ablations.report import render_table
+    from pipelines.ablations.data import check_data_present
     from pipelines.ablations.runner import run_tables, select_variants
     from pipelines.ablations.spec import load_ablation_spec
     from pipelines.runs import tracking_uri_from
@@ -56,9 +57,11 @@ def _run(args: argparse.Namespace) -> int:
     specs = [load_ablation_spec(t) for t in args.tables]  # all validated before anything runs
     only = [n.strip() for n in args.variants.split(",") if n.strip()] if getattr(args, "variants", None) else None
     for spec in specs:
-        spec.scale(args.scale, str(spec.name))
+        scale = spec.scale(args.scale, str(spec.name))
         if only:
             select_variants(spec, only)
+        if args.action == "run":
+            check_data_present(spec, scale)  # e.g. the real data of `small`: before any table runs
     if args.experiment:
         specs = [dataclasses.replace(spec, experiment=args.experiment) for spec in specs]
     out = Path(args.out)

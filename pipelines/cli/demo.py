@@ -11,7 +11,8 @@ from pipelines.paths import REPO_ROOT
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=str(REPO_ROOT / "results" / "demo"), help="where data, shards and runs go")
     parser.add_argument("--dataset", choices=("synthetic", "tiny_coco"), default="synthetic",
-                        help="synthetic (default, self-contained) or the 50 real images of ../shared/data/tiny_coco")
+                        help="synthetic (default, self-contained) or the 50 real images of data/tiny_coco "
+                             "(lsnet data fetch tiny-coco)")
     parser.add_argument("--task", choices=("bbox", "segm", "pose"), default="bbox")
     parser.add_argument("--num-train", type=int, default=64, help="synthetic training images")
     parser.add_argument("--num-val", type=int, default=16, help="synthetic validation images")

@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None, help="k8s-cronjob/crontab: the long-lived cluster to submit to")
     p.add_argument("--out", default=None, help="write here instead of stdout")
     p.add_argument("--repo", default=None, help="crontab: repository checkout on the host (default: this one)")
+    p.add_argument("--image", default=None, help="k8s, k8s-cronjob: the container image (default: the spec's "
+                                                 "cluster.image, else $LSNET_IMAGE, else lsnet:latest)")
 
 
 def _need_address(args) -> str:
@@ -59,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
         from pipelines.jobs.schedule import emit
 
         spec = load_job_spec(resolve_spec_path(args.spec))
+        if args.image:
+            spec.cluster.image = args.image
         text = emit(spec, args.emit, address=args.address, repo=args.repo)
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ file and the key: ``jobs/x.yaml: unknown config key foo (known: ...)``.
 """
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -37,6 +38,15 @@ DEFAULT_EXCLUDES = [".git", ".venv", "results", "data", "mlruns", "*.arrow", "*.
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 #: RayCronJob -> RayJob -> RayCluster names get suffixes; KubeRay keeps the base name short.
 MAX_NAME_LEN = 40
+#: The container image of the K8s manifests: what `make image` tags (the repository's Dockerfile).
+#: ``$LSNET_IMAGE`` names another (a registry path) for `make image` and every spec that names none;
+#: a spec's ``cluster.image`` and ``lsnet jobs schedule --image`` override it.
+DEFAULT_IMAGE = "lsnet:latest"
+IMAGE_ENV = "LSNET_IMAGE"
+
+
+def default_image() -> str:
+    return os.environ.get(IMAGE_ENV) or DEFAULT_IMAGE
 
 
 class JobSpecError(ConfigError):
@@ -109,7 +119,7 @@ class ClusterTemplate:
     submitter pod (``--emit k8s-cronjob``). The image must contain this repository and its
     environment (``pip install .``) unless ``working_dir`` is a URI the cluster can download."""
 
-    image: str = "lsnet:latest"
+    image: str = field(default_factory=default_image)  # resolved once, when the spec is read
     ray_version: str = "2.60.0"
     namespace: str = "default"
     head_cpu: str = "2"

@@ -2,7 +2,7 @@
 
     lsnet preprocess --ann annotations/instances_train2017.json --images train2017/ --out shards/train
 
-Stages (DESIGN §3, issue 4):
+Stages (docs/design.md §3, issue 4):
 
 1. **Driver, fail fast** (:mod:`~pipelines.preprocess.records`). Read the JSON (a malformed file stops here with the line and column of the
    error), hash it, check the categories (label order = sorted COCO ids), check every image entry

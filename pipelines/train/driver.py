@@ -280,14 +280,15 @@ def build_trainer(cfg: ExperimentConfig, guard: RunGuard, run_dir: Path, tags: d
     """The guarded ``TorchTrainer`` of the run: workers, backend (NCCL on GPU, gloo on CPU), restarts and
     the checkpoints Ray keeps (the best ``run.checkpoint_keep`` by the task's AP, and the latest)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig
+    from pipelines.process_group import BoundTorchConfig
 
     return guarded_trainer(
         guard,
         train_loop_per_worker,
         train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "tags": tags,
                            "resume_from": str(resume_from) if resume_from else None},
-        torch_config=TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
+        # the rendezvous store listens on the node's address only (127.0.0.1 for a local Ray)
+        torch_config=BoundTorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
                                      resources_per_worker=cfg.run.resources_per_worker),
         run_config=RunConfig(
