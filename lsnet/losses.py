@@ -12,8 +12,10 @@ Entry points:
 - :func:`vector_loss` — what the model calls; ``form="paper"`` (default, Eq. 1) or
   ``form="reference"`` (the authors' code, DESIGN.md §2).
 - :func:`cross_iou_loss` — paper Eq. (1) with visibility masking, weights and reductions.
-- :func:`cross_iou_loss_reference` — the authors' form: CIoU-style penalty for boxes and polygons,
-  9-group polygon overlap, per-axis keypoint overlap. Matches ``shared/golden`` to 1e-5.
+- :func:`cross_iou_loss_reference` — the authors' form: all vectors (with the centre, last) pooled
+  into one overlap, CIoU-style penalty for boxes and polygons, 9-group polygon overlap, per-axis
+  keypoint overlap. Matches the authors' code on ``tests/data/cross_iou_reference.json`` to 1e-5;
+  docs/cross_iou_loss.md lists each fact with the reference's file:line.
 - Table 2 baselines: :func:`giou_box_loss`, :func:`smooth_l1_box_loss`, :func:`smooth_l1_point_loss`;
   classification: :func:`focal_loss` (torchvision's sigmoid focal loss / number of positives).
 
