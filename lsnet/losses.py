@@ -12,8 +12,10 @@ Entry points:
 - :func:`vector_loss` — what the model calls; ``form="paper"`` (default, Eq. 1) or
   ``form="reference"`` (the authors' code, DESIGN.md §2).
 - :func:`cross_iou_loss` — paper Eq. (1) with visibility masking, weights and reductions.
-- :func:`cross_iou_loss_reference` — the authors' form: CIoU-style penalty for boxes and polygons,
-  9-group polygon overlap, per-axis keypoint overlap. Matches ``shared/golden`` to 1e-5.
+- :func:`cross_iou_loss_reference` — the authors' form: all vectors (with the centre, last) pooled
+  into one overlap, CIoU-style penalty for boxes and polygons, 9-group polygon overlap, per-axis
+  keypoint overlap. Matches the authors' code on ``tests/data/cross_iou_reference.json`` to 1e-5;
+  docs/cross_iou_loss.md lists each fact with the reference's file:line.
 - Table 2 baselines: :func:`giou_box_loss`, :func:`smooth_l1_box_loss`, :func:`smooth_l1_point_loss`;
   classification: :func:`focal_loss` (torchvision's sigmoid focal loss / number of positives).
 
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
-from lsnet.coding import soften_targets
+from lsnet.coding import decode_offsets, soften_targets
 
 REDUCTIONS = ("mean", "sum", "none")
 FORMS = ("paper", "reference")
@@ -423,27 +425,42 @@ def vector_loss(
         visible: (P, V) bool or None (keypoints).
         weight: (P,) per-object weight or None.
         form: ``"paper"`` -> :func:`cross_iou_loss`; ``"reference"`` ->
-            :func:`cross_iou_loss_reference` (needs ``anchors`` (P, 2) and ``gt_boxes`` (P, 4)
-            except for pose).
+            :func:`cross_iou_loss_reference` (needs ``anchors`` (P, 2), and ``gt_boxes`` (P, 4)
+            for bbox; for segm ``gt_boxes=None`` takes the box of the target contour, as the
+            reference does, ``lsnet_head.py:1741-1754``).
         alpha: softening factor (Appendix A).
         reduction, avg_factor: as in :func:`cross_iou_loss`.
         task: ``"bbox"`` | ``"segm"`` | ``"pose"``; only the reference form depends on it.
-        last_is_centre: reference form: the last vector is the box centre (authors' head layout).
+        last_is_centre: the last vector is the object's centre (``model.center_vector``, the
+            authors' head layout, :func:`lsnet.targets.with_centre_landmark`): it is pooled into
+            the reference form's overlap (group 0 of the polygon form), left out of its penalty box,
+            and always counts, whatever ``visible`` says for it (``cross_iou_loss.py:92-94``); the
+            paper form averages it with the N landmarks. bbox then needs V = 5.
         reference_penalty: reference form: add the CIoU-style penalty (``penalty`` of
             :func:`cross_iou_loss_reference`); ``False`` keeps only its overlap term.
     Returns:
         scalar, or (P,) for ``reduction="none"``.
     """
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    _check_vectors(pred, target)
+    if last_is_centre and visible is not None:
+        # The centre has no visibility: it carries a loss for every positive (the reference masks
+        # only the keypoint pairs, cross_iou_loss.py:92-94).
+        visible = torch.cat([visible[..., :-1], torch.ones_like(visible[..., -1:])], dim=-1)
     if form == "paper":
         return cross_iou_loss(
             pred, target, visible, weight, alpha=alpha, reduction=reduction, avg_factor=avg_factor
         )
-    if form != "reference":
-        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-    _check_vectors(pred, target)
     if pred.dim() != 3:
         raise ValueError(f"the reference form takes (P, V, 4) vectors, got {tuple(pred.shape)}")
     num = pred.shape[0]
+    if task == "bbox" and last_is_centre and pred.shape[1] != 5:
+        raise ValueError(f"the reference bbox form with the centre takes V = 4 extreme points + 1, got V={pred.shape[1]}")
+    if REFERENCE_TASKS.get(task) == "polygon" and gt_boxes is None and anchors is not None and reference_penalty:
+        # The reference's polygon penalty box is the box of the target polygon (lsnet_head.py:1741-1754).
+        contour = decode_offsets(target[:, :-1] if last_is_centre else target, anchors)
+        gt_boxes = torch.cat([contour.amin(dim=1), contour.amax(dim=1)], dim=-1)
     # One component of each ± pair carries the direction; ties (both 0) soften to 0 either way.
     pairs = target.reshape(num, pred.shape[1] * 2, 2)
     pos_mask = torch.stack([pairs[..., 0] >= pairs[..., 1], pairs[..., 0] < pairs[..., 1]], dim=-1)

@@ -741,3 +741,47 @@ def record_to_targets(record: dict[str, np.ndarray], task: str, num_points: int 
         visible=torch.from_numpy(np.ascontiguousarray(visible[keep], dtype=bool)),
         iscrowd=torch.from_numpy(np.ascontiguousarray(record["iscrowd"][keep], dtype=bool)),
     )
+
+
+# The centre vector (model.center_vector), as the reference (Duankaiwen/LSNet, paths under code/):
+#   bbox: tools/gen_coco_lsvr.py:108-110 appends the COCO box centre as a 5th "extreme point"
+#         (mmdet/models/dense_heads/lsnet_head.py:1689-1690 does the same when a record has none);
+#   segm: lsnet_head.py:1741-1754, the centre of the box of the regressed polygon (also its penalty box);
+#   pose: lsnet_head.py:1773-1774 (obj-box: the person box), 1791-1815 (kps-box: the box of the
+#         labelled keypoints). Its loss ignores visibility: mmdet/models/losses/cross_iou_loss.py:92-94.
+
+
+def centre_landmarks(targets: LandmarkTargets, task: str) -> torch.Tensor:
+    """(M, 2) the centre each object's last vector points to when ``model.center_vector`` is on.
+
+    As the reference: the centre of the box the object is regressed against --
+
+    - ``bbox``: of the object box (the reference appends the COCO box centre to the 4 extreme
+      points when it converts the annotations);
+    - ``segm``: of the box spanned by the N contour points (the reference's polygon box, which is
+      also the box of its CIoU-style penalty), not of the COCO box;
+    - ``pose``: of ``targets.boxes``, i.e. the person box for obj-box and the box of the labelled
+      keypoints for kps-box (:func:`record_to_targets` puts the right one there).
+    """
+    if task not in TASK_NUM_POINTS:
+        raise ValueError(f"unknown task {task!r} (expected one of {sorted(TASK_NUM_POINTS)})")
+    if task == "segm":
+        box = torch.cat([targets.points.amin(dim=1), targets.points.amax(dim=1)], dim=1)
+    else:
+        box = targets.boxes
+    return (box[:, :2] + box[:, 2:]) / 2
+
+
+def with_centre_landmark(targets: LandmarkTargets, task: str) -> LandmarkTargets:
+    """``targets`` with the centre (:func:`centre_landmarks`) appended as landmark ``N``, always visible.
+
+    The layout of the vectors a ``model.center_vector`` head predicts: the N landmarks, then the
+    centre, last (V = N + 1). The centre carries a loss for every positive, also for a person whose
+    keypoints are all unlabelled: the reference masks only the keypoint pairs by visibility
+    (``mmdet/models/losses/cross_iou_loss.py:92-94``). Boxes, labels and crowd flags are unchanged.
+    Call it after augmentation (flips permute the N landmarks; the centre needs no permutation).
+    """
+    centre = centre_landmarks(targets, task).to(targets.points.dtype)
+    always = torch.ones(targets.visible.shape[0], 1, dtype=torch.bool, device=targets.visible.device)
+    return LandmarkTargets(targets.boxes, targets.labels, torch.cat([targets.points, centre[:, None]], dim=1),
+                           torch.cat([targets.visible, always], dim=1), targets.iscrowd)

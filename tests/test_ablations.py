@@ -48,6 +48,18 @@ def test_table2_variants_configure_the_model(tmp_path):
                    "cross_iou_extreme": (False, "extreme", "cross_iou")}
 
 
+def test_cross_iou_variants_compare_both_loss_forms_at_every_scale(tmp_path):
+    from pipelines.ablations.runner import variant_configs
+
+    spec = load_ablation_spec("cross_iou")
+    for scale in ("tiny", "full"):  # tiny's config has the paper form, full's the reference form
+        cfgs = variant_configs(spec, spec.scales[scale], "/x", "/x", "sqlite:///x.db", tmp_path)
+        got = {k: (c.model.loss.vector_loss_form, c.model.center_vector, c.model.loss.alpha) for k, c in cfgs.items()}
+        assert got == {"paper_a0.2": ("paper", False, 0.2), "reference_a0.2": ("reference", True, 0.2),
+                       "paper_centre_a0.2": ("paper", True, 0.2), "paper_a0": ("paper", False, 0.0),
+                       "paper_a0.1": ("paper", False, 0.1), "paper_a0.3": ("paper", False, 0.3)}, scale
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d.update(colour="red"), "unknown config key colour"),
     (lambda d: d["scales"].update(huge=d["scales"]["tiny"]), "scales: unknown scale 'huge'"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -314,13 +315,16 @@ def test_reference_keypoint_form_hand_computed():
 
 
 # ------------------------------------------------------------------------------------------- golden
-def _golden_cases(golden_dir):
-    return json.loads((golden_dir / "cross_iou_reference.json").read_text())["cases"]
+#: Golden vectors of the authors' loss (tests/data/README.md says where they come from): per case the
+#: inputs and the per-object loss their ``cross_iou_loss`` returns, bbox (V = 5: 4 extreme points +
+#: the centre) and polygon (V = 37: 36 contour points + the centre).
+GOLDEN = Path(__file__).parent / "data" / "cross_iou_reference.json"
 
 
-def test_reference_form_matches_golden(golden_dir):
+def test_reference_form_matches_golden():
     tasks = set()
-    for case in _golden_cases(golden_dir):
+    for case in json.loads(GOLDEN.read_text())["cases"]:
+        assert case["num_vectors"] == {"bbox": 5, "polygon": 37}[case["task"]]
         t = {
             k: torch.tensor(case[k], dtype=torch.float32)
             for k in (
@@ -460,3 +464,85 @@ def test_reference_polygon_groups_pool_every_ninth_vector():
     expected = 1 - (8 + (n0 / 2 + n9) / (n0 + n9)) / 9
     loss = vector_loss(pred, target, form="reference", task="segm", reference_penalty=False, reduction="none")
     assert loss.item() == pytest.approx(expected, abs=1e-12)
+
+
+# ------------------------------------------------------------------------------------ centre vector
+def _extremes_and_centre():
+    """Anchor (0, 0); extreme points 2 px away (top, left, bottom, right), centre at (1, 1).
+    Unsoftened vectors [top, bottom, left, right]: top [2,0,0,0], left [0,0,2,0], bottom [0,2,0,0],
+    right [0,0,0,2], centre [0,1,0,1]."""
+    target = torch.tensor([[[2.0, 0, 0, 0], [0, 0, 2, 0], [0, 2, 0, 0], [0, 0, 0, 2], [0, 1, 0, 1]]])
+    return target, torch.zeros(1, 2), torch.tensor([[-2.0, -2.0, 2.0, 2.0]])
+
+
+def test_reference_bbox_pools_the_centre_into_one_ratio():
+    # The prediction is exact except the centre, 3 px down instead of 1: pooled over all 20
+    # components, min = 8 + 1 + 1 = 10 and max = 8 + 3 + 1 = 12 -> 1 - 10/12 = 1/6. The box of the
+    # extreme points is exact, so the penalty is 0. (Centre dropped: 0; per-vector mean: 0.1.)
+    target, anchors, gt_boxes = _extremes_and_centre()
+    pred = target.clone()
+    pred[0, 4] = torch.tensor([0.0, 3.0, 0.0, 1.0])
+    kwargs = {"form": "reference", "task": "bbox", "alpha": 0.0, "anchors": anchors, "gt_boxes": gt_boxes,
+              "last_is_centre": True}
+    assert vector_loss(pred, target, **kwargs).item() == pytest.approx(1 / 6, abs=1e-6)
+    assert vector_loss(pred, target, **kwargs, reference_penalty=False).item() == pytest.approx(1 / 6, abs=1e-6)
+    # The paper form averages the centre's cIOU (2/4) with the four exact landmarks' (1).
+    assert vector_loss(pred, target, form="paper", alpha=0.0, last_is_centre=True).item() == pytest.approx(
+        0.1, abs=1e-6)
+    with pytest.raises(ValueError, match="V = 4 extreme points"):
+        vector_loss(pred[:, :4], target[:, :4], **kwargs)
+
+
+def test_the_centre_counts_whatever_its_visibility():
+    # Pose: 2 keypoints + the centre, every flag False. The reference masks only the keypoint pairs by
+    # visibility and divides by all 2V pairs: a prediction equal to the softened target scores
+    # 1 - (centre's 2 pairs) / 6 = 2/3; without a centre vector nothing counts (loss 1).
+    points = torch.tensor([[[10.0, 4.0], [-3.0, 7.0], [2.0, -5.0]]])
+    anchors = torch.zeros(1, 2)
+    target = encode_offsets(points, anchors)
+    pred = soften_targets(target, 0.2)
+    hidden = torch.zeros(1, 3, dtype=torch.bool)
+    kwargs = {"form": "reference", "task": "pose", "anchors": anchors}
+    assert vector_loss(pred, target, hidden, **kwargs, last_is_centre=True).item() == pytest.approx(2 / 3, abs=1e-6)
+    assert vector_loss(pred, target, hidden, **kwargs).item() == pytest.approx(1.0, abs=1e-6)
+    # Visible keypoints count: the first one visible -> (2 + 2) / 6 pairs overlap.
+    some = torch.tensor([[True, False, False]])
+    assert vector_loss(pred, target, some, **kwargs, last_is_centre=True).item() == pytest.approx(1 / 3, abs=1e-6)
+    # Paper form: the centre is a landmark of the mean over visible ones -- exact -> 0 even if flagged hidden.
+    assert vector_loss(pred * 0.5, target, hidden, form="paper", last_is_centre=True).item() == pytest.approx(
+        0.5, abs=1e-6)
+
+
+def test_polygon_penalty_box_leaves_out_the_last_vector():
+    # 36 contour points + centre. The contour is exact, the centre vector wildly wrong (1000 px to the
+    # right): group 0 (vectors 0, 9, 18, 27, 36) loses overlap, but the penalty box -- the box of the
+    # predicted contour, the *last* vector left out -- equals the target contour's box (taken from the
+    # targets when gt_boxes is None, as the reference's polygon box), so the penalty stays 0.
+    angles = torch.arange(36) * (2 * math.pi / 36)
+    contour = torch.stack([50 + 30 * torch.cos(angles), 40 + 20 * torch.sin(angles)], -1)
+    points = torch.cat([contour, torch.tensor([[50.0, 40.0]])])[None]
+    anchors = torch.tensor([[48.0, 43.0]])
+    target = encode_offsets(points, anchors)
+    pred = soften_targets(target, 0.2).clone()
+    pred[0, 36] = torch.tensor([0.0, 0.0, 0.0, 1000.0])
+    kwargs = {"form": "reference", "task": "segm", "anchors": anchors, "last_is_centre": True}
+    overlap_only = vector_loss(pred, target, **kwargs, reference_penalty=False)
+    assert overlap_only.item() > 0.05
+    assert vector_loss(pred, target, **kwargs).item() == pytest.approx(overlap_only.item(), abs=1e-6)
+    # An explicit box elsewhere does add a penalty (so the check above is not vacuous).
+    shifted = torch.tensor([[30.0, 20.0, 90.0, 60.0]])
+    assert vector_loss(pred, target, **kwargs, gt_boxes=shifted).item() > overlap_only.item() + 1e-3
+
+
+@pytest.mark.parametrize("task,num_vectors", [("bbox", 5), ("segm", 37), ("pose", 18)])
+def test_reference_form_is_scale_invariant(task, num_vectors):
+    # The reference divides pred, targets, anchors and boxes by 4 x stride before its loss
+    # (lsnet_head.py:1076-1084); every term is a ratio of lengths, so only eps notices: we may feed pixels.
+    target, anchors = _random_targets(4, num_vectors, dtype=torch.float64)
+    pred = torch.rand(4, num_vectors, 4, dtype=torch.float64) * 30 + 0.5
+    gt_boxes = torch.cat([anchors - 20, anchors + 25], dim=1)
+    visible = torch.rand(4, num_vectors) > 0.3
+    kwargs = {"form": "reference", "task": task, "last_is_centre": True, "reduction": "none"}
+    full = vector_loss(pred, target, visible, anchors=anchors, gt_boxes=gt_boxes, **kwargs)
+    scaled = vector_loss(pred / 32, target / 32, visible, anchors=anchors / 32, gt_boxes=gt_boxes / 32, **kwargs)
+    torch.testing.assert_close(scaled, full, atol=1e-5, rtol=0)

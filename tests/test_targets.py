@@ -15,9 +15,11 @@ from lsnet.targets import (
     TargetConfig,
     compute_image_targets,
     nearest_arc_position,
+    centre_landmarks,
     record_to_targets,
     ring_signed_area,
     scale_record,
+    with_centre_landmark,
 )
 from lsnet.transforms import resize_targets
 
@@ -510,3 +512,75 @@ def test_obj_box_keeps_persons_without_keypoints_kps_box_drops_them(tiny_coco_di
         assert torch.equal(t.visible, torch.from_numpy(rec["keypoint_vis"] > 0))
     # 99 persons: 57 with labelled keypoints, 3 crowd regions, 39 without keypoints
     assert kept == {"kps": 60, "obj": 99} and no_kps_obj == 39
+
+
+# ---------------------------------------------------------------------------------- centre vector
+def _centre_record():
+    """Image 120x100: a 40x40 square polygon (10..50) annotated with a larger COCO box (0, 0, 100, 80),
+    and a person with 2 labelled keypoints (at (60, 20) and (80, 60)) and the box (50, 10, 110, 90)."""
+    square = [[10, 10, 50, 10, 50, 50, 10, 50]]
+    kps = [0.0] * 51
+    kps[0:3] = [60, 20, 2]
+    kps[15:18] = [80, 60, 1]
+    anns = [make_ann(square, ann_id=1, bbox=[0, 0, 100, 80]),
+            make_ann([[50, 10, 110, 10, 110, 90, 50, 90]], ann_id=2, keypoints=kps),
+            make_ann([[60, 60, 70, 60, 70, 70, 60, 70]], ann_id=3, keypoints=[0.0] * 51)]
+    record, rejected = compute_image_targets(anns, 100, 120, {1: 0}, TargetConfig(contour_points=(16,)))
+    assert not rejected
+    return record
+
+
+def test_centre_landmark_is_the_reference_centre_per_task_and_last():
+    record = _centre_record()
+    # bbox: the centre of the COCO box (not of the extreme points), appended after the 4 extreme points
+    t = with_centre_landmark(record_to_targets(record, "bbox"), "bbox")
+    assert t.points.shape == (3, 5, 2) and t.visible.all()
+    assert t.points[0, 4].tolist() == [50.0, 40.0]
+    assert torch.equal(t.points[:, :4], record_to_targets(record, "bbox").points)
+    # segm: the centre of the box of the contour points (16 samples hit the square's corners), not the COCO box
+    t = with_centre_landmark(record_to_targets(record, "segm", 16), "segm")
+    assert t.points.shape == (3, 17, 2)
+    assert t.points[0, 16].tolist() == [30.0, 30.0]
+    # pose kps-box: the centre of the labelled keypoints' box; objects without labels are dropped
+    t = with_centre_landmark(record_to_targets(record, "pose", pose_box="kps"), "pose")
+    assert t.points.shape == (1, 18, 2)
+    assert t.points[0, 17].tolist() == [70.0, 40.0]
+    # pose obj-box: the centre of the person box; it counts even where no keypoint is labelled
+    t = with_centre_landmark(record_to_targets(record, "pose", pose_box="obj"), "pose")
+    assert t.points[1, 17].tolist() == [80.0, 50.0] and t.points[2, 17].tolist() == [65.0, 65.0]
+    assert t.visible[:, 17].all() and not t.visible[2, :17].any()
+    assert t.visible[1, :17].sum() == 2
+    # boxes, labels and crowd flags stay; no objects -> no centres
+    assert torch.equal(t.boxes, record_to_targets(record, "pose", pose_box="obj").boxes)
+    assert centre_landmarks(record_to_targets(record, "bbox")[:0], "bbox").shape == (0, 2)
+    with pytest.raises(ValueError, match="unknown task"):
+        centre_landmarks(t, "keypoints")
+
+
+@pytest.mark.parametrize("task", ["bbox", "segm", "pose"])
+def test_centre_targets_give_zero_reference_loss_at_the_target(task):
+    # The whole target path with the centre: landmarks + centre -> cross-coordinate vectors from an
+    # anchor -> the reference form is 0 exactly at the softened target and positive elsewhere.
+    from lsnet.coding import encode_offsets, soften_targets
+    from lsnet.losses import vector_loss
+
+    record = _centre_record()
+    t = with_centre_landmark(record_to_targets(record, task, 16 if task == "segm" else None, pose_box="obj"), task)
+    if task == "bbox":
+        t = t[1:]  # object 0's COCO box is larger than its polygon on purpose: its penalty is not 0
+    anchors = t.centers + torch.tensor([3.0, -2.0])
+    target = encode_offsets(t.points, anchors)
+    assert target.shape == (len(t), t.num_points, 4)
+    kwargs = {"form": "reference", "task": task, "anchors": anchors, "gt_boxes": t.boxes if task != "segm" else None,
+              "last_is_centre": True, "reduction": "none"}
+    exact = vector_loss(soften_targets(target, 0.2), target, t.visible, **kwargs)
+    expected = torch.zeros(len(t))
+    if task == "pose":
+        # the reference divides the overlapping pairs by all 2V pairs: unlabelled keypoints still count
+        # in the divisor, the centre always counts (a person without labels keeps 1 - 2/36)
+        expected = 1 - t.visible.sum(1) / t.num_points
+        assert expected[2].item() == pytest.approx(1 - 2 / 36)
+    torch.testing.assert_close(exact, expected, atol=1e-5, rtol=0)
+    off = soften_targets(target, 0.2).clone()
+    off[:, -1] *= 2  # only the centre is wrong
+    assert (vector_loss(off, target, t.visible, **kwargs) > exact + 1e-3).all()

@@ -194,6 +194,8 @@ class ModelConfig:
     #: corner heatmaps + offsets whose maps join the stage-2 features and move the box corners of
     #: P4–P7 detections at test time. Off as the paper's main LSNet rows.
     cpv: bool = False
+    #: the regression heads also predict the vector to the object's centre, last (V = N + 1), as the reference
+    center_vector: bool = False
 
     loss: LossConfig = field(default_factory=LossConfig)
     test: TestConfig = field(default_factory=TestConfig)
