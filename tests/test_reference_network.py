@@ -1,0 +1,284 @@
+"""The reference network (lsnet/modeling/reference_head.py, layers.py, fpn.py, postprocess.py and
+lsnet/interop/reference.py) against the authors' own outputs (tests/data/reference_head/) and hand
+computations."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lsnet.interop.reference import ReferenceKeyError, head_from_config, reference_outputs
+from lsnet.modeling.layers import pyramid_deform_conv
+from lsnet.modeling.reference_head import pyramid_offsets, pyramid_sources, signed_points, task_branches
+
+ORACLE = Path(__file__).parent / "data" / "reference_head" / "bbox_small_seed0.pt"
+SIZES = [(32, 40), (16, 20), (8, 10), (4, 5), (2, 3)]  # P3..P7 of a 256x320 pad
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    return torch.load(ORACLE, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def ours(oracle):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        return reference_outputs(oracle)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _close(a, b):
+    return (a - b).abs() <= 1e-4 + 1e-4 * b.abs()
+
+
+def test_oracle_outputs_match(oracle, ours):
+    assert set(ours["outputs"]) == set(oracle["outputs"]) == {"cls_scores", "bbox_init", "bbox_refine"}
+    margins = oracle["tie_margins"]["init_dcn"]
+    for key, levels in oracle["outputs"].items():
+        assert len(ours["outputs"][key]) == 5
+        for level, (mine, ref) in enumerate(zip(ours["outputs"][key], levels)):
+            assert mine.shape == ref.shape, (key, level)
+            ok = _close(mine, ref)
+            if key != "bbox_init":  # a flipped init pair moves a DCN tap: mask those positions
+                ok |= (margins[level] < 1e-3).unsqueeze(1)
+            assert ok.all(), f"{key} level {level}: max error {(mine - ref).abs().max().item():.3g}"
+
+
+def test_oracle_neck_matches(oracle):
+    from lsnet.interop.reference import NeckAndHead, convert_state_dict, neck_from_config
+
+    cfg = oracle["config"]
+    model = NeckAndHead(neck_from_config(cfg["neck"]), head_from_config(cfg["bbox_head"]))
+    model.load_state_dict(convert_state_dict(oracle["state_dict"], model, {"neck.": "fpn.", "bbox_head.": "head."}))
+    with torch.no_grad():
+        outs = model.fpn([oracle["inputs"][k] for k in ("C3", "C4", "C5")])
+    for mine, ref in zip(outs, oracle["neck_outputs"]):
+        assert _close(mine, ref).all()
+
+
+def test_oracle_pre_nms_candidates(oracle):
+    from lsnet.interop.reference import decode_config
+    from lsnet.modeling.postprocess import decode_candidates
+
+    out = {k: v for k, v in oracle["outputs"].items()}  # decode the reference's own outputs
+    layout = task_branches("bbox", 4)
+    cfg = decode_config(oracle["config"]["test_cfg"])
+    for i, meta in enumerate(oracle["img_metas"]):
+        cand = decode_candidates(out, layout, (8, 16, 32, 64, 128), i, meta["img_shape"][:2], cfg)
+        ref = oracle["decoded_pre_nms"][i]
+        ref_index = oracle["decoded_pre_nms_index"][i]
+        assert cand["index"].shape == ref_index.shape
+        # pair rows by (level, position); the top-1000 order is the same on the same logits
+        assert torch.equal(cand["index"], ref_index)
+        assert torch.allclose(cand["bboxes"], ref["bboxes"], atol=1e-2, rtol=0)
+        assert torch.allclose(cand["landmarks"], ref["extremes"], atol=1e-2, rtol=0)
+        assert torch.allclose(cand["scores"], ref["scores"][:, :-1], atol=1e-5, rtol=0)
+
+
+def _margin_ok(oracle, image, level, pos):
+    h, w = SIZES[level]
+    m1 = oracle["tie_margins"]["init_dcn"][level][image].reshape(-1)[pos]
+    m2 = oracle["tie_margins"]["refine_decode"][level][image].reshape(-1)[pos]
+    return bool(m1 >= 1e-3 and m2 >= 1e-3)
+
+
+def test_oracle_detections_match_as_sets(oracle, ours):
+    for i, ref in enumerate(oracle["detections"]):
+        mine = ours["detections"][i]
+        assert set(mine) == set(ref) == {"bboxes", "extremes", "labels"}
+        used = torch.zeros(len(mine["labels"]), dtype=torch.bool)
+        must, matched = 0, 0
+        for j in range(len(ref["labels"])):
+            _, level, pos = oracle["detections_source"][i][j].tolist()
+            required = _margin_ok(oracle, i, level, pos)
+            must += required
+            cand = ((mine["labels"] == ref["labels"][j]) & ~used
+                    & ((mine["bboxes"][:, 4] - ref["bboxes"][j, 4]).abs() <= 1e-5)
+                    & ((mine["bboxes"][:, :4] - ref["bboxes"][j, :4]).abs().max(dim=1).values <= 1e-2)
+                    & ((mine["extremes"] - ref["extremes"][j]).abs().max(dim=1).values <= 1e-2))
+            if cand.any():
+                used[cand.nonzero()[0, 0]] = True
+                matched += required
+            else:
+                assert not required, f"image {i}: reference detection {j} (level {level}) unmatched"
+        assert must >= 97 and matched == must
+
+
+def test_state_dict_keys_checked(oracle):
+    bad = dict(oracle)
+    state = dict(oracle["state_dict"])
+    state["bbox_head.extra_conv.weight"] = torch.zeros(1)
+    del state["bbox_head.cls_convs.1.conv.conv_offset.bias"]
+    bad["state_dict"] = state
+    with pytest.raises(ReferenceKeyError, match=r"bbox_head\.extra_conv\.weight.*cls_tower\.1\.conv\.conv_offset\.bias"):
+        reference_outputs(bad)
+
+
+def test_kernel_landmarks_per_task():
+    bbox = task_branches("bbox", 4)
+    assert bbox.branches[0].kernel_landmarks == (0, 1, 2, 3) and bbox.branches[0].num_free_points == 4
+    segm = task_branches("segm", 36).branches[0]
+    assert segm.kernel_landmarks == (0, 5, 10, 15, 20, 25, 30, 35) and segm.num_free_points == 0
+    pose = task_branches("pose_bbox", 17)
+    assert [b.name for b in pose.branches] == ["bbox", "pose"] and pose.cls_branch == "pose"
+    assert pose.branches[1].kernel_landmarks == (1, 3, 5, 7, 9, 11, 13, 15)
+    assert pose.box_branch == "bbox" and pose.landmark_branch == "pose"
+
+
+def test_signed_points_hand_values():
+    v = torch.tensor([3.0, 1.0, 2.0, 2.0, 0.5, 4.0, 1.0, 7.0]).view(1, 8, 1, 1)  # two points
+    # point 0: up 3 > down 1 -> dy = -3; left 2 == right 2 (tie) -> dx = -2; point 1: +4, +7
+    assert signed_points(v).flatten().tolist() == [-3.0, -2.0, 4.0, 7.0]
+
+
+@pytest.mark.parametrize("task,n", [("segm", 36), ("pose_bbox", 17), ("pose_kbox", 17)])
+def test_stage1_taps_are_kernel_landmarks_and_centre(task, n):
+    """Hand-set init vectors: landmark k's vector is (up, down, left, right) = (k+1, 0, 0, k+1) ->
+    signed (dy, dx) = (-(k+1), k+1); the DCN taps must be exactly the kernel landmarks, then the centre."""
+    head = head_from_config({"num_classes": 2, "in_channels": 8, "feat_channels": 8, "point_feat_channels": 8,
+                             "stacked_convs": 1, "task": task, "num_vectors": n, "conv_module_type": "dcn",
+                             "norm_cfg": {"type": "GN", "num_groups": 4}})
+    branch = head.branches["segm" if task == "segm" else "pose"]
+    torch.nn.init.zeros_(branch.init_out.weight)
+    bias = torch.zeros(n + 1, 4)
+    k = torch.arange(n + 1, dtype=torch.float32) + 1
+    bias[:, 0], bias[:, 1], bias[:, 2], bias[:, 3] = 20 + k, -20.0, -20.0, 20 + k  # softplus ~ identity
+    with torch.no_grad():
+        branch.init_out.bias.copy_(bias.reshape(-1))
+        _, taps = branch.stage1(torch.randn(1, 8, 3, 4))
+    expect = [p for p in branch.spec.kernel_landmarks] + [n]
+    got = taps[0, :, 0, 0].view(-1, 2)
+    assert got.shape == (9, 2)
+    assert torch.allclose(got[:, 0], -(torch.tensor(expect, dtype=torch.float32) + 21), atol=1e-4)
+    assert torch.allclose(got[:, 1], torch.tensor(expect, dtype=torch.float32) + 21, atol=1e-4)
+
+
+def test_pyramid_sources_and_compounding_factors():
+    assert [pyramid_sources(level, 5) for level in range(5)] == [[0, 1, 2], [1, 0, 2], [2, 1, 3], [3, 2, 4], [4, 3, 2]]
+    one = torch.ones(1, 18, 1, 1)
+    # the README table of the oracle: the second neighbour's factor compounds in place
+    compound = {0: (0.125, 0.125), 1: (1.0, 1.0), 2: (1.0, 1.0), 3: (1.0, 1.2), 4: (8.0, 50 / 9)}
+    exact = {0: (0.25, 0.25), 1: (0.5, 0.5), 2: (0.5, 0.5), 3: (0.5, 0.6), 4: (4.0, 10 / 3)}
+    for level in range(5):
+        c = pyramid_offsets(one, SIZES, level, "compound")
+        e = pyramid_offsets(one, SIZES, level, "exact")
+        assert c[0][1].flatten()[:2].tolist() == [1.0, 1.0]
+        assert c[2][1].flatten()[:2].tolist() == pytest.approx(compound[level])
+        assert e[2][1].flatten()[:2].tolist() == pytest.approx(exact[level])
+        assert c[1][1].flatten()[:2].tolist() == pytest.approx(e[1][1].flatten()[:2].tolist())
+
+
+def _naive_pyramid_dcn(src, offset, weight, sh, sw):
+    """Loop version of the reference kernel: tap (i, j) of output (h, w) samples
+    ((h - 1 + i)·sh + dy, (w - 1 + j)·sw + dx), bilinear, corners outside the map count 0."""
+    _, c, hs, ws = src.shape
+    _, _, h, w = offset.shape
+    cols = torch.zeros(c, 9, h, w, dtype=torch.float64)
+    for y0 in range(h):
+        for x0 in range(w):
+            for t in range(9):
+                i, j = divmod(t, 3)
+                y = (y0 - 1 + i) * sh + offset[0, 2 * t, y0, x0].item()
+                x = (x0 - 1 + j) * sw + offset[0, 2 * t + 1, y0, x0].item()
+                if not (-1 < y < hs and -1 < x < ws):
+                    continue
+                yl, xl = math.floor(y), math.floor(x)
+                for yy, xx in ((yl, xl), (yl, xl + 1), (yl + 1, xl), (yl + 1, xl + 1)):
+                    if 0 <= yy < hs and 0 <= xx < ws:
+                        wt = (1 - abs(y - yy)) * (1 - abs(x - xx))
+                        cols[:, t, y0, x0] += wt * src[0, :, yy, xx].double()
+    return torch.einsum("oct,cthw->ohw", weight.double().reshape(weight.shape[0], c, 9), cols)
+
+
+@pytest.mark.parametrize("src_hw,base_hw", [((4, 6), (2, 3)), ((2, 3), (4, 5)), ((1, 2), (2, 3)), ((5, 3), (3, 2))])
+def test_pyramid_deform_conv_matches_loop(src_hw, base_hw):
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(1, 3, *src_hw, generator=g)
+    offset = torch.randn(1, 18, *base_hw, generator=g) * 1.5
+    weight = torch.randn(2, 3, 3, 3, generator=g)
+    sh, sw = src_hw[0] / base_hw[0], src_hw[1] / base_hw[1]
+    got = pyramid_deform_conv(src, offset, weight, sh, sw)[0]
+    assert torch.allclose(got.double(), _naive_pyramid_dcn(src, offset, weight, sh, sw), atol=1e-5)
+
+
+def _reference_keys(task: str, n: int, classes: int, c: int, cin: list[int], convs: int = 3) -> dict[str, tuple]:
+    """The state_dict keys and shapes the reference code has for a task (lsnet_head.py:93-258,
+    DCNConvModule :1830; mmdet FPN with GN), written out by hand from its attribute names."""
+    keys: dict[str, tuple] = {}
+    for i, ch in enumerate(cin):
+        keys[f"neck.lateral_convs.{i}.conv.weight"] = (c, ch, 1, 1)
+    for i in range(5):
+        keys[f"neck.fpn_convs.{i}.conv.weight"] = (c, cin[-1] if i == 3 else c, 3, 3)
+    for prefix in [f"neck.lateral_convs.{i}" for i in range(3)] + [f"neck.fpn_convs.{i}" for i in range(5)]:
+        keys[f"{prefix}.gn.weight"] = keys[f"{prefix}.gn.bias"] = (c,)
+    branches = {"bbox": ["bbox"], "segm": ["segm"], "pose_bbox": ["bbox", "pose"], "pose_kbox": ["pose"]}[task]
+    h = "bbox_head"
+    for tower in ["cls"] + branches:
+        for i in range(convs):
+            keys[f"{h}.{tower}_convs.{i}.conv.weight"] = (c, c, 3, 3)
+            keys[f"{h}.{tower}_convs.{i}.conv.bias"] = (c,)
+            keys[f"{h}.{tower}_convs.{i}.conv.conv_offset.weight"] = (27, c, 3, 3)
+            keys[f"{h}.{tower}_convs.{i}.conv.conv_offset.bias"] = (27,)
+            keys[f"{h}.{tower}_convs.{i}.bn.weight"] = keys[f"{h}.{tower}_convs.{i}.bn.bias"] = (c,)
+        keys[f"{h}.{tower}_GN.weight"] = keys[f"{h}.{tower}_GN.bias"] = (c,)
+        keys[f"{h}.{tower}_af_dcn_conv.0.weight"] = (c, 3 * c, 1, 1)
+        keys[f"{h}.{tower}_af_dcn_conv.0.bias"] = (c,)
+        keys[f"{h}.{tower}_feat_conv.weight"] = (c, c, 3, 3)
+        keys[f"{h}.{tower}_feat_conv.bias"] = (c,)
+    keys[f"{h}.pts_cls_conv.weight"] = (c, c, 3, 3)
+    keys[f"{h}.pts_cls_out.weight"] = (classes, c, 1, 1)
+    keys[f"{h}.pts_cls_out.bias"] = (classes,)
+    for b in branches:
+        vec = 4 * ((4 if b == "bbox" else n) + 1)
+        keys[f"{h}.pts_{b}_init_conv.weight"] = (c, c, 3, 3)
+        keys[f"{h}.pts_{b}_init_conv.bias"] = (c,)
+        keys[f"{h}.pts_{b}_init_out.weight"] = (vec + (8 if b == "bbox" else 0), c, 1, 1)
+        keys[f"{h}.pts_{b}_init_out.bias"] = (vec + (8 if b == "bbox" else 0),)
+        keys[f"{h}.pts_{b}_refine_conv.weight"] = (c, c, 3, 3)
+        keys[f"{h}.pts_{b}_refine_out.weight"] = (vec, c, 1, 1)
+        keys[f"{h}.pts_{b}_refine_out.bias"] = (vec,)
+    return keys
+
+
+@pytest.mark.parametrize("task,n,outputs,landmark_dim", [
+    ("segm", 36, {"cls_scores": 3, "segm_init": 148, "segm_refine": 148}, 72),
+    ("pose_bbox", 17, {"cls_scores": 3, "bbox_init": 20, "bbox_refine": 20, "pose_init": 72, "pose_refine": 72}, 34),
+    ("pose_kbox", 17, {"cls_scores": 3, "pose_init": 72, "pose_refine": 72}, 34),
+])
+def test_reference_outputs_other_tasks(task, n, outputs, landmark_dim):
+    """A segm / pose oracle's shape: every reference key is used, the outputs and detections have the
+    reference's layout (the values are checked by the oracles of those tasks)."""
+    c, cin = 16, [8, 16, 32]
+    g = torch.Generator().manual_seed(1)
+    state = {k: torch.randn(s, generator=g) * 0.05 for k, s in _reference_keys(task, n, 3, c, cin).items()}
+    oracle = {
+        "config": {"neck": {"type": "FPN", "in_channels": [4] + cin, "out_channels": c, "start_level": 1,
+                            "add_extra_convs": "on_input", "num_outs": 5, "norm_cfg": {"type": "GN", "num_groups": 8}},
+                   "bbox_head": {"type": "LSHead", "task": task, "num_vectors": n, "num_classes": 3, "in_channels": c,
+                                 "feat_channels": c, "point_feat_channels": c, "stacked_convs": 3,
+                                 "num_kernel_points": 9, "conv_module_type": "dcn",
+                                 "norm_cfg": {"type": "GN", "num_groups": 8}},
+                   "test_cfg": {"nms_pre": 50, "score_thr": 0.0, "nms": {"type": "nms", "iou_thr": 0.6},
+                                "max_per_img": 20}},
+        "state_dict": state,
+        "inputs": {f"C{i + 3}": torch.randn(1, ch, 16 // 2 ** i, 24 // 2 ** i, generator=g) for i, ch in enumerate(cin)},
+        "img_metas": [{"img_shape": (120, 180, 3)}],
+    }
+    out = reference_outputs(oracle)
+    assert set(out["outputs"]) == set(outputs)
+    for key, ch in outputs.items():
+        assert [tuple(t.shape) for t in out["outputs"][key]] == [(1, ch, h, w) for h, w in
+                                                                  [(16, 24), (8, 12), (4, 6), (2, 3), (1, 2)]]
+    det = out["detections"][0]
+    assert det["bboxes"].shape == (20, 5) and det["labels"].shape == (20,)
+    lm = [v for k, v in det.items() if k not in ("bboxes", "labels")]
+    assert len(lm) == 1 and lm[0].shape == (20, landmark_dim)
+    assert (lm[0][:, 0::2] <= 180).all() and (lm[0][:, 1::2] <= 120).all() and (lm[0] >= 0).all()
+    state.pop(next(iter(k for k in state if "pts_cls_conv" in k)))
+    with pytest.raises(ReferenceKeyError, match="missing.*cls_fusion.sample.weight"):
+        reference_outputs(oracle)
