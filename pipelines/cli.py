@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("pipelines.bench.cli", "run a benchmark spec from jobs/bench and write results/bench/NAME.json"),
     "jobs": ("pipelines.jobs.cli", "submit job specs (jobs/*.yaml) to a Ray cluster; status, logs, schedules"),
     "ablation": ("pipelines.ablations.cli", "reproduce a paper ablation table (jobs/ablations/*.yaml)"),
+    "convert": ("lsnet.interop.convert", "convert a checkpoint trained with the authors' code (reference) to lsnet"),
 }
 
 

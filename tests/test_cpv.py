@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lsnet.config import ConfigError, from_dict, to_dict
-from lsnet.inference import boxes_from_points, postprocess
+from lsnet.modeling.inference import boxes_from_points, postprocess
 from lsnet.modeling import HeadOutputs, ModelConfig, build_model
 from lsnet.modeling.cpv import (
     corner_pool,

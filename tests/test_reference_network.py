@@ -282,3 +282,132 @@ def test_reference_outputs_other_tasks(task, n, outputs, landmark_dim):
     state.pop(next(iter(k for k in state if "pts_cls_conv" in k)))
     with pytest.raises(ReferenceKeyError, match="missing.*cls_fusion.sample.weight"):
         reference_outputs(oracle)
+
+
+def test_sampled_conv_matches_torchvision_dcnv2():
+    from torchvision.ops import deform_conv2d
+
+    from lsnet.modeling.layers import ModulatedDeformConv
+
+    g = torch.Generator().manual_seed(3)
+    conv = ModulatedDeformConv(4, 5)
+    with torch.no_grad():
+        for p in conv.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    x = torch.randn(2, 4, 6, 7, generator=g)
+    out = conv.conv_offset(x)
+    want = deform_conv2d(x, out[:, :18], conv.weight, conv.bias, padding=1, mask=out[:, 18:].sigmoid())
+    assert torch.allclose(conv(x), want, atol=1e-5)
+
+
+def _tiny_reference_cfg(**kw):
+    from lsnet.modeling import ModelConfig
+
+    base = dict(task="bbox", num_classes=3, backbone="resnet18", fpn_channels=16, head_channels=16, head_convs=1,
+                norm_groups=8, frozen_stages=-1, norm_eval=False, head="reference", fpn_norm="gn",
+                fpn_relu_before_p7=False, fpn_extra_source="c5")
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.mark.parametrize("center_vector", [False, True])
+def test_head_outputs_contract(center_vector):
+    """The reference layout -> HeadOutputs: pixels (x stride), [top, bottom, left, right] = [up, down,
+    left, right], anchors (w·s, h·s), the centre last only with center_vector."""
+    from lsnet.modeling import build_model
+    from lsnet.modeling.reference_head import head_outputs
+
+    model = build_model(_tiny_reference_cfg(center_vector=center_vector)).eval()
+    with torch.no_grad():
+        raw = model.head(model.fpn(model.backbone(torch.randn(1, 3, 64, 96))))
+        out = head_outputs(raw, model.head.layout, model.head.strides, center_vector)
+    n = 5 if center_vector else 4
+    assert out.vec_init.shape == (1, 8 * 12 + 4 * 6 + 2 * 3 + 1 * 2 + 1 * 1, n, 4)
+    # level 1 (stride 16, 4x6), position (h=2, w=3) = row 2·6 + 3 of the level
+    row = 8 * 12 + 2 * 6 + 3
+    assert out.anchors[row].tolist() == [48.0, 32.0]
+    ref = raw["bbox_refine"][1][0, :, 2, 3].view(5, 4)[:n] * 16
+    assert torch.allclose(out.vec_refine[0, row], ref)
+    assert torch.allclose(out.cls_logits[0, row], raw["cls_scores"][1][0, :, 2, 3])
+
+
+def test_reference_model_trains_and_decodes_pose_box():
+    """A pose model with the box branch (pose_bbox): 17 keypoints then the 4 box points in HeadOutputs;
+    one training step gives finite losses and gradients reach the free points and the towers."""
+    from lsnet.modeling import build_model
+    from lsnet.structures import LandmarkTargets
+
+    model = build_model(_tiny_reference_cfg(task="pose", num_classes=1, pose_box="obj"))
+    assert list(model.head.branches) == ["bbox", "pose"] and model.head.layout.cls_branch == "pose"
+    pts = torch.rand(1, 17, 2) * 40 + 10
+    t = LandmarkTargets(torch.tensor([[10.0, 10.0, 50.0, 50.0]]), torch.tensor([0]), pts,
+                        torch.ones(1, 17, dtype=torch.bool), torch.tensor([False]))
+    losses = model(torch.randn(1, 3, 64, 64), [t])
+    assert all(torch.isfinite(v) for v in losses.values())
+    losses["loss"].backward()
+    assert model.head.branches["pose"].tower[0].conv.weight.grad.abs().sum() > 0
+    assert model.head.branches["bbox"].init_out.weight.grad[20:].abs().sum() > 0  # the free points
+    model.eval()
+    with torch.no_grad():
+        dets = model(torch.randn(1, 3, 64, 64))
+    assert dets[0].points.shape[1:] == (17, 2)
+
+
+def _as_reference_checkpoint(model) -> dict:
+    """Our detector's weights under the reference's key names (backbone: mmdet ResNet names)."""
+    from lsnet.interop.convert import convert_detector_state
+
+    keys = _reference_keys("bbox", 4, 3, 16, [128, 256, 512], convs=1)
+    g = torch.Generator().manual_seed(5)
+    state = {k: torch.randn(s, generator=g) for k, s in keys.items()}
+    for k, v in model.state_dict().items():
+        if k.startswith("backbone."):
+            name = k.replace("backbone.stem.0.", "backbone.conv1.").replace("backbone.stem.1.", "backbone.bn1.")
+            state[name] = torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
+    convert_detector_state(state, model, "self-check")  # the hand-written names all map
+    return {"state_dict": state, "meta": {"epoch": 12}}
+
+
+def test_convert_reference_checkpoint_cli(tmp_path):
+    from lsnet.engine import load_checkpoint
+    from lsnet.modeling import build_model
+    from pipelines.cli import main
+
+    model = build_model(_tiny_reference_cfg())
+    ckpt = _as_reference_checkpoint(model)
+    torch.save(ckpt, tmp_path / "ref.pth")
+    cfg = tmp_path / "model.yaml"
+    cfg.write_text("model: {task: bbox, num_classes: 3, backbone: resnet18, fpn_channels: 16, head_channels: 16,\n"
+                   "  head_convs: 1, norm_groups: 8, frozen_stages: -1, norm_eval: false, head: reference,\n"
+                   "  fpn_norm: gn, fpn_relu_before_p7: false, fpn_extra_source: c5}\n")
+    assert main(["convert", "reference", str(tmp_path / "ref.pth"), "--config", str(cfg),
+                 "--out", str(tmp_path / "ours.pt")]) == 0
+    ours = load_checkpoint(tmp_path / "ours.pt")["model"]
+    sd = ckpt["state_dict"]
+    assert torch.equal(ours["backbone.stem.0.weight"], sd["backbone.conv1.weight"])
+    assert torch.equal(ours["backbone.layer3.1.conv2.weight"], sd["backbone.layer3.1.conv2.weight"])
+    assert torch.equal(ours["fpn.p6.conv.weight"], sd["neck.fpn_convs.3.conv.weight"])
+    assert torch.equal(ours["head.branches.bbox.fusion.sample.weight"], sd["bbox_head.pts_bbox_refine_conv.weight"])
+    assert torch.equal(ours["head.cls_tower.0.norm.bias"], sd["bbox_head.cls_convs.0.bn.bias"])
+    # an unknown and a missing key: exit 2 with one line naming both
+    sd = dict(sd)
+    sd["bbox_head.loss_scale"] = torch.zeros(1)
+    del sd["backbone.layer1.0.bn1.weight"]
+    torch.save({"state_dict": sd}, tmp_path / "bad.pth")
+    assert main(["convert", "reference", str(tmp_path / "bad.pth"), "--config", str(cfg),
+                 "--out", str(tmp_path / "bad.pt")]) == 2
+    assert not (tmp_path / "bad.pt").exists()
+
+
+def test_convert_error_names_keys(tmp_path, capsys):
+    from pipelines.cli import main
+
+    torch.save({"state_dict": {"backbone.conv1.weight": torch.zeros(64, 3, 7, 7), "neck.extra": torch.zeros(1)}},
+               tmp_path / "x.pth")
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text("model: {num_classes: 3, backbone: resnet18, fpn_channels: 16, head_channels: 16, head_convs: 1,"
+                   " norm_groups: 8, head: reference, fpn_norm: gn, fpn_extra_source: c5}\n")
+    assert main(["convert", "reference", str(tmp_path / "x.pth"), "--config", str(cfg), "--out",
+                 str(tmp_path / "o.pt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "neck.extra" in err[0] and "missing" in err[0] and "backbone.layer1.0.bn1.weight" in err[0]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lsnet.config import ConfigError, from_dict
-from lsnet.inference import (
+from lsnet.modeling.inference import (
     ATSS_SCALE_RANGES,
     ATSS_TEST_SHORT_SIDES,
     atss_test_scales,

@@ -108,6 +108,10 @@ def run(image_size: int = 512, batch_size: int = 2, num_objects: int = 5, warmup
     models = {
         "lsnet_r50_bbox": build_model(ModelConfig(task="bbox", num_classes=80, frozen_stages=-1, norm_eval=False)),
         "fcos_r50_fpn": fcos,
+        # the authors' network (configs/_base_/coco_r50.yaml): reference head, GN FPN, P6 from C5
+        "lsnet_r50_bbox_reference": build_model(ModelConfig(
+            task="bbox", num_classes=80, frozen_stages=-1, norm_eval=False, head="reference", fpn_norm="gn",
+            fpn_extra_source="c5", fpn_relu_before_p7=False)),
     }
     if with_cpv:
         models["lsnet_r50_bbox_cpv"] = build_model(ModelConfig(task="bbox", num_classes=80, frozen_stages=-1,

@@ -1,7 +1,7 @@
 """LSNet = ResNet backbone + FPN P3–P7 + the two-stage landmark head, and its training loss.
 
 ``LSNet.forward(images, targets)`` returns the losses; ``LSNet.forward(images)`` the detections
-(:mod:`lsnet.inference`). Loss (paper §3.2)::
+(:mod:`lsnet.modeling.inference`). Loss (paper §3.2)::
 
     L = L_cls + beta · L_vec1 + gamma · L_vec2          (beta = 1, gamma = 2)
 
@@ -40,6 +40,8 @@ from lsnet.modeling.config import ModelConfig
 from lsnet.modeling.cpv import corner_targets, cpv_losses
 from lsnet.modeling.fpn import FPN
 from lsnet.modeling.head import HeadOutputs, LSNetHead, default_dcn_point_indices
+from lsnet.modeling.inference import postprocess, predict_with_tta
+from lsnet.modeling.reference_head import ReferenceHead, head_outputs, task_branches
 from lsnet.structures import Detections, LandmarkTargets
 
 #: LSNetHead members that only produce the refined vectors (frozen in stage-1-only models).
@@ -237,22 +239,14 @@ class LSNet(nn.Module):
         self.cfg = cfg
         self.backbone = ResNetBackbone(cfg.backbone, cfg.pretrained, cfg.frozen_stages, cfg.norm_eval,
                                        cfg.dcn_stages, cfg.dcn_type)
-        self.fpn = FPN(self.backbone.out_channels, cfg.fpn_channels, cfg.fpn_extra_source)
-        # pose box branch: 4 more vectors after the keypoints; the DCN kernel stays on keypoints
-        kernel = cfg.dcn_point_indices
-        if cfg.num_box_points and kernel is None:
-            kernel = default_dcn_point_indices(cfg.task, cfg.num_points)
-        self.head = LSNetHead(
-            cfg.fpn_channels, cfg.num_classes, cfg.num_points + cfg.num_box_points, cfg.strides, cfg.head_channels,
-            cfg.head_convs, cfg.norm_groups, cfg.feature_mode, cfg.pyramid_fuse, cfg.dcn_offset_grad_scale,
-            kernel, cfg.task, cpv=cfg.cpv)
+        self.fpn = FPN(self.backbone.out_channels, cfg.fpn_channels, cfg.fpn_extra_source, norm=cfg.fpn_norm,
+                       relu_before_p7=cfg.fpn_relu_before_p7, norm_groups=cfg.norm_groups)
+        self.head = build_head(cfg)
         if not cfg.refine:
             # Stage-1-only (Table 2): the refinement branch gets no loss; frozen, it is left out of
             # the optimiser and of DDP's gradient reduction (no unused-parameter errors).
-            for name in REFINE_BRANCH:
-                module = getattr(self.head, name, None)
-                if module is not None:
-                    module.requires_grad_(False)
+            for module in refine_modules(self.head):
+                module.requires_grad_(False)
 
     def forward_raw(self, images: Tensor) -> HeadOutputs:
         """Head outputs for a (B, 3, H, W) normalised image batch (stage-1-only models: the refined
@@ -260,6 +254,8 @@ class LSNet(nn.Module):
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
         out = self.head(self.fpn(self.backbone(images)))
+        if isinstance(self.head, ReferenceHead):
+            out = head_outputs(out, self.head.layout, self.head.strides, self.cfg.center_vector)
         if not self.cfg.refine:
             out = dataclasses.replace(out, vec_refine=out.vec_init)
         return out
@@ -269,9 +265,7 @@ class LSNet(nn.Module):
         """With ``targets``: the loss dict of :func:`compute_losses`. Without: B × Detections in the
         pixel frame of ``images``, landmarks clipped to each image's valid region ``image_sizes``
         ((h, w) per image, default the whole tensor) -- test-time augmented
-        (:func:`lsnet.inference.predict_with_tta`) when ``cfg.test`` sets ``flip`` or ``scales``."""
-        from lsnet.inference import postprocess, predict_with_tta  # inference imports this module for TTA
-
+        (:func:`lsnet.modeling.inference.predict_with_tta`) when ``cfg.test`` sets ``flip`` or ``scales``."""
         if targets is None and self.cfg.test.augmented:  # model.test.flip / scales: test-time augmentation
             return predict_with_tta(self, images, image_sizes)
         out = self.forward_raw(images)
@@ -284,6 +278,37 @@ def build_model(cfg: ModelConfig) -> LSNet:
     return LSNet(cfg)
 
 
+def reference_task(cfg: ModelConfig) -> str:
+    """The reference head's task for a model config: pose with the box vectors is ``pose_bbox``."""
+    if cfg.task == "pose":
+        return "pose_bbox" if cfg.num_box_points else "pose_kbox"
+    return cfg.task
+
+
+def build_head(cfg: ModelConfig) -> nn.Module:
+    """The head of ``cfg.head``: :class:`ReferenceHead` (the authors' head) or :class:`LSNetHead`."""
+    if cfg.head == "reference":
+        return ReferenceHead(task_branches(reference_task(cfg), cfg.num_points), cfg.num_classes, cfg.fpn_channels,
+                             cfg.head_channels, cfg.head_convs, cfg.norm_groups, cfg.deformable_towers,
+                             cfg.pyramid_offset_scaling, cfg.dcn_offset_grad_scale, strides=cfg.strides,
+                             pyramid_levels={"PP": 3, "PE": 1, "PA": 0}[cfg.feature_mode])
+    # pose box branch: 4 more vectors after the keypoints; the DCN kernel stays on keypoints
+    kernel = cfg.dcn_point_indices
+    if cfg.num_box_points and kernel is None:
+        kernel = default_dcn_point_indices(cfg.task, cfg.num_points)
+    return LSNetHead(
+        cfg.fpn_channels, cfg.num_classes, cfg.num_points + cfg.num_box_points, cfg.strides, cfg.head_channels,
+        cfg.head_convs, cfg.norm_groups, cfg.feature_mode, cfg.pyramid_fuse, cfg.dcn_offset_grad_scale,
+        kernel, cfg.task, cpv=cfg.cpv)
+
+
+def refine_modules(head: nn.Module) -> list[nn.Module]:
+    """The modules that only produce the refined vectors (frozen in stage-1-only models)."""
+    if isinstance(head, ReferenceHead):
+        return [m for b in head.branches.values() for m in (b.fusion, b.refine_out)]
+    return [getattr(head, name) for name in REFINE_BRANCH if getattr(head, name, None) is not None]
+
+
 def anchor_layout(cfg: ModelConfig, height: int, width: int) -> tuple[Tensor, list[int], list[int]]:
     """The anchor points ``(P, 2)``, points per level and strides that the model of ``cfg`` has for a
     ``height`` x ``width`` input batch, found without computing anything: the backbone and FPN run on
@@ -294,5 +319,8 @@ def anchor_layout(cfg: ModelConfig, height: int, width: int) -> tuple[Tensor, li
         model = LSNet(dataclasses.replace(cfg, pretrained=None))
         feats = model.fpn(model.backbone(torch.empty(1, 3, int(height), int(width))))
     sizes = [tuple(f.shape[-2:]) for f in feats]
-    points = anchor_points(sizes, model.head.strides)
-    return torch.cat(points), [p.shape[0] for p in points], list(model.head.strides)
+    if isinstance(model.head, ReferenceHead):
+        points = model.head.anchors(sizes, torch.empty(0))
+    else:
+        points = torch.cat(anchor_points(sizes, model.head.strides))
+    return points, [h * w for h, w in sizes], list(model.head.strides)

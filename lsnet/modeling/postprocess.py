@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
-from lsnet.modeling.reference_head import TaskLayout, signed_points
+from lsnet.modeling.reference_head import TaskLayout, level_points, signed_points
 
 
 @dataclass
@@ -28,13 +28,6 @@ class DecodeConfig:
     score_thr: float = 0.05
     iou_thr: float = 0.6
     max_per_img: int = 100
-
-
-def level_points(height: int, width: int, stride: int, like: Tensor) -> Tensor:
-    """``(x, y) = (w·s, h·s)`` of each position, row-major: (H·W, 2)."""
-    ys, xs = torch.meshgrid(torch.arange(height, dtype=like.dtype, device=like.device),
-                            torch.arange(width, dtype=like.dtype, device=like.device), indexing="ij")
-    return torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=1) * stride
 
 
 def vectors_to_points(vectors: Tensor, num_points: int) -> Tensor:

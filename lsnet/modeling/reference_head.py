@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lsnet.modeling.head import HeadOutputs
 from lsnet.modeling.layers import PyramidDeformConv, TowerLayer, group_norm
 
 #: one-line meanings of the ``offset_scaling`` switch (config ``model.pyramid_offset_scaling``)
@@ -98,8 +99,11 @@ def task_branches(task: str, num_vectors: int, num_kernel_points: int = 9) -> Ta
             raise ValueError(f"bbox branch: {n} points + centre exceed {num_kernel_points} kernel points")
         return BranchSpec("bbox", n, tuple(range(n)), free)
 
-    def contour_branch(name: str, n: int, start: int, step: int) -> BranchSpec:
+    def contour_branch(name: str, n: int, start: int, step: int, spread: bool = False) -> BranchSpec:
         kernel = tuple(range(start, n, step))
+        if spread and len(kernel) != taps:
+            # an N the reference's rule does not fit (it would fail): ``taps`` points spread evenly
+            kernel = tuple(k * n // taps for k in range(taps))
         if len(kernel) != taps:
             raise ValueError(f"{name} branch: {len(kernel)} kernel landmarks ({kernel}) + centre != "
                              f"{num_kernel_points} kernel points")
@@ -109,7 +113,7 @@ def task_branches(task: str, num_vectors: int, num_kernel_points: int = 9) -> Ta
         b = box_branch(num_vectors)
         return TaskLayout((b,), "bbox", "bbox", "bbox")
     if task == "segm":  # every ceil(N / 8)-th contour point: 0, 5, ..., 35 for N = 36
-        s = contour_branch("segm", num_vectors, 0, math.ceil(num_vectors / taps))
+        s = contour_branch("segm", num_vectors, 0, math.ceil(num_vectors / taps), spread=True)
         return TaskLayout((s,), "segm", "segm", "segm")
     if task == "pose_bbox":  # keypoints 1, 3, ..., 15; the box branch beside them (4 extremes + 4 free)
         p = contour_branch("pose", num_vectors, 1, 2)
@@ -177,18 +181,23 @@ class PyramidFusion(nn.Module):
 
     def __init__(self, in_channels: int, channels: int, groups: int, num_sources: int = 3):
         super().__init__()
-        self.sample = PyramidDeformConv(in_channels, channels)
-        self.fuse = nn.Conv2d(num_sources * channels, channels, 1)
+        self.num_sources = num_sources
+        if num_sources:  # 0: Table 3's "PA" (anchor-point feature only)
+            self.sample = PyramidDeformConv(in_channels, channels)
+            self.fuse = nn.Conv2d(num_sources * channels, channels, 1)
+            nn.init.normal_(self.fuse.weight, std=0.01)
+            nn.init.zeros_(self.fuse.bias)
+            nn.init.kaiming_normal_(self.sample.weight, mode="fan_out", nonlinearity="relu")
         self.anchor_conv = nn.Conv2d(in_channels, channels, 3, padding=1)
         self.norm = group_norm(channels, groups)
-        for m in (self.fuse, self.anchor_conv):
-            nn.init.normal_(m.weight, std=0.01)
-            nn.init.zeros_(m.bias)
-        nn.init.kaiming_normal_(self.sample.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.normal_(self.anchor_conv.weight, std=0.01)
+        nn.init.zeros_(self.anchor_conv.bias)
 
     def forward(self, feats: list[Tensor], level: int, sources: list[tuple[int, Tensor, float, float]]) -> Tensor:
-        sampled = [self.sample(feats[src], off, sh, sw) for src, off, sh, sw in sources]
-        x = F.relu(self.fuse(torch.cat(sampled, dim=1))) + self.anchor_conv(feats[level])
+        x = self.anchor_conv(feats[level])
+        if self.num_sources:
+            sampled = [self.sample(feats[src], off, sh, sw) for src, off, sh, sw in sources[: self.num_sources]]
+            x = F.relu(self.fuse(torch.cat(sampled, dim=1))) + x
         return F.relu(self.norm(x))
 
 
@@ -201,13 +210,13 @@ class LandmarkBranch(nn.Module):
     """Tower, stage 1, kernel points and stage 2 of one :class:`BranchSpec`."""
 
     def __init__(self, spec: BranchSpec, in_channels: int, channels: int, num_convs: int, groups: int,
-                 deformable: bool):
+                 deformable: bool, pyramid_levels: int = 3):
         super().__init__()
         self.spec = spec
         self.tower = _tower(num_convs, in_channels, channels, groups, deformable)
         self.init_conv = nn.Conv2d(channels, channels, 3, padding=1)
         self.init_out = nn.Conv2d(channels, 4 * spec.num_vectors + 2 * spec.num_free_points, 1)
-        self.fusion = PyramidFusion(channels, channels, groups)
+        self.fusion = PyramidFusion(channels, channels, groups, pyramid_levels)
         self.refine_out = nn.Conv2d(channels, 4 * spec.num_vectors, 1)
         for m in (self.init_conv, self.init_out, self.refine_out):
             nn.init.normal_(m.weight, std=0.01)
@@ -234,6 +243,8 @@ class ReferenceHead(nn.Module):
         in_channels: FPN channels; ``channels``: the towers' and point features' (the reference's
             ``feat_channels`` = ``point_feat_channels``).
         deformable_towers: DCNv2 tower convs (``conv_module_type='dcn'``) or plain ones (``'norm'``).
+        pyramid_levels: levels whose landmark features are fused: 3 (the reference; Table 3 "PP"),
+            1 (the object's level only, "PE"), 0 (anchor-point feature only, "PA").
         offset_scaling: :data:`OFFSET_SCALING`.
         gradient_mul: gradient factor of stage 1 through the DCN offsets.
     """
@@ -241,7 +252,7 @@ class ReferenceHead(nn.Module):
     def __init__(self, layout: TaskLayout, num_classes: int, in_channels: int = 256, channels: int = 256,
                  num_convs: int = 3, norm_groups: int = 32, deformable_towers: bool = True,
                  offset_scaling: str = "compound", gradient_mul: float = 0.1, prior_prob: float = 0.01,
-                 strides: tuple[int, ...] = (8, 16, 32, 64, 128)):
+                 strides: tuple[int, ...] = (8, 16, 32, 64, 128), pyramid_levels: int = 3):
         super().__init__()
         if offset_scaling not in OFFSET_SCALING:
             raise ValueError(f"offset_scaling must be one of {sorted(OFFSET_SCALING)}, got {offset_scaling!r}")
@@ -253,13 +264,20 @@ class ReferenceHead(nn.Module):
         self.offset_scaling = offset_scaling
         self.gradient_mul = gradient_mul
         self.cls_tower = _tower(num_convs, in_channels, channels, norm_groups, deformable_towers)
-        self.cls_fusion = PyramidFusion(channels, channels, norm_groups)
+        if pyramid_levels not in (0, 1, 3):
+            raise ValueError(f"pyramid_levels must be 3 (PP), 1 (PE) or 0 (PA), got {pyramid_levels}")
+        self.cls_fusion = PyramidFusion(channels, channels, norm_groups, pyramid_levels)
         self.cls_out = nn.Conv2d(channels, num_classes, 1)
         nn.init.normal_(self.cls_out.weight, std=0.01)
         nn.init.constant_(self.cls_out.bias, -math.log((1 - prior_prob) / prior_prob))
         self.branches = nn.ModuleDict({
-            spec.name: LandmarkBranch(spec, in_channels, channels, num_convs, norm_groups, deformable_towers)
+            spec.name: LandmarkBranch(spec, in_channels, channels, num_convs, norm_groups, deformable_towers,
+                                      pyramid_levels)
             for spec in layout.branches})
+
+    def anchors(self, sizes: list[tuple[int, int]], like: Tensor) -> Tensor:
+        """The points of all levels (:func:`level_points`), concatenated: (P, 2)."""
+        return torch.cat([level_points(h, w, s, like) for (h, w), s in zip(sizes, self.strides)])
 
     def forward(self, feats: list[Tensor]) -> dict[str, list[Tensor]]:
         if len(feats) != len(self.strides):
@@ -294,3 +312,48 @@ def _regular_grid(taps: int, like: Tensor) -> Tensor:
     r = torch.arange(k, dtype=like.dtype, device=like.device) - (k - 1) // 2
     yy, xx = torch.meshgrid(r, r, indexing="ij")
     return torch.stack([yy.reshape(-1), xx.reshape(-1)], dim=1).reshape(1, -1, 1, 1)
+
+
+def head_outputs(out: dict[str, list[Tensor]], layout: TaskLayout, strides: tuple[int, ...],
+                 center_vector: bool) -> HeadOutputs:
+    """The reference layout -> :class:`HeadOutputs` (the contract of targets, assigners and losses).
+
+    Per level (B, 4K, H, W) in stride units -> (B, H·W, K, 4) ``[top, bottom, left, right]`` in pixels
+    (the reference's ``[up, down, left, right]``, times the stride), levels concatenated; anchors are
+    the reference's points ``(w·s, h·s)``. The landmark branch's N vectors come first, then a
+    separate box branch's 4 (pose with the box branch, ``ModelConfig.num_box_points``); with
+    ``center_vector`` each branch's centre follows its landmarks (N+1, then 4+1).
+    """
+    names = [layout.landmark_branch] + [b.name for b in layout.branches if b.name != layout.landmark_branch]
+    specs = {b.name: b for b in layout.branches}
+    sizes = [tuple(t.shape[-2:]) for t in out["cls_scores"]]
+
+    def flat(key: str, name: str) -> Tensor:
+        keep = specs[name].num_vectors if center_vector else specs[name].num_landmarks
+        parts = []
+        for level, t in enumerate(out[f"{name}_{key}"]):
+            b, _, h, w = t.shape
+            v = t.permute(0, 2, 3, 1).reshape(b, h * w, -1, 4)[:, :, :keep]
+            parts.append(v * strides[level])
+        return torch.cat(parts, dim=1)
+
+    like = out["cls_scores"][0]
+    anchors = torch.cat([level_points(h, w, s, like) for (h, w), s in zip(sizes, strides)])
+    logits = torch.cat([t.flatten(2).transpose(1, 2) for t in out["cls_scores"]], dim=1)
+    return HeadOutputs(
+        cls_logits=logits,
+        vec_init=torch.cat([flat("init", n) for n in names], dim=2),
+        vec_refine=torch.cat([flat("refine", n) for n in names], dim=2),
+        anchors=anchors,
+        num_points_per_level=[h * w for h, w in sizes],
+        strides=tuple(strides),
+        level_sizes=[(int(h), int(w)) for h, w in sizes],
+    )
+
+
+def level_points(height: int, width: int, stride: int, like: Tensor) -> Tensor:
+    """The reference's points ``(x, y) = (w·s, h·s)`` of a level (mmdet ``PointGenerator``; no
+    half-stride shift), row-major: (H·W, 2)."""
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=like.dtype, device=like.device),
+                            torch.arange(width, dtype=like.dtype, device=like.device), indexing="ij")
+    return torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=1) * stride
