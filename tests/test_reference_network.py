@@ -81,7 +81,6 @@ def test_oracle_pre_nms_candidates(oracle):
 
 
 def _margin_ok(oracle, image, level, pos):
-    h, w = SIZES[level]
     m1 = oracle["tie_margins"]["init_dcn"][level][image].reshape(-1)[pos]
     m2 = oracle["tie_margins"]["refine_decode"][level][image].reshape(-1)[pos]
     return bool(m1 >= 1e-3 and m2 >= 1e-3)
@@ -303,9 +302,9 @@ def test_sampled_conv_matches_torchvision_dcnv2():
 def _tiny_reference_cfg(**kw):
     from lsnet.modeling import ModelConfig
 
-    base = dict(task="bbox", num_classes=3, backbone="resnet18", fpn_channels=16, head_channels=16, head_convs=1,
-                norm_groups=8, frozen_stages=-1, norm_eval=False, head="reference", fpn_norm="gn",
-                fpn_relu_before_p7=False, fpn_extra_source="c5")
+    base = {"task": "bbox", "num_classes": 3, "backbone": "resnet18", "fpn_channels": 16, "head_channels": 16,
+            "head_convs": 1, "norm_groups": 8, "frozen_stages": -1, "norm_eval": False, "head": "reference",
+            "fpn_norm": "gn", "fpn_relu_before_p7": False, "fpn_extra_source": "c5"}
     base.update(kw)
     return ModelConfig(**base)
 
@@ -411,3 +410,33 @@ def test_convert_error_names_keys(tmp_path, capsys):
                  str(tmp_path / "o.pt")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "neck.extra" in err[0] and "missing" in err[0] and "backbone.layer1.0.bn1.weight" in err[0]
+
+
+def test_backbone_norm_eval_as_mmdet():
+    """norm_affine_trains: BatchNorm statistics stay fixed in train mode, its weight and bias train
+    (outside the frozen stages); without it, FrozenBatchNorm2d."""
+    from torchvision.ops import FrozenBatchNorm2d
+
+    from lsnet.modeling.backbone import ResNetBackbone
+
+    bb = ResNetBackbone("resnet18", None, frozen_stages=1, norm_eval=True, norm_affine_trains=True).train()
+    bn = bb.layer3[0].bn1
+    assert isinstance(bn, torch.nn.BatchNorm2d) and not bn.training and bn.weight.requires_grad
+    assert not bb.layer1[0].bn1.weight.requires_grad  # frozen stage
+    before = bn.running_mean.clone()
+    sum(c.sum() for c in bb(torch.randn(2, 3, 64, 64))).backward()
+    assert torch.equal(bn.running_mean, before) and bn.weight.grad.abs().sum() > 0
+    frozen = ResNetBackbone("resnet18", None, frozen_stages=1, norm_eval=True)
+    assert isinstance(frozen.layer3[0].bn1, FrozenBatchNorm2d)
+
+
+def test_center_vector_is_not_a_detected_landmark():
+    """With model.center_vector the centre vectors (after the keypoints and after the box points) are
+    left out of decoding: pose detections have 17 keypoints and the box of the box branch."""
+    from lsnet.modeling.config import ModelConfig
+    from lsnet.modeling.inference import output_vectors
+
+    cfg = ModelConfig(task="pose", num_classes=1, head="reference", center_vector=True, pose_box="obj")
+    v = torch.arange(23 * 4, dtype=torch.float32).view(1, 23, 4)  # 17 kps, centre, 4 box, box centre
+    kept = output_vectors(v, cfg)[0, :, 0] / 4
+    assert kept.tolist() == list(range(17)) + [18, 19, 20, 21]

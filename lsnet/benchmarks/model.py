@@ -228,6 +228,10 @@ def run(image_size: int = 512, batch_size: int = 2, num_objects: int = 5, warmup
         "inference_cpu_vs_fcos": {"value": round(infer_cpu_ratio, 3), "target": f"<= {infer_target}",
                                   "ok": infer_cpu_ratio <= infer_target},
     }
+    # the paper's own cost ratio: FCOS 22.7 FPS / LSNet 12.7 FPS (mmdet, V100) = 1.79x
+    ref_infer = best[("lsnet_r50_bbox_reference", "infer")] / best[("fcos_r50_fpn", "infer")]
+    checks["reference_inference_vs_fcos"] = {"value": round(ref_infer, 3), "target": "<= 1.79 (the paper's ratio)",
+                                             "ok": ref_infer <= 1.79}
     notes = [
         (f"CPU, {torch.get_num_threads()} threads, input {batch_size}x3x{image_size}x{image_size}, "
          f"{num_objects} objects per image; times are the minimum of {repeats} alternating runs after "

@@ -76,7 +76,7 @@ def convert_reference_checkpoint(checkpoint: str | Path, config: str | Path, out
         raise InputError(f"{checkpoint}: no such checkpoint")
     try:
         raw = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle errors, truncated files, non-tensor content
+    except Exception as err:  # noqa: BLE001 -- pickle errors, truncated files, non-tensor content come in many types
         raise InputError(f"{checkpoint}: cannot be loaded with weights_only=True: {str(err).splitlines()[0]}") from None
     state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):

@@ -150,6 +150,9 @@ class ModelConfig:
     frozen_stages: int = 1
     #: BatchNorm statistics and affine parameters frozen (FrozenBatchNorm2d), as for detection fine-tuning.
     norm_eval: bool = True
+    #: with norm_eval: mmdet's norm_eval instead -- BatchNorm statistics frozen, its weight/bias trained
+    #: (the reference configs); False: FrozenBatchNorm2d (statistics and affine fixed).
+    norm_affine_trains: bool = False
     #: ResNet stages (3, 4, 5 = c3..c5) whose 3x3 convs become deformable convolutions.
     dcn_stages: list[int] = field(default_factory=list)
     #: "v1" deformable conv (DCN), "v2" modulated (DCNv2, the reference configs' choice).

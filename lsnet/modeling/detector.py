@@ -238,7 +238,8 @@ class LSNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = ResNetBackbone(cfg.backbone, cfg.pretrained, cfg.frozen_stages, cfg.norm_eval,
-                                       cfg.dcn_stages, cfg.dcn_type)
+                                       cfg.dcn_stages, cfg.dcn_type,
+                                       norm_affine_trains=cfg.norm_affine_trains)
         self.fpn = FPN(self.backbone.out_channels, cfg.fpn_channels, cfg.fpn_extra_source, norm=cfg.fpn_norm,
                        relu_before_p7=cfg.fpn_relu_before_p7, norm_groups=cfg.norm_groups)
         self.head = build_head(cfg)

@@ -66,8 +66,9 @@ def decode_candidates(outputs: dict[str, list[Tensor]], layout: TaskLayout, stri
         score = score[rows]
         origin = level_points(h, w, stride, logits)[rows].unsqueeze(1)
 
-        def points_of(key: str, n: int) -> Tensor:
-            vec = outputs[key][level][image].permute(1, 2, 0).reshape(h * w, -1)[rows]
+        def points_of(key: str, n: int, level: int = level, rows: Tensor = rows, stride: int = stride,
+                      origin: Tensor = origin) -> Tensor:
+            vec = outputs[key][level][image].flatten(1).t()[rows]
             return vectors_to_points(vec, n) * stride + origin
 
         box_pts = points_of(box_key, box_spec.num_landmarks)
