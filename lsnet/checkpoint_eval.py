@@ -10,7 +10,7 @@
   ``--ann`` + ``--images``: a COCO JSON and its image folder, read directly.
 - ``--tta``: default ``config`` = the model config's ``model.test`` (single scale unless it sets
   ``flip`` / ``scales``); ``atss`` = the paper's multi-scale test (ATSS's 12 sizes as factors of the
-  test size, flip, ATSS's scale ranges and box voting, :mod:`lsnet.inference`).
+  test size, flip, ATSS's scale ranges and box voting, :mod:`lsnet.modeling.inference`).
 - Prints the COCO metrics and the per-category AP table; ``--out`` writes the COCO results JSON and
   ``--metrics-out`` the metrics + table as JSON. A progress line goes to stderr (readable in logs).
 """
@@ -26,7 +26,7 @@ from lsnet.errors import InputError
 from lsnet.progress import Progress
 from lsnet.structures import Batch
 
-#: --tta choices -> keyword arguments of lsnet.inference.predict_with_tta ("config": none, i.e. the
+#: --tta choices -> keyword arguments of lsnet.modeling.inference.predict_with_tta ("config": none, i.e. the
 #: model config's model.test; "atss" is filled in from the test size by tta_arguments)
 TTA = {"config": {}, "none": {"flip": False, "scales": (1.0,)}, "flip": {"flip": True, "scales": (1.0,)},
        "ms": {"flip": False, "scales": (0.8, 1.0, 1.2)}, "flip+ms": {"flip": True, "scales": (0.8, 1.0, 1.2)},
@@ -35,7 +35,7 @@ TTA = {"config": {}, "none": {"flip": False, "scales": (1.0,)}, "flip": {"flip":
 
 def tta_arguments(tta: str, short_side: int) -> dict:
     """The ``predict_with_tta`` keyword arguments of a ``--tta`` choice at test size ``short_side``."""
-    from lsnet.inference import ATSS_SCALE_RANGES, atss_test_scales
+    from lsnet.modeling.inference import ATSS_SCALE_RANGES, atss_test_scales
 
     if tta == "atss":
         return {"flip": True, "scales": atss_test_scales(short_side), "scale_ranges": ATSS_SCALE_RANGES,
@@ -91,7 +91,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, shards: str | None = None, an
                     max_size: int | None = None, progress: bool = True):
     """Evaluate ``checkpoint`` on a dataset; returns ``(EvalResult, LoadedModel)``."""
     from lsnet.engine import evaluate_detailed
-    from lsnet.inference import predict_with_tta
+    from lsnet.modeling.inference import predict_with_tta
     from lsnet.predict import load_model
 
     if (shards is None) == (ann is None) or (ann is not None and images is None):

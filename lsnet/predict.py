@@ -203,7 +203,7 @@ def predict_files(
     ``test.score_thr``, 0.05 by default, as for COCO evaluation). A ``score_thr`` below the model's
     own threshold lowers the model's threshold to it, so those detections exist.
     """
-    from lsnet.inference import predict_with_tta
+    from lsnet.modeling.inference import predict_with_tta
 
     paths = [Path(p) for p in paths]
     if not paths:

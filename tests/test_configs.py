@@ -105,7 +105,7 @@ def _write(tmp_path, text: str) -> Path:
 
 @pytest.mark.parametrize("text, key", [
     ("data:\n  batch_sise: 2\n", "data.batch_sise"),
-    ("model:\n  head: {convs: 3}\n", "model.head"),
+    ("model:\n  neck: {convs: 3}\n", "model.neck"),  # (model.head is a key: reference / compact)
     ("run:\n  num_wrkers: 4\n", "run.num_wrkers"),
     ("trian:\n  epochs: 3\n", "trian"),
     ("model:\n  loss: {betta: 2.0}\n", "model.loss.betta"),

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from lsnet.config import ConfigError, from_dict, to_dict
-from lsnet.inference import boxes_from_points, postprocess
 from lsnet.modeling import HeadOutputs, ModelConfig, build_model
 from lsnet.modeling.cpv import (
     corner_pool,
@@ -19,6 +18,7 @@ from lsnet.modeling.cpv import (
     gaussian_radius,
     refine_boxes_with_corners,
 )
+from lsnet.modeling.inference import boxes_from_points, postprocess
 from tests.test_model import make_targets, tiny_cfg, two_image_batch
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"

@@ -193,7 +193,7 @@ def test_ray_loop_resume_restores_what_was_saved_and_ignores_init_from(shards, t
     from lsnet.engine import save_checkpoint
     from pipelines.train.parts import build_training, resume_training
 
-    path, ckpt = _source_checkpoint(shards, tmp_path)
+    _path, ckpt = _source_checkpoint(shards, tmp_path)
     ckpt_dir = tmp_path / "ray_ckpt" / "checkpoint_epoch_0001"
     save_checkpoint(ckpt, ckpt_dir / "state.pt")
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint.from_directory(str(ckpt_dir)))

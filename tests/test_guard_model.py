@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lsnet.inference import boxes_from_points, postprocess, predict_with_tta
 from lsnet.modeling import HeadOutputs, ModelConfig
+from lsnet.modeling.inference import boxes_from_points, postprocess, predict_with_tta
 
 # ------------------------------------------------------------------------------------------------
 # row 9: CPV refines the boxes of P4-P7 detections -- also the first cell of a level
@@ -45,7 +45,7 @@ def _cpv_outputs(point: int) -> HeadOutputs:
     heat[0][0, 1, 1] = 5.0
     offsets[0][0, 1, 1] = 0.25
     heat[0][1, 3, 3] = 5.0
-    flat = lambda maps: torch.cat([m.flatten(1).T for m in maps])[None]  # noqa: E731
+    flat = lambda maps: torch.cat([m.flatten(1).T for m in maps])[None]
     return HeadOutputs(cls, vec, vec, anchors, NUM, STRIDES, flat(heat), flat(offsets), SIZES)
 
 

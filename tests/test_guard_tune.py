@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import types
+from typing import ClassVar
 from pathlib import Path
 
 import pytest
@@ -111,7 +112,7 @@ def test_search_settings_refuse_degenerate_values(field, value, message):
 class _RecordingTuner:
     """Stands in for ``ray.tune.Tuner``: records how it was made; ``fit()`` returns no results."""
 
-    made: list = []
+    made: ClassVar[list] = []
 
     def __init__(self, trainable, *, param_space=None, tune_config=None, run_config=None):
         self.how, self.param_space, self.tune_config = "new", param_space, tune_config

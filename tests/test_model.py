@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torchvision.ops import FrozenBatchNorm2d, deform_conv2d
 
 from lsnet.config import ConfigError, from_dict
-from lsnet.inference import postprocess, predict_with_tta
 from lsnet.modeling import HeadOutputs, ModelConfig, build_model
 from lsnet.modeling.backbone import DeformableConv, PretrainedWeightsError, ResNetBackbone
 from lsnet.modeling.head import default_dcn_point_indices, kernel_points, sample_features
+from lsnet.modeling.inference import postprocess, predict_with_tta
 from lsnet.structures import LandmarkTargets
 
 NUM_CLASSES = 3
@@ -629,8 +629,8 @@ def test_res2net_from_timm_with_dcn_frozen_stages_and_pretrained_handling(tmp_pa
 
 
 def test_pose_box_branch_config_loss_and_decoding():
-    from lsnet.inference import select_candidates
     from lsnet.modeling.detector import with_box_landmarks
+    from lsnet.modeling.inference import select_candidates
 
     assert tiny_cfg("pose", pose_box="obj").pose_box_vectors and not tiny_cfg("pose").pose_box_vectors
     with pytest.raises(ValueError, match="pose task only"):

@@ -95,8 +95,15 @@ def _dataset(tmp_path_factory, task: str) -> Path:
     return root
 
 
+#: the authors' network, as the paper-reproducing configs (configs/_base_/coco_r50.yaml). Measured with
+#: it (seed 0, 2 threads, 2-core x86_64, load ~3, 2026-12-07): bbox_AP 0.96 after 150 steps (40 s),
+#: segm_AP 0.82 after 100 (30 s), kp_AP 1.0 after 150 (48 s); the compact head's values are below.
+REFERENCE_NETWORK = {"head": "reference", "fpn_norm": "gn", "fpn_extra_source": "c5", "fpn_relu_before_p7": False}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("task, metric, threshold, steps", [
+    # compact head (model.head: compact), before the reference head became the one tested here:
     # measured on a 2-core x86_64 CPU, seed 0, 2 threads (1 and 2 threads give slightly different float
     # reductions, hence a margin below the measured values). With model.loss.atss_on "init" (the default
     # since issue 11 item 10) the model fits sooner than with "anchors" (200 steps: bbox 0.960, segm
@@ -109,7 +116,7 @@ def _dataset(tmp_path_factory, task: str) -> Path:
     ("pose", "kp_AP", 0.85, 150),
 ])
 def test_overfit_synthetic(tmp_path_factory, task, metric, threshold, steps):
-    metrics = overfit(task, _dataset(tmp_path_factory, task), steps, lr=LR)
+    metrics = overfit(task, _dataset(tmp_path_factory, task), steps, lr=LR, **REFERENCE_NETWORK)
     print(f"{task}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k.endswith(("AP", "AP50", "AP75"))))
     assert metrics[metric] >= threshold, metrics
 

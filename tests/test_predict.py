@@ -140,7 +140,7 @@ def test_predict_cli_writes_results_and_overlays(tmp_path, capsys, task):
     # The records are the model's detections on the resized image mapped back to original pixels:
     # recompute them here (test resize: short side 64, long side <= 96) and divide by the resize
     # factor known from the sizes, so a wrong mapping (multiply, swapped axes, no rescale) fails.
-    from lsnet.inference import predict_with_tta
+    from lsnet.modeling.inference import predict_with_tta
     from lsnet.predict import load_model
 
     loaded = load_model(ckpt, config)

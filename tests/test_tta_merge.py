@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lsnet.config import ConfigError, from_dict
-from lsnet.inference import (
+from lsnet.modeling import ModelConfig, build_model
+from lsnet.modeling.inference import (
     ATSS_SCALE_RANGES,
     ATSS_TEST_SHORT_SIDES,
     atss_test_scales,
@@ -17,7 +18,6 @@ from lsnet.inference import (
     predict_with_tta,
     vote_detections,
 )
-from lsnet.modeling import ModelConfig, build_model
 from lsnet.structures import Detections
 from tests.test_model import FractionStub, tiny_cfg
 

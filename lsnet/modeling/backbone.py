@@ -5,6 +5,9 @@ Options used by the paper's training recipe (mmdetection defaults, DESIGN.md §1
 - ``frozen_stages``: the stem (and stages 1..k) get no gradient and keep their BatchNorm in eval mode.
 - ``norm_eval``: every BatchNorm is a :class:`torchvision.ops.FrozenBatchNorm2d` — statistics and
   affine parameters are fixed, the usual choice with detection batch sizes of 1–2 images per GPU.
+  With ``norm_affine_trains`` it is mmdet's ``norm_eval`` instead (the reference configs'
+  ``norm_eval=True`` with ``requires_grad=True``): ordinary BatchNorm kept in eval mode (running
+  statistics fixed) whose weight and bias train (outside the frozen stages).
 - ``dcn_stages``: the 3x3 convolution of every residual block of stages c3–c5 (for Res2Net: each of
   the block's 3x3 convolutions of its scales, as mmdetection's Res2Net does) becomes a deformable
   convolution whose offsets come from a zero-initialised 3x3 conv. ``dcn_type="v1"``: DCN, equal to
@@ -190,19 +193,20 @@ class ResNetBackbone(nn.Module):
     """ResNet/ResNeXt (torchvision) or Res2Net (timm) without the classifier; ``forward`` returns ``[C3, C4, C5]``."""
 
     def __init__(self, name: str = "resnet50", pretrained: str | None = None, frozen_stages: int = 1,
-                 norm_eval: bool = True, dcn_stages: list[int] | tuple[int, ...] = (), dcn_type: str = "v1"):
+                 norm_eval: bool = True, dcn_stages: list[int] | tuple[int, ...] = (), dcn_type: str = "v1",
+                 norm_affine_trains: bool = False):
         super().__init__()
         if name not in _CONSTRUCTORS and name not in TIMM_BACKBONES:
             raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(_CONSTRUCTORS) + list(TIMM_BACKBONES)}")
         if dcn_type not in ("v1", "v2"):
             raise ValueError(f"dcn_type must be 'v1' or 'v2', got {dcn_type!r}")
         if name in TIMM_BACKBONES:
-            net = _build_timm(name, pretrained, norm_eval)
+            net = _build_timm(name, pretrained, norm_eval and not norm_affine_trains)
             self.stem = nn.Sequential(net.conv1, net.bn1, net.act1, net.maxpool)
         else:
             if pretrained == "timm":
                 raise PretrainedWeightsError(f"model.pretrained='timm' is for the timm backbones {TIMM_BACKBONES}")
-            norm_layer = FrozenBatchNorm2d if norm_eval else nn.BatchNorm2d
+            norm_layer = FrozenBatchNorm2d if norm_eval and not norm_affine_trains else nn.BatchNorm2d
             net = _CONSTRUCTORS[name](weights=None, norm_layer=norm_layer)
             if pretrained is not None:
                 _load_backbone_weights(net, pretrained, name)
@@ -217,6 +221,8 @@ class ResNetBackbone(nn.Module):
                     block.conv2 = DeformableConv(block.conv2, modulated=dcn_type == "v2")
         self.out_channels = [self._stage_channels(getattr(self, f"layer{i}")) for i in (2, 3, 4)]
         self.frozen_stages = frozen_stages
+        #: mmdet's norm_eval: BatchNorm statistics fixed (eval mode), affine parameters trained
+        self.bn_eval = norm_eval and norm_affine_trains
         self._freeze()
 
     @staticmethod
@@ -239,6 +245,10 @@ class ResNetBackbone(nn.Module):
         super().train(mode)
         for module in self._frozen_modules():  # frozen stages also keep their BN statistics
             module.eval()
+        if self.bn_eval:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         return self
 
     def forward(self, x: Tensor) -> list[Tensor]:

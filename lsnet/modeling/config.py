@@ -77,10 +77,10 @@ class LossConfig:
 
 @dataclass
 class TestConfig:
-    """Post-processing (paper §4: NMS IoU 0.6) and test-time augmentation (:mod:`lsnet.inference`).
+    """Post-processing (paper §4: NMS IoU 0.6) and test-time augmentation (:mod:`lsnet.modeling.inference`).
 
     With ``scales`` (or ``flip``) set, the model's own inference -- hence evaluation in training
-    runs, ``lsnet test`` and ``lsnet predict`` -- is :func:`lsnet.inference.predict_with_tta`. The
+    runs, ``lsnet test`` and ``lsnet predict`` -- is :func:`lsnet.modeling.inference.predict_with_tta`. The
     paper's multi-scale test ("we refer to ATSS", the † rows) is ``_base_/atss_ms_test.yaml``: the 12
     ATSS shorter sides 400…1800 as factors of the 800-px test size, flip, ATSS's per-scale size
     ranges and its box voting.
@@ -152,6 +152,9 @@ class ModelConfig:
     frozen_stages: int = 1
     #: BatchNorm statistics and affine parameters frozen (FrozenBatchNorm2d), as for detection fine-tuning.
     norm_eval: bool = True
+    #: with norm_eval: mmdet's norm_eval instead -- BatchNorm statistics frozen, its weight/bias trained
+    #: (the reference configs); False: FrozenBatchNorm2d (statistics and affine fixed).
+    norm_affine_trains: bool = False
     #: ResNet stages (3, 4, 5 = c3..c5) whose 3x3 convs become deformable convolutions.
     dcn_stages: list[int] = field(default_factory=list)
     #: "v1" deformable conv (DCN), "v2" modulated (DCNv2, the reference configs' choice).
@@ -161,9 +164,25 @@ class ModelConfig:
     fpn_channels: int = 256
     #: P6 is computed from P5 ("p5", torchvision FCOS/ATSS) or from C5 ("c5", RetinaNet).
     fpn_extra_source: Literal["p5", "c5"] = "p5"
+    #: "gn": every FPN conv is conv -> GroupNorm(norm_groups) (the reference configs); "none": plain convs.
+    fpn_norm: Literal["none", "gn"] = "none"
+    #: ReLU on P6 before the P7 conv (torchvision); the reference has none (mmdet relu_before_extra_convs=False).
+    fpn_relu_before_p7: bool = True
     strides: tuple[int, ...] = FPN_STRIDES
 
-    # --- head (lsnet.modeling.head) ---
+    # --- head ---
+    #: "reference": the authors' head tensor for tensor (lsnet.modeling.reference_head: DCNv2 towers,
+    #: softplus vectors in stride units with a centre point, 3-level concat pyramid DCN);
+    #: "compact": our lighter head (lsnet.modeling.head: plain towers, exp vectors, mean pyramid DCN).
+    head: Literal["reference", "compact"] = "compact"
+    #: reference head: the centre point's vector is part of HeadOutputs (N+1 vectors, centre last)
+    #: for a loss that trains it; False leaves it out (it is still a DCN tap).
+    center_vector: bool = False
+    #: reference head: "compound" = the reference's in-place offset scaling (the 2nd neighbour level's
+    #: factor compounds); "exact" = each pyramid level's offset scaled by its own size ratio.
+    pyramid_offset_scaling: Literal["compound", "exact"] = "compound"
+    #: reference head: tower convs are DCNv2 (the reference configs' conv_module_type='dcn') or plain.
+    deformable_towers: bool = True
     head_channels: int = 256
     head_convs: int = 3  # 3x3 conv + GroupNorm + ReLU layers in each shared tower
     norm_groups: int = 32  # GroupNorm groups (reduced automatically when channels are not divisible)
@@ -194,8 +213,6 @@ class ModelConfig:
     #: corner heatmaps + offsets whose maps join the stage-2 features and move the box corners of
     #: P4–P7 detections at test time. Off as the paper's main LSNet rows.
     cpv: bool = False
-    #: the regression heads also predict the vector to the object's centre, last (V = N + 1), as the reference
-    center_vector: bool = False
 
     loss: LossConfig = field(default_factory=LossConfig)
     test: TestConfig = field(default_factory=TestConfig)
@@ -218,6 +235,17 @@ class ModelConfig:
             raise ValueError(f"model.num_points: the bbox task uses the 4 extreme points, got {self.num_points}")
         if self.task == "pose" and self.num_points != 17:
             raise ValueError(f"model.num_points: the pose task uses the 17 COCO keypoints, got {self.num_points}")
+        if self.head not in ("reference", "compact"):
+            raise ValueError(f"model.head must be 'reference' or 'compact', got {self.head!r}")
+        if self.pyramid_offset_scaling not in ("compound", "exact"):
+            raise ValueError(f"model.pyramid_offset_scaling must be 'compound' or 'exact', got "
+                             f"{self.pyramid_offset_scaling!r}")
+        if self.fpn_norm not in ("none", "gn"):
+            raise ValueError(f"model.fpn_norm must be 'none' or 'gn', got {self.fpn_norm!r}")
+        if self.head == "reference" and self.cpv:
+            raise ValueError("model.cpv: corner point verification is not built for model.head=reference yet")
+        if self.head == "compact" and self.center_vector:
+            raise ValueError("model.center_vector needs model.head=reference (the compact head has no centre)")
         if self.cpv and self.task != "bbox":
             raise ValueError(f"model.cpv: corner point verification is for the bbox task, not {self.task!r}")
         if self.target_style == "box" and self.task != "bbox":

@@ -37,10 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lsnet.modeling.layers import group_norm
+
 
 def _conv_gn(cin: int, cout: int, k: int, groups: int, relu: bool = True) -> nn.Sequential:
-    from lsnet.modeling.head import group_norm
-
     layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, padding=(k - 1) // 2, bias=False), group_norm(cout, groups)]
     if relu:
         layers.append(nn.ReLU(inplace=True))

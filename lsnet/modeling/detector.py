@@ -1,7 +1,7 @@
 """LSNet = ResNet backbone + FPN P3–P7 + the two-stage landmark head, and its training loss.
 
 ``LSNet.forward(images, targets)`` returns the losses; ``LSNet.forward(images)`` the detections
-(:mod:`lsnet.inference`). Loss (paper §3.2)::
+(:mod:`lsnet.modeling.inference`). Loss (paper §3.2)::
 
     L = L_cls + beta · L_vec1 + gamma · L_vec2          (beta = 1, gamma = 2)
 
@@ -40,7 +40,10 @@ from lsnet.modeling.config import ModelConfig
 from lsnet.modeling.cpv import corner_targets, cpv_losses
 from lsnet.modeling.fpn import FPN
 from lsnet.modeling.head import HeadOutputs, LSNetHead, default_dcn_point_indices
+from lsnet.modeling.inference import postprocess, predict_with_tta
+from lsnet.modeling.reference_head import ReferenceHead, head_outputs, task_branches
 from lsnet.structures import Detections, LandmarkTargets
+from lsnet.targets import with_centre_landmark
 
 #: LSNetHead members that only produce the refined vectors (frozen in stage-1-only models).
 REFINE_BRANCH = ("anchor_conv_reg", "landmark_weight_reg", "norm_reg", "refine_out")
@@ -85,6 +88,37 @@ def box_style_targets(t: LandmarkTargets) -> LandmarkTargets:
     return LandmarkTargets(t.boxes, t.labels, points, torch.ones_like(t.visible), t.iscrowd)
 
 
+def regression_targets(t: LandmarkTargets, cfg: ModelConfig) -> LandmarkTargets:
+    """The landmarks the head's vectors point to, in its output order (:class:`HeadOutputs`): the task's
+    N (the rectangle's 4 edge midpoints with ``target_style: box``), then the centre with
+    ``center_vector`` (:func:`lsnet.targets.with_centre_landmark`), then for the pose box branch its 4
+    box points and, with ``center_vector``, the box centre — the reference's two branches each end with
+    their centre (``lsnet_head.py`` pose_bbox head)."""
+    if cfg.target_style == "box":
+        t = box_style_targets(t)
+    if cfg.center_vector:
+        t = with_centre_landmark(t, cfg.task)
+    if cfg.num_box_points:
+        t = with_box_landmarks(t)
+        if cfg.center_vector:
+            t = with_centre_landmark(t, "bbox")  # the person box's centre
+    return t
+
+
+def main_vectors(cfg: ModelConfig) -> int:
+    """How many of the head's vectors belong to the task's branch: N (+1 for the centre)."""
+    return cfg.num_points + int(cfg.center_vector)
+
+
+def box_landmark_vectors(vectors: Tensor, cfg: ModelConfig) -> Tensor:
+    """(P, V, 4) head vectors -> (P, K, 4) those whose landmarks span the output box: the pose box
+    branch's 4 points, else the task's N landmarks (never a centre)."""
+    if cfg.num_box_points:
+        n = main_vectors(cfg)
+        return vectors[:, n:n + cfg.num_box_points]
+    return vectors[:, :cfg.num_points]
+
+
 def points_box(points: Tensor) -> Tensor:
     """(P, N, 2) landmarks -> (P, 4) their enclosing box ``x1, y1, x2, y2``."""
     return torch.cat([points.amin(dim=-2), points.amax(dim=-2)], dim=-1)
@@ -99,9 +133,13 @@ def stage_loss(kind: str, pred: Tensor, target: Tensor, visible: Tensor, boxes: 
     """
     lc = cfg.loss
     if kind == "cross_iou":
+        # segm: the reference's penalty box is the target contour's own box (lsnet_head.py:1741-1754)
         return vector_loss(pred, target, visible if cfg.task == "pose" else None, form=lc.vector_loss_form,
-                           alpha=lc.alpha, reduction="mean", avg_factor=norm, anchors=anchors, gt_boxes=boxes,
-                           task=cfg.task)
+                           alpha=lc.alpha, reduction="mean", avg_factor=norm, anchors=anchors,
+                           gt_boxes=None if cfg.task == "segm" else boxes, task=cfg.task,
+                           last_is_centre=cfg.center_vector)
+    if cfg.center_vector:  # the decoded-box baselines measure the landmarks only
+        pred, target, visible = pred[:, :-1], target[:, :-1], visible[:, :-1]
     pred_points, gt_points = decode_offsets(pred, anchors), decode_offsets(target, anchors)
     scale = 4.0 * strides  # the RepPoints normaliser: a loss of the same size on every level
     if kind == "smooth_l1_points":
@@ -127,7 +165,7 @@ def assign_samples(anchors: Tensor, npl: list[int], strides: list[int], t: Landm
     if lc.atss_on == "init":  # the boxes of the stage-1 landmarks (pose box branch: its own box)
         if vec_init is None:
             raise ValueError("loss.atss_on='init' assigns stage 2 on the stage-1 predictions: pass vec_init")
-        landmarks = decode_offsets(vec_init.detach()[:, -4:] if cfg.num_box_points else vec_init.detach(), anchors)
+        landmarks = decode_offsets(box_landmark_vectors(vec_init.detach(), cfg), anchors)
         init_boxes = torch.cat([landmarks.amin(dim=1), landmarks.amax(dim=1)], dim=1)
     labels2 = assign_atss(anchors, npl, strides, t.boxes, t.iscrowd, topk=lc.atss_topk,
                           anchor_scale=lc.atss_anchor_scale, anchor_boxes=init_boxes)
@@ -170,10 +208,7 @@ def compute_losses(out: HeadOutputs, targets: list[LandmarkTargets], cfg: ModelC
             for bucket, value in zip(corner, corner_targets(out.level_sizes, strides, t.boxes[~t.iscrowd],
                                                             lc.cpv_gaussian_iou)):
                 bucket.append(value)
-        if cfg.target_style == "box":
-            t = box_style_targets(t)
-        if cfg.num_box_points:
-            t = with_box_landmarks(t)
+        t = regression_targets(t, cfg)
         if t.num_points != out.vec_init.shape[2]:
             raise ValueError(f"targets of image {i} have {t.num_points} landmarks, the model predicts "
                              f"{out.vec_init.shape[2]}")
@@ -192,9 +227,8 @@ def compute_losses(out: HeadOutputs, targets: list[LandmarkTargets], cfg: ModelC
             if k == 2 and pos.numel():
                 cls_targets[i, pos, t.labels[gt]] = 1.0
                 with torch.no_grad():
-                    output = (out.vec_refine if cfg.refine else out.vec_init)[i, pos].detach()
-                    if cfg.num_box_points:  # pose box branch: the output box is that of the box vectors
-                        output = output[:, cfg.num_points:]
+                    # pose box branch: the output box is that of the box vectors; centres excluded
+                    output = box_landmark_vectors((out.vec_refine if cfg.refine else out.vec_init)[i, pos], cfg)
                     iou_sum = iou_sum + _pairwise_iou_aligned(
                         points_box(decode_offsets(output.float(), anchors[pos])), t.boxes[gt]).sum()
 
@@ -202,7 +236,7 @@ def compute_losses(out: HeadOutputs, targets: list[LandmarkTargets], cfg: ModelC
     norm = {k: mean_over_workers(sum(stage[k][5]), device) for k in (1, 2)}
     losses["loss_cls"] = sigmoid_focal_loss(logits[valid], cls_targets[valid], alpha=lc.focal_alpha,
                                             gamma=lc.focal_gamma, reduction="sum") / norm[2]
-    n = cfg.num_points
+    n = main_vectors(cfg)
     for k, name, kind in ((1, "loss_vec_init", lc.init_loss), (2, "loss_vec_refine", lc.refine_loss)):
         if k == 2 and not cfg.refine:
             losses[name] = torch.zeros((), device=device)
@@ -213,7 +247,7 @@ def compute_losses(out: HeadOutputs, targets: list[LandmarkTargets], cfg: ModelC
         if cfg.num_box_points:  # the pose box branch: the box's 4 edge midpoints, as a bbox target
             losses[name.replace("vec", "box")] = vector_loss(
                 pred[:, n:], target[:, n:], None, form=lc.vector_loss_form, alpha=lc.alpha, reduction="mean",
-                avg_factor=norm[k], anchors=pos_anchors, gt_boxes=boxes, task="bbox")
+                avg_factor=norm[k], anchors=pos_anchors, gt_boxes=boxes, task="bbox", last_is_centre=cfg.center_vector)
     losses["loss"] = losses["loss_cls"] + lc.beta * losses["loss_vec_init"] + lc.gamma * losses["loss_vec_refine"]
     if cfg.num_box_points:
         losses["loss"] = losses["loss"] + lc.box_beta * losses["loss_box_init"] + lc.box_gamma * losses["loss_box_refine"]
@@ -236,23 +270,16 @@ class LSNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = ResNetBackbone(cfg.backbone, cfg.pretrained, cfg.frozen_stages, cfg.norm_eval,
-                                       cfg.dcn_stages, cfg.dcn_type)
-        self.fpn = FPN(self.backbone.out_channels, cfg.fpn_channels, cfg.fpn_extra_source)
-        # pose box branch: 4 more vectors after the keypoints; the DCN kernel stays on keypoints
-        kernel = cfg.dcn_point_indices
-        if cfg.num_box_points and kernel is None:
-            kernel = default_dcn_point_indices(cfg.task, cfg.num_points)
-        self.head = LSNetHead(
-            cfg.fpn_channels, cfg.num_classes, cfg.num_points + cfg.num_box_points, cfg.strides, cfg.head_channels,
-            cfg.head_convs, cfg.norm_groups, cfg.feature_mode, cfg.pyramid_fuse, cfg.dcn_offset_grad_scale,
-            kernel, cfg.task, cpv=cfg.cpv)
+                                       cfg.dcn_stages, cfg.dcn_type,
+                                       norm_affine_trains=cfg.norm_affine_trains)
+        self.fpn = FPN(self.backbone.out_channels, cfg.fpn_channels, cfg.fpn_extra_source, norm=cfg.fpn_norm,
+                       relu_before_p7=cfg.fpn_relu_before_p7, norm_groups=cfg.norm_groups)
+        self.head = build_head(cfg)
         if not cfg.refine:
             # Stage-1-only (Table 2): the refinement branch gets no loss; frozen, it is left out of
             # the optimiser and of DDP's gradient reduction (no unused-parameter errors).
-            for name in REFINE_BRANCH:
-                module = getattr(self.head, name, None)
-                if module is not None:
-                    module.requires_grad_(False)
+            for module in refine_modules(self.head):
+                module.requires_grad_(False)
 
     def forward_raw(self, images: Tensor) -> HeadOutputs:
         """Head outputs for a (B, 3, H, W) normalised image batch (stage-1-only models: the refined
@@ -260,6 +287,8 @@ class LSNet(nn.Module):
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
         out = self.head(self.fpn(self.backbone(images)))
+        if isinstance(self.head, ReferenceHead):
+            out = head_outputs(out, self.head.layout, self.head.strides, self.cfg.center_vector)
         if not self.cfg.refine:
             out = dataclasses.replace(out, vec_refine=out.vec_init)
         return out
@@ -269,9 +298,7 @@ class LSNet(nn.Module):
         """With ``targets``: the loss dict of :func:`compute_losses`. Without: B × Detections in the
         pixel frame of ``images``, landmarks clipped to each image's valid region ``image_sizes``
         ((h, w) per image, default the whole tensor) -- test-time augmented
-        (:func:`lsnet.inference.predict_with_tta`) when ``cfg.test`` sets ``flip`` or ``scales``."""
-        from lsnet.inference import postprocess, predict_with_tta  # inference imports this module for TTA
-
+        (:func:`lsnet.modeling.inference.predict_with_tta`) when ``cfg.test`` sets ``flip`` or ``scales``."""
         if targets is None and self.cfg.test.augmented:  # model.test.flip / scales: test-time augmentation
             return predict_with_tta(self, images, image_sizes)
         out = self.forward_raw(images)
@@ -284,6 +311,37 @@ def build_model(cfg: ModelConfig) -> LSNet:
     return LSNet(cfg)
 
 
+def reference_task(cfg: ModelConfig) -> str:
+    """The reference head's task for a model config: pose with the box vectors is ``pose_bbox``."""
+    if cfg.task == "pose":
+        return "pose_bbox" if cfg.num_box_points else "pose_kbox"
+    return cfg.task
+
+
+def build_head(cfg: ModelConfig) -> nn.Module:
+    """The head of ``cfg.head``: :class:`ReferenceHead` (the authors' head) or :class:`LSNetHead`."""
+    if cfg.head == "reference":
+        return ReferenceHead(task_branches(reference_task(cfg), cfg.num_points), cfg.num_classes, cfg.fpn_channels,
+                             cfg.head_channels, cfg.head_convs, cfg.norm_groups, cfg.deformable_towers,
+                             cfg.pyramid_offset_scaling, cfg.dcn_offset_grad_scale, strides=cfg.strides,
+                             pyramid_levels={"PP": 3, "PE": 1, "PA": 0}[cfg.feature_mode])
+    # pose box branch: 4 more vectors after the keypoints; the DCN kernel stays on keypoints
+    kernel = cfg.dcn_point_indices
+    if cfg.num_box_points and kernel is None:
+        kernel = default_dcn_point_indices(cfg.task, cfg.num_points)
+    return LSNetHead(
+        cfg.fpn_channels, cfg.num_classes, cfg.num_points + cfg.num_box_points, cfg.strides, cfg.head_channels,
+        cfg.head_convs, cfg.norm_groups, cfg.feature_mode, cfg.pyramid_fuse, cfg.dcn_offset_grad_scale,
+        kernel, cfg.task, cpv=cfg.cpv)
+
+
+def refine_modules(head: nn.Module) -> list[nn.Module]:
+    """The modules that only produce the refined vectors (frozen in stage-1-only models)."""
+    if isinstance(head, ReferenceHead):
+        return [m for b in head.branches.values() for m in (b.fusion, b.refine_out)]
+    return [getattr(head, name) for name in REFINE_BRANCH if getattr(head, name, None) is not None]
+
+
 def anchor_layout(cfg: ModelConfig, height: int, width: int) -> tuple[Tensor, list[int], list[int]]:
     """The anchor points ``(P, 2)``, points per level and strides that the model of ``cfg`` has for a
     ``height`` x ``width`` input batch, found without computing anything: the backbone and FPN run on
@@ -294,5 +352,8 @@ def anchor_layout(cfg: ModelConfig, height: int, width: int) -> tuple[Tensor, li
         model = LSNet(dataclasses.replace(cfg, pretrained=None))
         feats = model.fpn(model.backbone(torch.empty(1, 3, int(height), int(width))))
     sizes = [tuple(f.shape[-2:]) for f in feats]
-    points = anchor_points(sizes, model.head.strides)
-    return torch.cat(points), [p.shape[0] for p in points], list(model.head.strides)
+    if isinstance(model.head, ReferenceHead):
+        points = model.head.anchors(sizes, torch.empty(0))
+    else:
+        points = torch.cat(anchor_points(sizes, model.head.strides))
+    return points, [h * w for h, w in sizes], list(model.head.strides)

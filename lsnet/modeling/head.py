@@ -63,6 +63,7 @@ from torch import Tensor, nn
 from lsnet.assigners import anchor_points
 from lsnet.coding import decode_offsets
 from lsnet.modeling.cpv import CPVBranch
+from lsnet.modeling.layers import group_norm
 
 #: Upper bound of the exponent of the vector parameterisation (exp(8) ≈ 3000 strides), for stability.
 MAX_LOG_SCALE = 8.0
@@ -90,12 +91,6 @@ class HeadOutputs:
     corner_logits: Tensor | None = None
     corner_offsets: Tensor | None = None
     level_sizes: list[tuple[int, int]] | None = None
-
-
-def group_norm(channels: int, groups: int) -> nn.GroupNorm:
-    """GroupNorm with the largest group count ≤ ``groups`` dividing ``channels`` (small test heads)."""
-    g = max(d for d in range(1, min(groups, channels) + 1) if channels % d == 0)
-    return nn.GroupNorm(g, channels)
 
 
 def default_dcn_point_indices(task: str, num_points: int) -> list[int] | None:

@@ -40,6 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("pipelines.cli.bench", "run a benchmark spec from jobs/bench and write results/bench/NAME.json"),
     "jobs": ("pipelines.cli.jobs", "submit job specs (jobs/*.yaml) to a Ray cluster; status, logs, schedules"),
     "ablation": ("pipelines.cli.ablation", "reproduce a paper ablation table (jobs/ablations/*.yaml)"),
+    "convert": ("pipelines.cli.convert", "convert a checkpoint trained with the authors' code (reference) to lsnet"),
 }
 
 

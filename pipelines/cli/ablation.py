@@ -47,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from pipelines.ablations.report import render_table
     from pipelines.ablations.data import check_data_present
+    from pipelines.ablations.report import render_table
     from pipelines.ablations.runner import run_tables, select_variants
     from pipelines.ablations.spec import load_ablation_spec
     from pipelines.runs import tracking_uri_from

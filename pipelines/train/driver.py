@@ -280,6 +280,7 @@ def build_trainer(cfg: ExperimentConfig, guard: RunGuard, run_dir: Path, tags: d
     """The guarded ``TorchTrainer`` of the run: workers, backend (NCCL on GPU, gloo on CPU), restarts and
     the checkpoints Ray keeps (the best ``run.checkpoint_keep`` by the task's AP, and the latest)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+
     from pipelines.process_group import BoundTorchConfig
 
     return guarded_trainer(

@@ -131,6 +131,18 @@ def _resolve_sizes(image_sizes, batch: int, shape: tuple[int, int]) -> list[tupl
     return sizes
 
 
+def output_vectors(vectors: Tensor, cfg: ModelConfig) -> Tensor:
+    """The vectors that decode into detections: (..., N', 4) -> without the centre vectors that
+    ``model.center_vector`` adds after the landmarks (and after the pose box branch's 4 points)."""
+    if not cfg.center_vector:
+        return vectors
+    n = cfg.num_points
+    parts = [vectors[..., :n, :]]
+    if cfg.num_box_points:
+        parts.append(vectors[..., n + 1: n + 1 + cfg.num_box_points, :])
+    return torch.cat(parts, dim=-2)
+
+
 def postprocess(out: HeadOutputs, image_sizes, cfg: ModelConfig, image_shape: tuple[int, int]) -> list[Detections]:
     """Detections of every image of a batch (module docstring).
 
@@ -145,7 +157,7 @@ def postprocess(out: HeadOutputs, image_sizes, cfg: ModelConfig, image_shape: tu
     sizes = _resolve_sizes(image_sizes, b, image_shape)
     results = []
     for i in range(b):
-        dets = select_candidates(out.cls_logits[i], out.vec_refine[i], out.anchors, out.num_points_per_level,
+        dets = select_candidates(out.cls_logits[i], output_vectors(out.vec_refine[i], cfg), out.anchors, out.num_points_per_level,
                                  sizes[i], test.score_thr, test.pre_nms_topk, cfg.task == "pose", cfg.num_box_points,
                                  cpv_box_refiner(out, i, sizes[i], cfg))
         results.append(nms_detections(dets, test.nms_iou, test.max_dets))
@@ -295,7 +307,7 @@ def predict_with_tta(model, images: Tensor, metas=None, flip: bool | None = None
             x = _flip_valid_regions(scaled, scaled_sizes) if flipped else scaled
             out = model.forward_raw(x)
             for i in range(b):
-                d = select_candidates(out.cls_logits[i], out.vec_refine[i], out.anchors, out.num_points_per_level,
+                d = select_candidates(out.cls_logits[i], output_vectors(out.vec_refine[i], cfg), out.anchors, out.num_points_per_level,
                                       scaled_sizes[i], test.score_thr, test.pre_nms_topk, cfg.task == "pose",
                                       cfg.num_box_points, cpv_box_refiner(out, i, scaled_sizes[i], cfg))
                 if merge == "vote":

@@ -1,0 +1,1 @@
+"""Interoperability with other LSNet implementations (the authors' reference code)."""
