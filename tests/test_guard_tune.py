@@ -8,8 +8,8 @@ from __future__ import annotations
 import itertools
 import json
 import types
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import yaml
