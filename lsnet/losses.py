@@ -10,7 +10,7 @@ targets are given *unsoftened* (exactly one of each ``±`` pair non-zero) and so
 Entry points:
 
 - :func:`vector_loss` — what the model calls; ``form="paper"`` (default, Eq. 1) or
-  ``form="reference"`` (the authors' code, DESIGN.md §2).
+  ``form="reference"`` (the authors' code, docs/design.md §2).
 - :func:`cross_iou_loss` — paper Eq. (1) with visibility masking, weights and reductions.
 - :func:`cross_iou_loss_reference` — the authors' form: all vectors (with the centre, last) pooled
   into one overlap, CIoU-style penalty for boxes and polygons, 9-group polygon overlap, per-axis
@@ -52,7 +52,7 @@ class VectorLossConfig:
     """Which cross-IOU loss the model uses for its vector branches.
 
     ``form``: ``"paper"`` = Eq. (1), mean of per-landmark cIOUs; ``"reference"`` = the authors' code
-    (DESIGN.md §2). ``alpha``: softening factor of the targets (Appendix A, paper uses 0.2).
+    (docs/design.md §2). ``alpha``: softening factor of the targets (Appendix A, paper uses 0.2).
     ``last_is_centre``: (reference form only) the last vector is the box centre, as in the
     authors' head; it is then left out of the box implied by a polygon.
     """
@@ -240,7 +240,7 @@ def cross_iou_loss(
 
 
 # ----------------------------------------------------------------------------------------------
-# Reference form (authors' code, DESIGN.md §2)
+# Reference form (authors' code, docs/design.md §2)
 # ----------------------------------------------------------------------------------------------
 def _decode_signed(vectors: Tensor) -> Tensor:
     """(..., 4) components -> (..., 2) ``dx, dy``: per axis the larger component with its sign.
@@ -266,7 +266,7 @@ def _aspect_angle(width: Tensor, height: Tensor) -> Tensor:
 
 
 def _reference_penalty(pred_boxes: Tensor, gt_boxes: Tensor, overlaps: Tensor, eps: float) -> Tensor:
-    """CIoU-style penalty of the reference code (DESIGN.md §2).
+    """CIoU-style penalty of the reference code (docs/design.md §2).
 
     ``ρ²/c² + v² / (1 − overlap + v)`` with ``ρ`` the distance of the box centres, ``c`` the
     diagonal of the enclosing box and ``v = 4/π² (atan(w*/h*) − atan(w/h))²``. Note the reference
@@ -309,7 +309,7 @@ def cross_iou_loss_reference(
     penalty: bool = True,
     eps: float = 1e-6,
 ) -> Tensor:
-    """The authors' form of the cross-IOU loss (unweighted, per object), DESIGN.md §2.
+    """The authors' form of the cross-IOU loss (unweighted, per object), docs/design.md §2.
 
     Differences from Eq. (1), by task (reference names, ours accepted too: segm, pose):
 

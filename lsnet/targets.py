@@ -1,4 +1,4 @@
-"""Landmark targets from COCO annotations (paper §3.2, DESIGN.md §2–§3).
+"""Landmark targets from COCO annotations (paper §3.2, docs/design.md §2–§3).
 
 One call per image, :func:`compute_image_targets`, turns the image's COCO annotations into a record of
 numpy arrays -- the row stored in the shards -- holding, for every kept object, its box, extreme
@@ -21,7 +21,7 @@ Conventions (every function in this module and in :mod:`lsnet.transforms` follow
 
 Extreme points (N=4, order top, left, bottom, right) follow ExtremeNet, from which the paper takes
 them ("a pixel that belongs to the object") and whose procedure the authors' ``gen_coco_lsvr.py``
-runs (DESIGN §2). For the top point: the extremal vertex (smallest ``y``) and the *one run of
+runs (docs/design.md §2). For the top point: the extremal vertex (smallest ``y``) and the *one run of
 consecutive outline vertices* around it whose ``y`` stays within ``tolerance x (box height + 1)`` of
 it (the band, 2 % by default; the side counted in pixels as ExtremeNet does); the point is
 ``(middle of the run's x extent, ymin)``. The same for the other three sides. Since the run is a
@@ -109,7 +109,7 @@ NUM_KEYPOINTS: int = 17
 class TargetConfig:
     """How landmark targets are computed from COCO annotations (see the module docstring)."""
 
-    #: Width of the extreme band as a fraction of the box side (DESIGN §2: 2 %).
+    #: Width of the extreme band as a fraction of the box side (docs/design.md §2: 2 %).
     extreme_tolerance: float = 0.02
     #: Extreme-point vertex run (module docstring): "extremenet" walks the vertex list padded by one
     #: vertex at each end, as ExtremeNet and the authors' script do; "closed" walks round the ring.

@@ -9,9 +9,8 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 #: The developers' folder beside the checkout (a user's clone has none): only an optional source of
-#: the real data (``lsnet data fetch --from``) and, until they are vendored, of golden vectors.
+#: the real data (``lsnet data fetch --from``); golden vectors live in tests/data/.
 SHARED_DIR = Path(os.environ.get("LSNET_SHARED_DIR", REPO_ROOT.parent / "shared"))
-GOLDEN_DIR = SHARED_DIR / "golden"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -95,12 +94,6 @@ def coco_mini_dir(tmp_path_factory) -> Path:
     """The 158 real COCO images of coco-mini (``lsnet data fetch coco-mini``; train/val; read-only)."""
     return _real_dataset("coco-mini", tmp_path_factory)
 
-
-@pytest.fixture(scope="session")
-def golden_dir() -> Path:
-    if not (GOLDEN_DIR / "README.md").exists():
-        pytest.skip(f"golden vectors: {GOLDEN_DIR} is not present (only CI and dev machines have ../shared)")
-    return GOLDEN_DIR
 
 
 @pytest.fixture(scope="session")

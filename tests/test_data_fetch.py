@@ -256,18 +256,18 @@ def test_demo_on_real_data_that_is_not_there_says_which_fetch_to_run(tmp_path, m
 
 def test_an_ablation_scale_on_real_data_that_is_not_there_says_which_fetch_to_run(tmp_path, monkeypatch, capsys):
     from lsnet.config import ConfigError
-    from pipelines.ablations import runner
+    from pipelines.ablations import data
     from pipelines.ablations.spec import load_ablation_spec
     from pipelines.cli import main
 
     spec = load_ablation_spec("table2")
     scale = spec.scale("small")
     assert scale.data.ann == "data/coco_mini/annotations/instances_train2017.json"
-    monkeypatch.setattr(runner, "REPO_ROOT", tmp_path)  # a clone without data/
+    monkeypatch.setattr(data, "REPO_ROOT", tmp_path)  # a clone without data/
     message = ("table2: data.ann: data/coco_mini/annotations/instances_train2017.json is not there: run "
                "`lsnet data fetch coco-mini`")
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
-        runner.prepare_dataset(spec, scale, tmp_path / "prepared")
+        data.prepare_dataset(spec, scale, tmp_path / "prepared")
     # the command checks every table's data before the first one runs (no store, no output written)
     out = tmp_path / "ablations"
     assert main(["ablation", "run", "table3", "table2", "--scale", "small", "--out", str(out)]) == 2
@@ -278,12 +278,12 @@ def test_an_ablation_scale_on_real_data_that_is_not_there_says_which_fetch_to_ru
     (tmp_path / scale.data.ann).write_text("{}")
     (tmp_path / scale.data.val_ann).write_text("{}")
     with pytest.raises(ConfigError, match=r"^table2: data.images: data/coco_mini/train2017 is not there"):
-        runner.check_data_present(spec, scale)
+        data.check_data_present(spec, scale)
 
 
 #: Files that still cite ../shared or DESIGN.md because other branches rewrite them at the time of writing
 #: (issue 19): whoever merges those branches points them at docs/design.md / tests/data and empties this.
-PENDING_ELSEWHERE = {"README.md", "lsnet/losses.py", "lsnet/targets.py", "lsnet/modeling/backbone.py"}
+PENDING_ELSEWHERE: set[str] = set()
 STALE = re.compile(r"\.\./shared|shared/(golden|data|schemas|DESIGN)|\bDESIGN(\.md)?\s*§")
 
 

@@ -177,7 +177,7 @@ def test_scale_invariance_unlike_smooth_l1():
 
 # ------------------------------------------------------------------------------------------ gradients
 def test_signed_prediction_alpha0_has_no_gradient_on_the_wrong_side():
-    # DESIGN §1 "Note on gradients": a *signed* prediction s (one number per axis, split into its
+    # docs/design.md §1 "Note on gradients": a *signed* prediction s (one number per axis, split into its
     # (s)^- and (s)^+ parts). Target: 10 to the right. For any s < 0 the numerator
     # min((s)^-, 0) + min((s)^+, 10) is 0, so with alpha = 0 the loss is flat (= 1) and d loss/ds = 0.
     target = torch.tensor([[[0.0, 0.0, 0.0, 10.0]]])

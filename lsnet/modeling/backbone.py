@@ -1,6 +1,6 @@
 """ResNet / ResNeXt backbones from torchvision and Res2Net from timm, returning C3, C4, C5 (strides 8, 16, 32).
 
-Options used by the paper's training recipe (mmdetection defaults, DESIGN.md §1):
+Options used by the paper's training recipe (mmdetection defaults, docs/design.md §1):
 
 - ``frozen_stages``: the stem (and stages 1..k) get no gradient and keep their BatchNorm in eval mode.
 - ``norm_eval``: every BatchNorm is a :class:`torchvision.ops.FrozenBatchNorm2d` — statistics and
