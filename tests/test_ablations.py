@@ -58,6 +58,7 @@ def test_cross_iou_variants_compare_both_loss_forms_at_every_scale(tmp_path):
         assert got == {"paper_a0.2": ("paper", False, 0.2), "reference_a0.2": ("reference", True, 0.2),
                        "paper_centre_a0.2": ("paper", True, 0.2), "paper_a0": ("paper", False, 0.0),
                        "paper_a0.1": ("paper", False, 0.1), "paper_a0.3": ("paper", False, 0.3)}, scale
+        assert {c.model.head for c in cfgs.values()} == {"reference"}, scale  # rows differ in the loss only
 
 
 @pytest.mark.parametrize("edit, message", [
