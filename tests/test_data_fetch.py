@@ -272,7 +272,7 @@ def test_an_ablation_scale_on_real_data_that_is_not_there_says_which_fetch_to_ru
     out = tmp_path / "ablations"
     assert main(["ablation", "run", "table3", "table2", "--scale", "small", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"lsnet ablation run: {message.replace('table2', 'table3')}")
+    assert len(err) == 1 and err[0].startswith(f"lsnet ablation run: error: {message.replace('table2', 'table3')}")
     assert not out.exists()
     (tmp_path / "data" / "coco_mini" / "annotations").mkdir(parents=True)  # a fetch that stopped early
     (tmp_path / scale.data.ann).write_text("{}")

@@ -279,7 +279,7 @@ def test_space_errors_name_file_and_key(shards, tmp_path, capsys, space, message
     sets = [x for kv in base_args(shards, "invalid") for x in ("--set", kv)]
     assert main(["tune", str(REPO_ROOT / "configs" / "tiny_segm.yaml"), "--space", str(path), *sets]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"lsnet tune: {path}: ") and message in err and "\n" not in err
+    assert err.startswith(f"lsnet tune: error: {path}: ") and message in err and "\n" not in err
     assert not (shards / "invalid").exists()  # nothing started
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from lsnet.errors import InputError
-from lsnet.interop.reference import ReferenceKeyError, _head_key_map, _neck_key_map
+from lsnet.interop.reference import ReferenceKeyError, convert_state_dict
 
 _STEM = {"conv1.": "stem.0.", "bn1.": "stem.1."}
 
@@ -36,31 +36,18 @@ def convert_detector_state(state: dict[str, Tensor], model: torch.nn.Module, sou
     expected = model.state_dict()
     deformable = {k[: -len(".conv.weight")] for k in expected
                   if k.startswith("backbone.") and k.endswith(".conv2.conv.weight")}
-    neck = [("neck." + t, "fpn." + o) for t, o in _neck_key_map(model.fpn).items()]
-    head = [("bbox_head." + t, "head." + o) for t, o in _head_key_map(model.head).items()]
-    maps = sorted(neck + head, key=lambda kv: -len(kv[0]))
-    converted, unknown = {}, []
-    for key, value in state.items():
-        if key.startswith("backbone."):
-            ours = "backbone." + _backbone_key(key[len("backbone."):])
-            if ours.endswith(".conv2.weight") and ours[: -len(".weight")] in deformable:
-                ours = ours[: -len(".weight")] + ".conv.weight"
-            if ours.endswith("num_batches_tracked") and ours not in expected:
-                continue  # a counter, not a weight: our frozen BatchNorm has none
-        else:
-            ours = next((o + key[len(t):] for t, o in maps if key.startswith(t)), None)
-        if ours is None or ours not in expected:
-            unknown.append(key)
-            continue
-        if tuple(value.shape) != tuple(expected[ours].shape):
-            raise ReferenceKeyError(f"{source}: {key} has shape {tuple(value.shape)}, the model's {ours} "
-                                    f"{tuple(expected[ours].shape)}")
-        converted[ours] = value
-    missing = sorted(set(expected) - set(converted))
-    if unknown or missing:
-        raise ReferenceKeyError(f"{source}: {len(unknown)} unknown key(s) {unknown[:6]}, "
-                                f"{len(missing)} missing {missing[:6]}")
-    return converted
+
+    def backbone_key(key: str) -> str | None:
+        if not key.startswith("backbone."):
+            return None
+        ours = "backbone." + _backbone_key(key[len("backbone."):])
+        if ours.endswith(".conv2.weight") and ours[: -len(".weight")] in deformable:
+            ours = ours[: -len(".weight")] + ".conv.weight"
+        if ours.endswith("num_batches_tracked") and ours not in expected:
+            return ""  # a counter, not a weight: our frozen BatchNorm has none
+        return ours
+
+    return convert_state_dict(state, model, {"neck.": "fpn.", "bbox_head.": "head."}, source, rename=backbone_key)
 
 
 def convert_reference_checkpoint(checkpoint: str | Path, config: str | Path, out: str | Path) -> Path:

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -126,13 +127,15 @@ def _head_key_map(head: ReferenceHead) -> dict[str, str]:
 
 
 def convert_state_dict(state: dict[str, Tensor], model: nn.Module, prefixes: dict[str, str],
-                       source: str = "reference state_dict") -> dict[str, Tensor]:
+                       source: str = "reference state_dict",
+                       rename: Callable[[str], str | None] | None = None) -> dict[str, Tensor]:
     """Rename the reference's keys to ``model``'s and check both sides.
 
     ``prefixes`` maps each reference module prefix (``"neck."``) to our module's (``"fpn."``); the
     submodule maps come from :func:`_neck_key_map` / :func:`_head_key_map`. Raises
     :class:`ReferenceKeyError` naming unknown (unused) reference keys and our missing ones, and on a
-    shape mismatch.
+    shape mismatch. ``rename``: our key for a reference key outside ``prefixes`` (the backbone of a
+    whole detector, :mod:`lsnet.interop.convert`); ``None`` = unknown, ``""`` = skip it (a counter).
     """
     maps: list[tuple[str, str]] = []
     for theirs, ours in prefixes.items():
@@ -144,6 +147,10 @@ def convert_state_dict(state: dict[str, Tensor], model: nn.Module, prefixes: dic
     converted, unknown = {}, []
     for key, value in state.items():
         hit = next((o + key[len(t):] for t, o in maps if key.startswith(t)), None)
+        if hit is None and rename is not None:
+            hit = rename(key)
+            if hit == "":
+                continue
         if hit is None or hit not in expected:
             unknown.append(key)
             continue

@@ -94,15 +94,8 @@ def _lsnet_task_params() -> list[dict]:
     return rows
 
 
-def run(image_size: int = 512, batch_size: int = 2, num_objects: int = 5, warmup: int = 1, repeats: int = 3,
-        num_threads: int | None = None, seed: int = 0, train_target: float = 1.3,
-        infer_target: float = 1.2, with_cpv: bool = True) -> BenchResult:
-    if num_threads:
-        torch.set_num_threads(num_threads)
-    torch.manual_seed(seed)
-    images = torch.randn(batch_size, 3, image_size, image_size)
-    lsnet_targets, fcos_targets = _random_objects(batch_size, image_size, num_objects, 80, seed)
-
+def _models(image_size: int, with_cpv: bool) -> dict[str, torch.nn.Module]:
+    """The models compared: today's compact LSNet head, FCOS, the authors' network (and CPV)."""
     fcos = torchvision.models.detection.fcos_resnet50_fpn(
         weights=None, weights_backbone=None, num_classes=91, min_size=image_size, max_size=image_size)
     models = {
@@ -116,55 +109,63 @@ def run(image_size: int = 512, batch_size: int = 2, num_objects: int = 5, warmup
     if with_cpv:
         models["lsnet_r50_bbox_cpv"] = build_model(ModelConfig(task="bbox", num_classes=80, frozen_stages=-1,
                                                                norm_eval=False, cpv=True))
+    return models
+
+
+def _timed(fn, *args) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of ``fn(*args)``."""
+    cpu, start = time.process_time(), time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+def _measure(models: dict, images: torch.Tensor, lsnet_targets, fcos_targets, warmup: int, repeats: int,
+             seed: int) -> tuple[dict, dict, dict, dict]:
+    """Train step and inference of every model, alternating so that machine load hits every model
+    alike: ``(wall, cpu)`` lists per ``(model, "train"|"infer")``, and the same for the compact head's
+    landmark sampling alone per ``"train"|"infer"``."""
     fcos_images = list(images)  # FCOS takes a list of (3, H, W) images
-
-    def train_step(name: str) -> float:
-        model = models[name]
-        model.train()
-        opt = optimizers[name]
-        cpu, start = time.process_time(), time.perf_counter()
-        if name.startswith("lsnet"):
-            losses = model(images, lsnet_targets)["loss"]
-        else:
-            losses = sum(model(fcos_images, fcos_targets).values())
-        opt.zero_grad(set_to_none=True)
-        losses.backward()
-        opt.step()
-        return time.perf_counter() - start, time.process_time() - cpu
-
-    def infer(name: str) -> float:
-        model = models[name]
-        model.eval()
-        cpu, start = time.process_time(), time.perf_counter()
-        with torch.inference_mode():
-            model(images) if name.startswith("lsnet") else model(fcos_images)
-        return time.perf_counter() - start, time.process_time() - cpu
-
     optimizers = {name: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
                   for name, m in models.items()}
-    model_head = models["lsnet_r50_bbox"].head
-    sampling = {"train": [], "infer": []}
-    sampling_cpu = {"train": [], "infer": []}
-    times = {(name, kind): [] for name in models for kind in ("train", "infer")}
-    cpu_times = {(name, kind): [] for name in models for kind in ("train", "infer")}
-    for i in range(warmup + repeats):
-        for name in models:  # alternate so that machine load hits every model alike
-            t_train, c_train = train_step(name)
-            t_infer, c_infer = infer(name)
-            if i >= warmup:
-                times[(name, "train")].append(t_train)
-                if name == "lsnet_r50_bbox":
-                    for kind in ("train", "infer"):
-                        t, c = _landmark_sampling(model_head, batch_size, image_size, kind == "train", seed)
-                        sampling[kind].append(t)
-                        sampling_cpu[kind].append(c)
-                times[(name, "infer")].append(t_infer)
-                cpu_times[(name, "train")].append(c_train)
-                cpu_times[(name, "infer")].append(c_infer)
-    cpu_best = {key: min(v) for key, v in cpu_times.items()}
 
+    def train_step(name: str) -> None:
+        model = models[name].train()
+        if name.startswith("lsnet"):
+            loss = model(images, lsnet_targets)["loss"]
+        else:
+            loss = sum(model(fcos_images, fcos_targets).values())
+        optimizers[name].zero_grad(set_to_none=True)
+        loss.backward()
+        optimizers[name].step()
+
+    def infer(name: str) -> None:
+        model = models[name].eval()
+        with torch.inference_mode():
+            model(images) if name.startswith("lsnet") else model(fcos_images)
+
+    batch_size, image_size = images.shape[0], images.shape[-1]
+    times = {(name, kind): [] for name in models for kind in ("train", "infer")}
+    cpu_times = {key: [] for key in times}
+    sampling, sampling_cpu = {"train": [], "infer": []}, {"train": [], "infer": []}
+    for i in range(warmup + repeats):
+        for name, model in models.items():
+            measured = {"train": _timed(train_step, name), "infer": _timed(infer, name)}
+            if i < warmup:
+                continue
+            for kind, (wall, cpu) in measured.items():
+                times[(name, kind)].append(wall)
+                cpu_times[(name, kind)].append(cpu)
+            if name == "lsnet_r50_bbox":
+                for kind in ("train", "infer"):
+                    wall, cpu = _landmark_sampling(model.head, batch_size, image_size, kind == "train", seed)
+                    sampling[kind].append(wall)
+                    sampling_cpu[kind].append(cpu)
+    return times, cpu_times, sampling, sampling_cpu
+
+
+def _model_rows(models: dict, times: dict, cpu_times: dict) -> list[dict]:
     best = {key: min(v) for key, v in times.items()}
-    med = {key: statistics.median(v) for key, v in times.items()}
+    cpu_best = {key: min(v) for key, v in cpu_times.items()}
     rows = []
     for name, model in models.items():
         rows.append({
@@ -179,59 +180,76 @@ def run(image_size: int = 512, batch_size: int = 2, num_objects: int = 5, warmup
             "infer_cpu_s": cpu_best[(name, "infer")],
             "train_cpu_vs_fcos": cpu_best[(name, "train")] / cpu_best[("fcos_r50_fpn", "train")],
             "infer_cpu_vs_fcos": cpu_best[(name, "infer")] / cpu_best[("fcos_r50_fpn", "infer")],
-            "train_median_s": med[(name, "train")],
-            "infer_median_s": med[(name, "infer")],
+            "train_median_s": statistics.median(times[(name, "train")]),
+            "infer_median_s": statistics.median(times[(name, "infer")]),
             "train_all_s": [round(t, 4) for t in times[(name, "train")]],
             "infer_all_s": [round(t, 4) for t in times[(name, "infer")]],
         })
-    # The landmark sampling alone, and what LSNet would cost beside FCOS without it (the bound).
+    return rows
+
+
+def _sampling_rows(times: dict, cpu_times: dict, sampling: dict, sampling_cpu: dict) -> list[dict]:
+    """The landmark sampling alone, and what LSNet would cost beside FCOS without it (the bound)."""
+    best = {key: min(v) for key, v in times.items()}
+    cpu_best = {key: min(v) for key, v in cpu_times.items()}
     samp = {kind: min(v) for kind, v in sampling.items()}
     samp_cpu = {kind: min(v) for kind, v in sampling_cpu.items()}
-    rows.append({
-        "model": "lsnet_r50_bbox landmark sampling alone (both towers, 5 levels + pyramid neighbours)",
-        "train_step_s": samp["train"], "infer_s": samp["infer"],
-        "train_vs_fcos": samp["train"] / best[("fcos_r50_fpn", "train")],
-        "infer_vs_fcos": samp["infer"] / best[("fcos_r50_fpn", "infer")],
-        "train_cpu_s": samp_cpu["train"], "infer_cpu_s": samp_cpu["infer"],
-        "train_cpu_vs_fcos": samp_cpu["train"] / cpu_best[("fcos_r50_fpn", "train")],
-        "infer_cpu_vs_fcos": samp_cpu["infer"] / cpu_best[("fcos_r50_fpn", "infer")],
-    })
-    rows.append({
-        "model": "lsnet_r50_bbox minus its landmark sampling",
-        "train_step_s": best[("lsnet_r50_bbox", "train")] - samp["train"],
-        "infer_s": best[("lsnet_r50_bbox", "infer")] - samp["infer"],
-        "train_vs_fcos": (best[("lsnet_r50_bbox", "train")] - samp["train"]) / best[("fcos_r50_fpn", "train")],
-        "infer_vs_fcos": (best[("lsnet_r50_bbox", "infer")] - samp["infer"]) / best[("fcos_r50_fpn", "infer")],
-        "train_cpu_vs_fcos": (cpu_best[("lsnet_r50_bbox", "train")] - samp_cpu["train"])
-        / cpu_best[("fcos_r50_fpn", "train")],
-        "infer_cpu_vs_fcos": (cpu_best[("lsnet_r50_bbox", "infer")] - samp_cpu["infer"])
-        / cpu_best[("fcos_r50_fpn", "infer")],
-    })
+    fcos = {kind: best[("fcos_r50_fpn", kind)] for kind in ("train", "infer")}
+    fcos_cpu = {kind: cpu_best[("fcos_r50_fpn", kind)] for kind in ("train", "infer")}
+    rest = {kind: best[("lsnet_r50_bbox", kind)] - samp[kind] for kind in ("train", "infer")}
+    rest_cpu = {kind: cpu_best[("lsnet_r50_bbox", kind)] - samp_cpu[kind] for kind in ("train", "infer")}
+    return [
+        {"model": "lsnet_r50_bbox landmark sampling alone (both towers, 5 levels + pyramid neighbours)",
+         "train_step_s": samp["train"], "infer_s": samp["infer"],
+         "train_vs_fcos": samp["train"] / fcos["train"], "infer_vs_fcos": samp["infer"] / fcos["infer"],
+         "train_cpu_s": samp_cpu["train"], "infer_cpu_s": samp_cpu["infer"],
+         "train_cpu_vs_fcos": samp_cpu["train"] / fcos_cpu["train"],
+         "infer_cpu_vs_fcos": samp_cpu["infer"] / fcos_cpu["infer"]},
+        {"model": "lsnet_r50_bbox minus its landmark sampling",
+         "train_step_s": rest["train"], "infer_s": rest["infer"],
+         "train_vs_fcos": rest["train"] / fcos["train"], "infer_vs_fcos": rest["infer"] / fcos["infer"],
+         "train_cpu_vs_fcos": rest_cpu["train"] / fcos_cpu["train"],
+         "infer_cpu_vs_fcos": rest_cpu["infer"] / fcos_cpu["infer"]},
+    ]
+
+
+def _checks(times: dict, cpu_times: dict, train_target: float, infer_target: float) -> dict[str, dict]:
+    def ratio(model: str, kind: str, table: dict) -> float:
+        return min(table[(model, kind)]) / min(table[("fcos_r50_fpn", kind)])
+
+    def check(value: float, target: float, label: str | None = None) -> dict:
+        return {"value": round(value, 3), "target": label or f"<= {target}", "ok": value <= target}
+
+    return {
+        "train_step_vs_fcos": check(ratio("lsnet_r50_bbox", "train", times), train_target),
+        "inference_vs_fcos": check(ratio("lsnet_r50_bbox", "infer", times), infer_target),
+        # the same ratios in process CPU seconds (less sensitive to other jobs on a shared machine)
+        "train_step_cpu_vs_fcos": check(ratio("lsnet_r50_bbox", "train", cpu_times), train_target),
+        "inference_cpu_vs_fcos": check(ratio("lsnet_r50_bbox", "infer", cpu_times), infer_target),
+        # the paper's own cost ratio: FCOS 22.7 FPS / LSNet 12.7 FPS (mmdet, V100) = 1.79x
+        "reference_inference_vs_fcos": check(ratio("lsnet_r50_bbox_reference", "infer", times), 1.79,
+                                             "<= 1.79 (the paper's ratio)"),
+    }
+
+
+def run(image_size: int = 512, batch_size: int = 2, num_objects: int = 5, warmup: int = 1, repeats: int = 3,
+        num_threads: int | None = None, seed: int = 0, train_target: float = 1.3,
+        infer_target: float = 1.2, with_cpv: bool = True) -> BenchResult:
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    torch.manual_seed(seed)
+    images = torch.randn(batch_size, 3, image_size, image_size)
+    lsnet_targets, fcos_targets = _random_objects(batch_size, image_size, num_objects, 80, seed)
+    models = _models(image_size, with_cpv)
+    times, cpu_times, sampling, sampling_cpu = _measure(models, images, lsnet_targets, fcos_targets, warmup,
+                                                        repeats, seed)
+    rows = _model_rows(models, times, cpu_times) + _sampling_rows(times, cpu_times, sampling, sampling_cpu)
     frozen = build_model(ModelConfig(task="bbox", num_classes=80))
     rows.append({"model": "lsnet_r50_bbox (paper recipe: frozen stem+stage 1, frozen BN)",
                  "params_M": _num_params(frozen) / 1e6,
                  "trainable_M": sum(p.numel() for p in frozen.parameters() if p.requires_grad) / 1e6})
     rows += _lsnet_task_params()
-
-    train_ratio = best[("lsnet_r50_bbox", "train")] / best[("fcos_r50_fpn", "train")]
-    infer_ratio = best[("lsnet_r50_bbox", "infer")] / best[("fcos_r50_fpn", "infer")]
-    train_cpu_ratio = cpu_best[("lsnet_r50_bbox", "train")] / cpu_best[("fcos_r50_fpn", "train")]
-    infer_cpu_ratio = cpu_best[("lsnet_r50_bbox", "infer")] / cpu_best[("fcos_r50_fpn", "infer")]
-    checks = {
-        "train_step_vs_fcos": {"value": round(train_ratio, 3), "target": f"<= {train_target}",
-                               "ok": train_ratio <= train_target},
-        "inference_vs_fcos": {"value": round(infer_ratio, 3), "target": f"<= {infer_target}",
-                              "ok": infer_ratio <= infer_target},
-        # the same ratios in process CPU seconds (less sensitive to other jobs on a shared machine)
-        "train_step_cpu_vs_fcos": {"value": round(train_cpu_ratio, 3), "target": f"<= {train_target}",
-                                   "ok": train_cpu_ratio <= train_target},
-        "inference_cpu_vs_fcos": {"value": round(infer_cpu_ratio, 3), "target": f"<= {infer_target}",
-                                  "ok": infer_cpu_ratio <= infer_target},
-    }
-    # the paper's own cost ratio: FCOS 22.7 FPS / LSNet 12.7 FPS (mmdet, V100) = 1.79x
-    ref_infer = best[("lsnet_r50_bbox_reference", "infer")] / best[("fcos_r50_fpn", "infer")]
-    checks["reference_inference_vs_fcos"] = {"value": round(ref_infer, 3), "target": "<= 1.79 (the paper's ratio)",
-                                             "ok": ref_infer <= 1.79}
+    checks = _checks(times, cpu_times, train_target, infer_target)
     notes = [
         (f"CPU, {torch.get_num_threads()} threads, input {batch_size}x3x{image_size}x{image_size}, "
          f"{num_objects} objects per image; times are the minimum of {repeats} alternating runs after "

@@ -87,16 +87,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of an error (also: LSNET_DEBUG=1)")
     args = parser.parse_args(rest)
+    # a command with actions (lsnet ablation run|render, jobs submit|..., data fetch) names the action
+    action = getattr(args, "action", None)
+    label = f"lsnet {name} {action}" if isinstance(action, str) else f"lsnet {name}"
     try:
         return int(module.run(args) or 0)
     except (LsnetError, OSError) as err:
         if debug:
             raise
-        print(f"lsnet {name}: error: {describe_error(err)}", file=sys.stderr)
+        print(f"{label}: error: {describe_error(err)}", file=sys.stderr)
         return err.exit_status if isinstance(err, LsnetError) else USER_ERROR
     except KeyboardInterrupt:
         if debug:
             raise
-        print(f"lsnet {name}: interrupted", file=sys.stderr)
+        print(f"{label}: interrupted", file=sys.stderr)
         return 130
 

@@ -5,8 +5,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from lsnet.config import ConfigError
-
 DEFAULT_OUT = "results/ablations"
 
 
@@ -37,14 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except ConfigError as err:
-        print(f"lsnet ablation {args.action}: {err}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from pipelines.ablations.data import check_data_present

@@ -41,25 +41,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.resume and not args.name:
-        print("lsnet tune: --resume needs the --name of the search to continue", file=sys.stderr)
-        return 2
-    try:
-        cfg = load_config(args.config, args.overrides)
-        space = load_space(args.space)
-        opts = space.options
-        sched = opts.scheduler
-        name = args.name or f"{cfg.name or 'lsnet'}-search-{_dt.datetime.now(_dt.UTC).strftime('%Y%m%d-%H%M%S')}"
-        settings = SearchSettings(
-            name=name, metric=args.metric or opts.metric or cfg.primary_metric, mode=args.mode or opts.mode,
-            scheduler=args.scheduler or sched.name,
-            grace_period=args.grace_period if args.grace_period is not None else sched.grace_period,
-            reduction_factor=args.reduction_factor if args.reduction_factor is not None else sched.reduction_factor,
-            search=args.search, num_samples=args.num_samples or opts.num_samples,
-            max_concurrent=args.max_concurrent, max_failures=args.max_failures, seed=args.seed)
-        outcome = run_trials(cfg, space, settings, address=args.address, resume=args.resume)
-    except ConfigError as err:
-        print(f"lsnet tune: {err}", file=sys.stderr)
-        return 2
+        raise ConfigError("--resume needs the --name of the search to continue")
+    cfg = load_config(args.config, args.overrides)
+    space = load_space(args.space)
+    opts = space.options
+    sched = opts.scheduler
+    name = args.name or f"{cfg.name or 'lsnet'}-search-{_dt.datetime.now(_dt.UTC).strftime('%Y%m%d-%H%M%S')}"
+    settings = SearchSettings(
+        name=name, metric=args.metric or opts.metric or cfg.primary_metric, mode=args.mode or opts.mode,
+        scheduler=args.scheduler or sched.name,
+        grace_period=args.grace_period if args.grace_period is not None else sched.grace_period,
+        reduction_factor=args.reduction_factor if args.reduction_factor is not None else sched.reduction_factor,
+        search=args.search, num_samples=args.num_samples or opts.num_samples,
+        max_concurrent=args.max_concurrent, max_failures=args.max_failures, seed=args.seed)
+    outcome = run_trials(cfg, space, settings, address=args.address, resume=args.resume)
     if outcome.best is None:
         print(f"lsnet tune: no trial produced {outcome.settings.metric}", file=sys.stderr)
         return 1
