@@ -65,7 +65,7 @@ def test_a_local_training_run_listens_on_loopback_only(ray_session, tmp_path):
     from lsnet.data.synthetic import write_synthetic_coco
     from pipelines.config import load_config
     from pipelines.preprocess import preprocess
-    from pipelines.train import run_training
+    from pipelines.train.driver import run_training
 
     data = write_synthetic_coco(tmp_path / "synth", num_images=4, image_size=(128, 128), seed=0)
     preprocess(data.instances_json, data.image_dir, tmp_path / "shards", max_size=128, contour_points=(18,),
