@@ -34,14 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from .targets import (
-    TargetConfig,
-    _mask_rings,
-    _polygon_rings,
-    compute_image_targets,
-    ring_signed_area,
-    sample_ring,
-)
+from .outline import ring_signed_area, sample_ring
+from .targets import TargetConfig, _mask_rings, _polygon_rings, compute_image_targets
 
 
 def polar_points(rings: list[np.ndarray], centre: np.ndarray, num_rays: int) -> np.ndarray:

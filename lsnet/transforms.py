@@ -3,7 +3,7 @@
 All in the continuous pixel frame of :mod:`lsnet.targets` (the image spans ``[0, W] x [0, H]``).
 
 * **Resize** by ``(sx, sy)``: ``x' = sx * x``, ``y' = sy * y``; coordinates are snapped to
-  :data:`lsnet.targets.COORD_GRID` (1/256 px) so that later flips stay exact.
+  :data:`lsnet.outline.COORD_GRID` (1/256 px) so that later flips stay exact.
 * **Horizontal flip** of an image of width ``W``: ``x' = W - x``, and the landmark order is permuted
   so that the flipped landmarks mean the same thing on the flipped image:
 
@@ -12,7 +12,7 @@ All in the continuous pixel frame of :mod:`lsnet.targets` (the image spans ``[0,
     clockwise into counter-clockwise, so the cyclic order is reversed *keeping sample 0*:
     ``new[k] = mirror(old[(-k) mod N])``. Sample 0 stays the one nearest the top-centre (the
     top-centre mirrors onto the top-centre), so this equals the contour computed on the mirrored
-    annotation, including the multi-part layout of :func:`lsnet.targets.contour_points` (up to
+    annotation, including the multi-part layout of :func:`lsnet.outline.contour_points` (up to
     exact ties of mirror-symmetric shapes).
   - ``pose``: left/right keypoints swap (:data:`COCO_KEYPOINT_FLIP_INDEX`), visibility with them.
 
@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .outline import COORD_GRID
 from .structures import COCO_KEYPOINT_FLIP_INDEX, EXTREME_FLIP_INDEX, LandmarkTargets
-from .targets import COORD_GRID
 
 
 def snap(values: Tensor) -> Tensor:

@@ -9,15 +9,13 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
+from lsnet.outline import COORD_GRID, nearest_arc_position, ring_signed_area
 from lsnet.targets import (
-    COORD_GRID,
     Rejection,
     TargetConfig,
     centre_landmarks,
     compute_image_targets,
-    nearest_arc_position,
     record_to_targets,
-    ring_signed_area,
     scale_record,
     with_centre_landmark,
 )

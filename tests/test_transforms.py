@@ -6,8 +6,9 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
+from lsnet.outline import COORD_GRID, ring_signed_area
 from lsnet.structures import COCO_KEYPOINT_FLIP_INDEX, COCO_KEYPOINT_NAMES, LandmarkTargets
-from lsnet.targets import COORD_GRID, TargetConfig, compute_image_targets, record_to_targets, ring_signed_area
+from lsnet.targets import TargetConfig, compute_image_targets, record_to_targets
 from lsnet.transforms import (
     flip_permutation,
     hflip_boxes,
