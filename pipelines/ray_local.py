@@ -232,6 +232,15 @@ def _single_node_on_loopback():
         ray_constants.ENABLE_RAY_CLUSTER = before
 
 
+def _is_loopback_address(address: str) -> bool:
+    """``127.0.0.1:6379``, ``localhost:6379``: a GCS address on this machine's loopback (a Ray client
+    address, ``ray://...``, is not: the client runs no node of its own)."""
+    if "://" in address:
+        return False
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 def _free_port(host: str = "127.0.0.1") -> int:
     import socket
 
@@ -279,7 +288,14 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, verbose: 
     common = {"log_to_driver": verbose, "configure_logging": False, **init_kwargs}
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address and address != "local":
-        ray.init(address=address, **common)
+        if _is_loopback_address(address):
+            # a cluster on this machine's loopback (a private head, the tests' session): the driver must
+            # take 127.0.0.1 as its node address too, or Ray waits for a raylet on the machine's
+            # reachable address that does not exist
+            with _single_node_on_loopback():
+                ray.init(address=address, _node_ip_address="127.0.0.1", **common)
+        else:
+            ray.init(address=address, **common)
         return False
     cleanup_stale_sessions()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

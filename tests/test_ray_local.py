@@ -219,3 +219,13 @@ def test_a_zombie_driver_counts_as_dead():
     _wait_for(lambda: psutil.Process(zombie.pid).status() == psutil.STATUS_ZOMBIE, 30, "no zombie")
     assert not ray_local._driver_alive(zombie.pid, created)
     zombie.wait()
+
+
+def test_a_loopback_cluster_address_is_joined_on_loopback():
+    """A driver joining a cluster on 127.0.0.1 must take 127.0.0.1 as its node address (else Ray waits
+    for a raylet on the machine's other address: the preprocess kill-and-resume test hung on this)."""
+    from pipelines.ray_local import _is_loopback_address
+
+    assert _is_loopback_address("127.0.0.1:6379") and _is_loopback_address("localhost:41000")
+    assert not _is_loopback_address("10.1.2.3:6379") and not _is_loopback_address("ray://127.0.0.1:10001")
+    assert not _is_loopback_address("auto")
