@@ -61,6 +61,9 @@ class LossConfig:
     cpv_heatmap_weight: float = 0.25
     cpv_offset_weight: float = 1.0
     cpv_gaussian_iou: float = 0.7
+    #: CPV on the reference head: weight of RepPoints v2's foreground ("sem") focal loss (the
+    #: reference's LSNet-CPV configs: ``loss_sem`` loss_weight 0.1)
+    cpv_foreground_weight: float = 0.1
 
     def __post_init__(self) -> None:
         for name in ("beta", "gamma", "focal_gamma"):
@@ -73,6 +76,7 @@ class LossConfig:
         check_range(self.cpv_heatmap_weight, "cpv_heatmap_weight", ge=0)
         check_range(self.cpv_offset_weight, "cpv_offset_weight", ge=0)
         check_range(self.cpv_gaussian_iou, "cpv_gaussian_iou", gt=0, lt=1)
+        check_range(self.cpv_foreground_weight, "cpv_foreground_weight", ge=0)
 
 
 @dataclass
@@ -211,7 +215,8 @@ class ModelConfig:
     refine: bool = True
     #: bbox only: CPV, corner point verification (Table 1's LSNet-CPV rows, lsnet.modeling.cpv):
     #: corner heatmaps + offsets whose maps join the stage-2 features and move the box corners of
-    #: P4–P7 detections at test time. Off as the paper's main LSNet rows.
+    #: P4–P7 detections at test time. Off as the paper's main LSNet rows. With head=reference it is
+    #: built as the authors' lscpvnet_head.py (foreground branch, maps concatenated before the DCNs).
     cpv: bool = False
 
     loss: LossConfig = field(default_factory=LossConfig)
@@ -242,8 +247,6 @@ class ModelConfig:
                              f"{self.pyramid_offset_scaling!r}")
         if self.fpn_norm not in ("none", "gn"):
             raise ValueError(f"model.fpn_norm must be 'none' or 'gn', got {self.fpn_norm!r}")
-        if self.head == "reference" and self.cpv:
-            raise ValueError("model.cpv: corner point verification is not built for model.head=reference yet")
         if self.head == "compact" and self.center_vector:
             raise ValueError("model.center_vector needs model.head=reference (the compact head has no centre)")
         if self.cpv and self.task != "bbox":
