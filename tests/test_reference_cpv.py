@@ -9,11 +9,11 @@ import math
 
 import pytest
 import torch
+from test_reference_network import _reference_keys, _tiny_reference_cfg
 
 from lsnet.interop.reference import ReferenceKeyError, convert_state_dict, head_from_config
 from lsnet.modeling.cpv import foreground_loss, foreground_targets
 from lsnet.modeling.reference_head import head_outputs
-from test_reference_network import _reference_keys, _tiny_reference_cfg
 
 C, CLASSES, CORNER_DIM = 16, 3, 8
 
