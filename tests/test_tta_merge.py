@@ -142,6 +142,8 @@ def test_vote_keeps_vote_max_dets_after_the_merge():
     few = predict_with_tta(model, images, None, flip=True, scales=(1.0, 0.75), merge="vote")[0]
     assert len(few) == 25 and torch.equal(few.scores, many.scores[:25])
     assert len(predict_with_tta(model, images, None, flip=True, scales=(1.0,), merge="vote", vote_max_dets=3)[0]) == 3
+    model.cfg.test.vote_max_dets = None  # the default: max_dets after the vote too
+    assert len(predict_with_tta(model, images, None, flip=True, scales=(1.0, 0.75), merge="vote")[0]) == 20
 
 
 def test_config_flip_runs_tta_in_the_models_forward():

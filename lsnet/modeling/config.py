@@ -106,10 +106,11 @@ class TestConfig:
     merge: Literal["nms", "vote"] = "vote"
     #: IoU with the best box of a class from which a detection joins its vote
     vote_iou: float = 0.66
-    #: detections kept per image after the vote (merge "vote"); each pass keeps ``max_dets`` before it.
+    #: detections kept per image after the vote (merge "vote"; None: ``max_dets``); each pass keeps
+    #: ``max_dets`` before it.
     #: The reference's multi-scale test keeps 1000 (``mmdet/models/detectors/lsnet.py:355-365``,
     #: ``lscpvnet.py:273-283``): the ``_mstest`` configs. COCO scores up to 100 per image *and class*.
-    vote_max_dets: int = 100
+    vote_max_dets: int | None = None
     #: with model.cpv: move the box corners of P4–P7 detections to the verified corners (False keeps
     #: the boxes of the landmarks; the corner maps still feed the stage-2 features)
     cpv_refine: bool = True
@@ -120,7 +121,8 @@ class TestConfig:
         check_range(self.nms_iou, "nms_iou", gt=0, le=1)
         check_range(self.max_dets, "max_dets", ge=1)
         check_range(self.vote_iou, "vote_iou", gt=0, le=1)
-        check_range(self.vote_max_dets, "vote_max_dets", ge=1)
+        if self.vote_max_dets is not None:
+            check_range(self.vote_max_dets, "vote_max_dets", ge=1)
         if self.merge not in ("nms", "vote"):
             raise ValueError(f"model.test.merge must be 'nms' or 'vote', got {self.merge!r}")
         if self.scales is not None:

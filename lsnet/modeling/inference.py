@@ -291,7 +291,8 @@ def predict_with_tta(model, images: Tensor, metas=None, flip: bool | None = None
         default_ranges = None
     scale_ranges = default_ranges if scale_ranges is None else scale_ranges
     merge = test.merge if merge is None else merge
-    vote_max_dets = test.vote_max_dets if vote_max_dets is None else vote_max_dets
+    if vote_max_dets is None:
+        vote_max_dets = test.max_dets if test.vote_max_dets is None else test.vote_max_dets
     if merge not in ("nms", "vote"):
         raise ValueError(f"merge must be 'nms' or 'vote', got {merge!r}")
     if scale_ranges is not None and len(scale_ranges) != len(scales):
