@@ -250,3 +250,23 @@ def test_reference_cpv_model_trains():
     with torch.no_grad():
         dets = model(torch.randn(1, 3, 64, 64))
     assert dets[0].boxes.shape[1] == 4
+
+
+def test_convert_reference_cpv_detector_checkpoint():
+    """A whole LSNet-CPV detector checkpoint in the reference's names (backbone, neck, LSCPVHead)
+    converts into our model with CPV (``lsnet convert reference``'s mapping): every key used."""
+    from lsnet.interop.convert import convert_detector_state
+    from lsnet.modeling import build_model
+
+    model = build_model(_tiny_reference_cfg(cpv=True, center_vector=True))
+    keys = {k: s for k, s in _reference_keys("bbox", 4, 3, 16, [128, 256, 512], convs=1).items() if k.startswith("neck.")}
+    keys.update(_cpv_reference_keys(c=16, classes=3, corner_dim=64))
+    state = _random_state(keys, seed=9)
+    for k, v in model.state_dict().items():
+        if k.startswith("backbone."):
+            name = k.replace("backbone.stem.0.", "backbone.conv1.").replace("backbone.stem.1.", "backbone.bn1.")
+            state[name] = v.clone()
+    ours = convert_detector_state(state, model, "cpv checkpoint")
+    model.load_state_dict(ours, strict=True)
+    assert torch.equal(model.head.cpv.foreground_out.bias, state["bbox_head.reppoints_sem_out.bias"])
+    assert torch.equal(model.head.cls_fusion.anchor_conv.weight, state["bbox_head.cls_feat_conv.weight"])
