@@ -4,18 +4,17 @@ An optional branch of the detection head (``model.cpv: true``, bbox task) that p
 FPN level, two corner heatmaps (top-left and bottom-right box corners) and each corner's sub-cell
 offset. It is used twice:
 
-- **Joint features**: the 6 output maps (2 heatmap logits + 4 offsets) are projected by a 1x1 conv
-  and added to the stage-2 classification and regression features at the anchor point (the
-  reference concatenates them to the towers ahead of its DCNs; a linear projection added after the
-  DCN is the same kind of fusion without widening the landmark kernels).
+- **Joint features**: the 6 output maps (2 heatmap logits + 4 offsets) join the stage-2
+  classification and regression features (how depends on the head: "Two builds" below).
 - **Box refinement at test time** (:func:`refine_boxes_with_corners`): a box found on P4–P7 moves
   each corner to the most confident heatmap cell among the 2x2 cells around it on a finer level
   (P3 for boxes of P4 and P5, P4 for P6 and P7), plus that cell's predicted offset. Boxes of P3 are
   kept. Scores are not changed: the reference computes the corner's heat score but does not use it.
 
 Architecture (reference config: shared convs 1, corner_dim 64, first kernel 3, kernel 1): one
-3x3 conv + GN + ReLU on the regression tower, then per corner CornerNet's corner pooling module
-(:class:`CornerPoolModule`), and 3x3 convs to 1 heatmap logit and 2 offsets per corner.
+3x3 conv + GN + ReLU on the regression tower (a DCNv2 one on the reference head), then per corner
+CornerNet's corner pooling module (:class:`CornerPoolModule`), and 3x3 convs to 1 heatmap logit and
+2 offsets per corner.
 
 Training targets (:func:`corner_targets`, RepPoints v2's point heatmap assigner) on every level: a
 box corner's nearest cell (the cell centre ``(j + ½)·stride`` closest to it) has heat 1 and offset
