@@ -35,11 +35,11 @@ TTA = {"config": {}, "none": {"flip": False, "scales": (1.0,)}, "flip": {"flip":
 
 def tta_arguments(tta: str, short_side: int) -> dict:
     """The ``predict_with_tta`` keyword arguments of a ``--tta`` choice at test size ``short_side``."""
-    from lsnet.modeling.inference import ATSS_SCALE_RANGES, atss_test_scales
+    from lsnet.modeling.inference import ATSS_SCALE_RANGES, ATSS_VOTE_MAX_DETS, atss_test_scales
 
     if tta == "atss":
         return {"flip": True, "scales": atss_test_scales(short_side), "scale_ranges": ATSS_SCALE_RANGES,
-                "merge": "vote"}
+                "merge": "vote", "vote_max_dets": ATSS_VOTE_MAX_DETS}
     return dict(TTA[tta])
 
 

@@ -5,7 +5,7 @@ One YAML file in ``configs/`` describes one experiment::
     _base_: _base_/coco_r50.yaml            # merged underneath (lsnet.config.load_yaml)
     schedule: 2x                             # fills train.epochs / train.lr_steps (see SCHEDULES)
     model: {task: bbox, backbone: resnext101_64x4d, dcn_stages: [3, 4, 5]}   # lsnet.modeling.ModelConfig
-    data: {train_shards: ..., val_shards: ..., scale_range: [400, 960]}
+    data: {train_shards: ..., val_shards: ..., scale_range: [480, 960]}
     train: {batch_size: 2, lr_per_16_images: 0.01, eval_every: 1}   # lsnet.engine.TrainConfig
     eval: {num_overlays: 4}
     tracking: {uri: null, experiment: lsnet}
@@ -58,7 +58,8 @@ class DataConfig:
     #: ground-truth JSON for COCO evaluation; None -> the copy of the kept images' GT in val_shards.
     val_ann: str | None = None
     #: training resize: shorter side drawn from [min, max] (paper: [800, 800] single scale,
-    #: [400, 960] multi-scale), longer side capped at max_size.
+    #: [400, 960] multi-scale; the reference configs, and our stronger configs, [480, 960]), longer side
+    #: capped at max_size.
     scale_range: tuple[int, int] = (800, 800)
     max_size: int = 1333
     #: evaluation resize (paper: [800, 1333] single-scale test).

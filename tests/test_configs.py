@@ -47,7 +47,8 @@ def test_paper_settings():
     segm = load_config(CONFIG_DIR / "segm_x101_dcn_30e.yaml")
     assert segm.train.epochs == 30 and segm.model.num_points == 36 and segm.primary_metric == "segm_AP"
     assert segm.model.backbone == "resnext101_64x4d" and list(segm.model.dcn_stages) == [3, 4, 5]
-    assert tuple(segm.data.scale_range) == (400, 960)
+    # the reference configs' multi-scale range (img_scale [(1333, 480), (1333, 960)]); the paper says 400-960
+    assert tuple(segm.data.scale_range) == (480, 960)
 
     kps = load_config(CONFIG_DIR / "pose_x101_dcn_60e_kpsbox.yaml")
     obj = load_config(CONFIG_DIR / "pose_x101_dcn_60e_objbox.yaml")
@@ -76,10 +77,17 @@ def test_schedules_are_the_papers_and_the_references():
     # obj-box pose 60e [54, 56], kps-box fine-tune 24e [12, 20]
     assert SCHEDULES == {"1x": (12, (8, 11)), "2x": (24, (16, 22)), "30e": (30, (28,)), "60e": (60, (50,)),
                          "60e_ref": (60, (54, 56)), "2x_ft": (24, (12, 20))}
+    # the pose 60e configs reproduce the reference's (decays after 54 and 56, not the paper's 50)
     for path, schedule in (("bbox_x101_dcn_2x.yaml", "2x"), ("segm_x101_dcn_30e.yaml", "30e"),
-                           ("pose_x101_dcn_60e_objbox.yaml", "60e")):
+                           ("pose_x101_dcn_60e_objbox.yaml", "60e_ref"), ("pose_x101_dcn_60e_kpsbox.yaml", "60e_ref")):
         cfg = load_config(CONFIG_DIR / path)
         assert (cfg.train.epochs, tuple(cfg.train.lr_steps)) == SCHEDULES[schedule], path
+    assert load_config(CONFIG_DIR / "pose_x101_dcn_60e_objbox.yaml").train.lr_steps == (54, 56)
+    # every multi-scale config trains on the reference's 480-960 range
+    for path in CONFIGS:
+        cfg = load_config(path)
+        if cfg.data.scale_range[0] != cfg.data.scale_range[1] and not path.stem.startswith("tiny_"):
+            assert tuple(cfg.data.scale_range) == (480, 960), path.name
     for path, task in (("bbox_r2_101_dcn_2x.yaml", "bbox"), ("segm_r2_101_dcn_30e.yaml", "segm")):
         r2 = load_config(CONFIG_DIR / path).model
         assert (r2.task, r2.backbone, r2.pretrained, list(r2.dcn_stages), r2.dcn_type) == (
@@ -228,7 +236,7 @@ def test_paper_configs_use_the_reference_loss_tiny_ones_the_paper_form():
     for path in CONFIGS:
         model = load_config(path).model
         form = "paper" if path.stem.startswith("tiny_") else "reference"
-        # the centre is a vector of the reference head; CPV still runs on the compact head (no centre)
+        # the centre is a vector of the reference head; CPV runs on it as lscpvnet_head.py (issue 18 item 9)
         centre = form == "reference" and model.head == "reference"
         assert (model.loss.vector_loss_form, model.center_vector) == (form, centre), path.name
-        assert model.head == ("compact" if path.stem.startswith("tiny_") or model.cpv else "reference"), path.name
+        assert model.head == ("compact" if path.stem.startswith("tiny_") else "reference"), path.name

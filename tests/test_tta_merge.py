@@ -128,6 +128,24 @@ def test_single_unflipped_scale_equals_the_plain_output(via_config):
         assert torch.equal(a.boxes, b.boxes) and torch.equal(a.scores, b.scores) and torch.equal(a.points, b.points)
 
 
+def test_vote_keeps_vote_max_dets_after_the_merge():
+    """Each pass keeps ``max_dets`` before the vote, the vote ``vote_max_dets`` (the reference: 100 per
+    pass, 1000 after the vote, detectors/lsnet.py:355-365)."""
+    cfg = tiny_cfg("bbox")
+    cfg.test.score_thr, cfg.test.max_dets, cfg.test.vote_max_dets = 0.0, 20, 1000
+    model = build_model(cfg).eval()
+    torch.manual_seed(7)
+    images = torch.randn(1, 3, 64, 96)
+    many = predict_with_tta(model, images, None, flip=True, scales=(1.0, 0.75), merge="vote")[0]
+    assert 20 < len(many) <= 4 * 20 * 2  # 4 passes of 20, at most one merged + one soft copy each
+    model.cfg.test.vote_max_dets = 25
+    few = predict_with_tta(model, images, None, flip=True, scales=(1.0, 0.75), merge="vote")[0]
+    assert len(few) == 25 and torch.equal(few.scores, many.scores[:25])
+    assert len(predict_with_tta(model, images, None, flip=True, scales=(1.0,), merge="vote", vote_max_dets=3)[0]) == 3
+    model.cfg.test.vote_max_dets = None  # the default: max_dets after the vote too
+    assert len(predict_with_tta(model, images, None, flip=True, scales=(1.0, 0.75), merge="vote")[0]) == 20
+
+
 def test_config_flip_runs_tta_in_the_models_forward():
     cfg = tiny_cfg("bbox")
     cfg.test.score_thr = 0.0
@@ -168,8 +186,9 @@ def test_atss_presets_and_the_mstest_configs():
     assert atss_test_scales(800)[0] == 0.5 and atss_test_scales(800)[-1] == 2.25  # 1333 * 2.25 = 3000
     args = tta_arguments("atss", 800)
     assert args["flip"] and args["merge"] == "vote" and args["scales"] == atss_test_scales(800)
+    assert args["vote_max_dets"] == 1000  # the reference's cap after the vote
     for name in ("bbox_cpv_r2_101_dcn_2x_mstest", "segm_r2_101_dcn_30e_mstest"):
         test = load_config(CONFIG_DIR / f"{name}.yaml").model.test
-        assert test.flip and test.merge == "vote"
+        assert test.flip and test.merge == "vote" and (test.vote_max_dets, test.max_dets) == (1000, 100)
         assert test.scales == pytest.approx(atss_test_scales(800))
         assert [tuple(r) for r in test.scale_ranges] == [tuple(map(float, r)) for r in ATSS_SCALE_RANGES]

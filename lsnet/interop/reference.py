@@ -58,8 +58,14 @@ def neck_from_config(neck: dict[str, Any]) -> FPN:
 
 
 def head_from_config(head: dict[str, Any], offset_scaling: str = "compound") -> ReferenceHead:
-    """Our :class:`ReferenceHead` from the reference's ``LSHead`` config."""
+    """Our :class:`ReferenceHead` from the reference's ``LSHead`` or ``LSCPVHead`` (CPV, bbox) config."""
     feat, point = int(head.get("feat_channels", 256)), int(head.get("point_feat_channels", 256))
+    cpv = head.get("type") == "LSCPVHead"
+    if cpv:  # the corner pools as the reference's CPV configs build them (lscpvnet_head.py:16-52)
+        fixed = {"shared_stacked_convs": 1, "first_kernel_size": 3, "kernel_size": 1}
+        other = {k: head[k] for k, v in fixed.items() if k in head and int(head[k]) != v}
+        if other:
+            raise ValueError(f"reference config: LSCPVHead with {other} is not supported (built: {fixed})")
     if feat != point:
         raise ValueError(f"reference config: feat_channels ({feat}) != point_feat_channels ({point}): "
                          "the reference's GroupNorm of the point features needs them equal")
@@ -69,7 +75,8 @@ def head_from_config(head: dict[str, Any], offset_scaling: str = "compound") -> 
                          int(head.get("stacked_convs", 4)), _groups(head.get("norm_cfg")) or 32,
                          deformable_towers=head.get("conv_module_type", "norm") == "dcn",
                          offset_scaling=offset_scaling, gradient_mul=float(head.get("gradient_mul", 0.1)),
-                         strides=tuple(head.get("point_strides", (8, 16, 32, 64, 128))))
+                         strides=tuple(head.get("point_strides", (8, 16, 32, 64, 128))), cpv=cpv,
+                         cpv_corner_dim=int(head.get("corner_dim", 64)))
 
 
 class NeckAndHead(nn.Module):
@@ -123,6 +130,27 @@ def _head_key_map(head: ReferenceHead) -> dict[str, str]:
                     f"pts_{name}_refine_conv.": f"{b}.fusion.sample.",
                     f"pts_{name}_init_conv.": f"{b}.init_conv.", f"pts_{name}_init_out.": f"{b}.init_out.",
                     f"pts_{name}_refine_out.": f"{b}.refine_out."})
+    if head.cpv is not None:
+        out.update(_cpv_key_map())
+    return out
+
+
+def _cpv_key_map() -> dict[str, str]:
+    """``LSCPVHead``'s CPV attributes -> :class:`lsnet.modeling.cpv.ReferenceCPV`
+    (``lscpvnet_head.py:98-179``; the corner pools ``ops/corner_pool/corner_pool.py:119-186``)."""
+    out = _tower_key_map("shared_convs", "cpv.shared", 1)
+    out.update({"reppoints_sem_out.": "cpv.foreground_out.", "reppoints_sem_embedding.conv.": "cpv.foreground_embed.0.",
+                "reppoints_sem_embedding.gn.": "cpv.foreground_embed.1."})
+    for corner in ("tl", "br"):
+        ours = f"cpv.pool_{corner}"
+        # mmcv ConvModule: conv / gn; the pack's bare convs and GroupNorms by their own names
+        out.update({f"hem_{corner}.p1_conv1.conv.": f"{ours}.branch1.0.", f"hem_{corner}.p1_conv1.gn.": f"{ours}.branch1.1.",
+                    f"hem_{corner}.p2_conv1.conv.": f"{ours}.branch2.0.", f"hem_{corner}.p2_conv1.gn.": f"{ours}.branch2.1.",
+                    f"hem_{corner}.p_conv1.": f"{ours}.merge.0.", f"hem_{corner}.p_gn1.": f"{ours}.merge.1.",
+                    f"hem_{corner}.conv1.": f"{ours}.skip.0.", f"hem_{corner}.gn1.": f"{ours}.skip.1.",
+                    f"hem_{corner}.conv2.conv.": f"{ours}.out.0.", f"hem_{corner}.conv2.gn.": f"{ours}.out.1.",
+                    f"reppoints_hem_{corner}_score_out.": f"cpv.heat_{corner}.",
+                    f"reppoints_hem_{corner}_offset_out.": f"cpv.offset_{corner}."})
     return out
 
 

@@ -61,6 +61,9 @@ class LossConfig:
     cpv_heatmap_weight: float = 0.25
     cpv_offset_weight: float = 1.0
     cpv_gaussian_iou: float = 0.7
+    #: CPV on the reference head: weight of RepPoints v2's foreground ("sem") focal loss (the
+    #: reference's LSNet-CPV configs: ``loss_sem`` loss_weight 0.1)
+    cpv_foreground_weight: float = 0.1
 
     def __post_init__(self) -> None:
         for name in ("beta", "gamma", "focal_gamma"):
@@ -73,6 +76,7 @@ class LossConfig:
         check_range(self.cpv_heatmap_weight, "cpv_heatmap_weight", ge=0)
         check_range(self.cpv_offset_weight, "cpv_offset_weight", ge=0)
         check_range(self.cpv_gaussian_iou, "cpv_gaussian_iou", gt=0, lt=1)
+        check_range(self.cpv_foreground_weight, "cpv_foreground_weight", ge=0)
 
 
 @dataclass
@@ -102,6 +106,11 @@ class TestConfig:
     merge: Literal["nms", "vote"] = "vote"
     #: IoU with the best box of a class from which a detection joins its vote
     vote_iou: float = 0.66
+    #: detections kept per image after the vote (merge "vote"; None: ``max_dets``); each pass keeps
+    #: ``max_dets`` before it.
+    #: The reference's multi-scale test keeps 1000 (``mmdet/models/detectors/lsnet.py:355-365``,
+    #: ``lscpvnet.py:273-283``): the ``_mstest`` configs. COCO scores up to 100 per image *and class*.
+    vote_max_dets: int | None = None
     #: with model.cpv: move the box corners of P4–P7 detections to the verified corners (False keeps
     #: the boxes of the landmarks; the corner maps still feed the stage-2 features)
     cpv_refine: bool = True
@@ -112,6 +121,8 @@ class TestConfig:
         check_range(self.nms_iou, "nms_iou", gt=0, le=1)
         check_range(self.max_dets, "max_dets", ge=1)
         check_range(self.vote_iou, "vote_iou", gt=0, le=1)
+        if self.vote_max_dets is not None:
+            check_range(self.vote_max_dets, "vote_max_dets", ge=1)
         if self.merge not in ("nms", "vote"):
             raise ValueError(f"model.test.merge must be 'nms' or 'vote', got {self.merge!r}")
         if self.scales is not None:
@@ -211,7 +222,8 @@ class ModelConfig:
     refine: bool = True
     #: bbox only: CPV, corner point verification (Table 1's LSNet-CPV rows, lsnet.modeling.cpv):
     #: corner heatmaps + offsets whose maps join the stage-2 features and move the box corners of
-    #: P4–P7 detections at test time. Off as the paper's main LSNet rows.
+    #: P4–P7 detections at test time. Off as the paper's main LSNet rows. With head=reference it is
+    #: built as the authors' lscpvnet_head.py (foreground branch, maps concatenated before the DCNs).
     cpv: bool = False
 
     loss: LossConfig = field(default_factory=LossConfig)
@@ -242,8 +254,6 @@ class ModelConfig:
                              f"{self.pyramid_offset_scaling!r}")
         if self.fpn_norm not in ("none", "gn"):
             raise ValueError(f"model.fpn_norm must be 'none' or 'gn', got {self.fpn_norm!r}")
-        if self.head == "reference" and self.cpv:
-            raise ValueError("model.cpv: corner point verification is not built for model.head=reference yet")
         if self.head == "compact" and self.center_vector:
             raise ValueError("model.center_vector needs model.head=reference (the compact head has no centre)")
         if self.cpv and self.task != "bbox":

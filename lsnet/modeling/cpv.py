@@ -4,18 +4,17 @@ An optional branch of the detection head (``model.cpv: true``, bbox task) that p
 FPN level, two corner heatmaps (top-left and bottom-right box corners) and each corner's sub-cell
 offset. It is used twice:
 
-- **Joint features**: the 6 output maps (2 heatmap logits + 4 offsets) are projected by a 1x1 conv
-  and added to the stage-2 classification and regression features at the anchor point (the
-  reference concatenates them to the towers ahead of its DCNs; a linear projection added after the
-  DCN is the same kind of fusion without widening the landmark kernels).
+- **Joint features**: the 6 output maps (2 heatmap logits + 4 offsets) join the stage-2
+  classification and regression features (how depends on the head: "Two builds" below).
 - **Box refinement at test time** (:func:`refine_boxes_with_corners`): a box found on P4–P7 moves
   each corner to the most confident heatmap cell among the 2x2 cells around it on a finer level
   (P3 for boxes of P4 and P5, P4 for P6 and P7), plus that cell's predicted offset. Boxes of P3 are
   kept. Scores are not changed: the reference computes the corner's heat score but does not use it.
 
 Architecture (reference config: shared convs 1, corner_dim 64, first kernel 3, kernel 1): one
-3x3 conv + GN + ReLU on the regression tower, then per corner CornerNet's corner pooling module
-(:class:`CornerPoolModule`), and 3x3 convs to 1 heatmap logit and 2 offsets per corner.
+3x3 conv + GN + ReLU on the regression tower (a DCNv2 one on the reference head), then per corner
+CornerNet's corner pooling module (:class:`CornerPoolModule`), and 3x3 convs to 1 heatmap logit and
+2 offsets per corner.
 
 Training targets (:func:`corner_targets`, RepPoints v2's point heatmap assigner) on every level: a
 box corner's nearest cell (the cell centre ``(j + ½)·stride`` closest to it) has heat 1 and offset
@@ -26,8 +25,22 @@ smooth-ℓ1 (β 1/9) of the offsets at the heat-1 cells, each divided by the num
 averaged over the two corners; weights ``loss.cpv_heatmap_weight`` 0.25 and
 ``loss.cpv_offset_weight`` 1 (reference config). Crowd boxes have no corners.
 
-Left out: RepPoints v2's foreground ("sem") map branch with its own focal loss (weight 0.1 in the
-reference), which is an auxiliary loss rather than part of the verification.
+Two builds share these parts:
+
+- ``model.head: compact`` (:class:`CPVBranch`, :mod:`lsnet.modeling.head`): a plain 3x3 shared conv, the
+  6 maps projected by a 1x1 conv and added after the point DCN at the anchor point, no foreground
+  branch -- the cheaper variant.
+- ``model.head: reference`` (:class:`ReferenceCPV`, :mod:`lsnet.modeling.reference_head`): as the
+  authors' ``lscpvnet_head.py`` builds it: a DCNv2 shared conv on the regression tower, RepPoints v2's
+  foreground ("sem") branch -- per-class logits (:func:`foreground_targets`, :func:`foreground_loss`,
+  weight ``loss.cpv_foreground_weight`` 0.1) and a 1x1 conv + GN + ReLU embedding that is added to
+  the classification tower, the regression tower and the corner branch's input -- and the 6 corner
+  maps concatenated to both towers ahead of the pyramid DCN and its 3x3 feature conv.
+
+The corner offsets and heatmap cells use our cell-centre convention ``(j + ½)·stride`` (targets and
+test-time refinement alike); the reference measures them from ``j·stride``. A checkpoint converted
+from the authors' code therefore predicts offsets half a cell from ours (documented in
+``docs/reference_network.md``).
 """
 from __future__ import annotations
 
@@ -37,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lsnet.modeling.layers import group_norm
+from lsnet.modeling.layers import TowerLayer, group_norm
 
 
 def _conv_gn(cin: int, cout: int, k: int, groups: int, relu: bool = True) -> nn.Sequential:
@@ -106,6 +119,103 @@ class CPVBranch(nn.Module):
         heat = torch.cat([self.heat_tl(tl), self.heat_br(br)], dim=1)
         offsets = torch.cat([self.offset_tl(tl), self.offset_br(br)], dim=1)
         return heat, offsets
+
+
+class ReferenceCPV(nn.Module):
+    """The CPV parts of the reference's ``LSCPVHead`` for one FPN level (``lscpvnet_head.py:98-179``,
+    forward ``:287-341``).
+
+    ``forward(reg_tower)`` with the regression tower's output (B, C, H, W) returns
+    ``(embedding (B, C, H, W), foreground logits (B, num_classes, H, W), heat_logits (B, 2, H, W)
+    [tl, br], offsets (B, 4, H, W) [tl dx, tl dy, br dx, br dy])``: ``shared = DCNv2 conv + GN + ReLU
+    (tower)``; the foreground logits are a 1x1 conv of ``shared``, the embedding a 1x1 conv + GN +
+    ReLU of it; the corner pools see ``shared + embedding``. The caller adds the embedding to its
+    towers and concatenates ``heat, offsets`` to them (:class:`lsnet.modeling.reference_head.ReferenceHead`).
+    """
+
+    def __init__(self, channels: int, num_classes: int, norm_groups: int = 32, corner_dim: int = 64,
+                 deformable: bool = True, prior_prob: float = 0.01):
+        super().__init__()
+        # shared_stacked_convs = 1 in the reference configs; a DCNConvModule with conv_module_type='dcn'
+        self.shared = nn.Sequential(TowerLayer(channels, channels, norm_groups, deformable))
+        self.foreground_out = nn.Conv2d(channels, num_classes, 1)
+        self.foreground_embed = _conv_gn(channels, channels, 1, norm_groups)
+        self.pool_tl = CornerPoolModule(channels, "tl", corner_dim, norm_groups)
+        self.pool_br = CornerPoolModule(channels, "br", corner_dim, norm_groups)
+        self.heat_tl = nn.Conv2d(channels, 1, 3, padding=1)
+        self.heat_br = nn.Conv2d(channels, 1, 3, padding=1)
+        self.offset_tl = nn.Conv2d(channels, 2, 3, padding=1)
+        self.offset_br = nn.Conv2d(channels, 2, 3, padding=1)
+        bias = -math.log((1 - prior_prob) / prior_prob)
+        for m in (self.foreground_out, self.heat_tl, self.heat_br, self.offset_tl, self.offset_br):
+            nn.init.normal_(m.weight, std=0.01)
+            nn.init.constant_(m.bias, bias if m in (self.foreground_out, self.heat_tl, self.heat_br) else 0.0)
+
+    def forward(self, reg_tower: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        shared = self.shared(reg_tower)
+        foreground = self.foreground_out(shared)
+        embedding = self.foreground_embed(shared)
+        corner_feat = shared + embedding
+        tl, br = self.pool_tl(corner_feat), self.pool_br(corner_feat)
+        heat = torch.cat([self.heat_tl(tl), self.heat_br(br)], dim=1)
+        offsets = torch.cat([self.offset_tl(tl), self.offset_br(br)], dim=1)
+        return embedding, foreground, heat, offsets
+
+
+def foreground_targets(size: tuple[int, int], boxes: Tensor, labels: Tensor, num_classes: int,
+                       stride: int = 8) -> tuple[Tensor, Tensor]:
+    """RepPoints v2's foreground map of one image (the reference's ``LoadRPDV2Annotations``,
+    ``datasets/pipelines/loading_reppointsv2.py:31-48``) on the stride-8 grid of the padded image.
+
+    Every cell whose index lies in ``[floor(y1/s), floor(y2/s)] x [floor(x1/s), floor(x2/s)]`` of a
+    box is 1 in its class's channel, with weight ``1 / box area``; where boxes of a class overlap the
+    smaller box's weight wins.
+
+    Args:
+        size: (H, W) of the grid (the padded image / ``stride``: P3's map size).
+        boxes: (M, 4) ``x1, y1, x2, y2`` pixels; labels: (M,) class indices.
+    Returns:
+        ``(target, weight)``, each (num_classes, H, W).
+    """
+    h, w = size
+    target = boxes.new_zeros(num_classes, h, w)
+    weight = boxes.new_zeros(num_classes, h, w)
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    for i in torch.argsort(areas, descending=True).tolist():  # largest first: smaller boxes overwrite
+        x1, y1, x2, y2 = (int(v) for v in (boxes[i] / stride).floor().tolist())
+        rows, cols = slice(max(y1, 0), max(y2 + 1, 0)), slice(max(x1, 0), max(x2 + 1, 0))
+        target[labels[i], rows, cols] = 1.0
+        weight[labels[i], rows, cols] = 1.0 / areas[i].clamp(min=1e-6)
+    return target, weight
+
+
+def foreground_loss(logits: list[Tensor], target: Tensor, weight: Tensor, alpha: float = 0.25,
+                    gamma: float = 2.0) -> Tensor:
+    """The reference's ``SEPFocalLoss`` of the foreground logits over all levels, unweighted
+    (``losses/focal_loss.py:45-71``, summed in ``lscpvnet_head.py:926-946``).
+
+    Each level's target and weight are the stride-8 maps resized (nearest) to the level. Positive
+    cells (target 1): ``−α (1−p)^γ log p · w``, divided by the sum of their weights ``w``; the others:
+    ``−(1−α) p^γ log(1−p)``, divided by the number of positive cells (at least 1: the reference
+    divides by zero on an image without objects).
+
+    Args:
+        logits: per level (B, C, H_l, W_l); target, weight: (B, C, H_0, W_0).
+    """
+    pos_sum, neg_sum, pos_w, num_pos = 0.0, 0.0, 0.0, 0
+    for lvl in logits:
+        t = F.interpolate(target, lvl.shape[-2:])  # mmcv/torch default: nearest
+        wt = F.interpolate(weight, lvl.shape[-2:])
+        p = torch.sigmoid(lvl.float()).clamp(1e-6, 1 - 1e-6)
+        pos = t.eq(1)
+        pos_sum = pos_sum + (-p.log() * (1 - p).pow(gamma) * alpha * wt)[pos].sum()
+        neg_sum = neg_sum + (-(1 - p).log() * p.pow(gamma) * (1 - alpha))[~pos].sum()
+        pos_w = pos_w + wt[pos].sum()
+        num_pos += int(pos.sum())
+    loss = neg_sum / max(num_pos, 1)
+    if num_pos:
+        loss = loss + pos_sum / pos_w
+    return loss
 
 
 def gaussian_radius(height: Tensor, width: Tensor, min_overlap: float = 0.7) -> Tensor:

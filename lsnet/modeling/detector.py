@@ -14,7 +14,9 @@
   their number.
 - ``L_vec2``: cross-IOU loss of the refined vectors at the ATSS positives, divided by their number.
 - with CPV (``cfg.cpv``), ``+ 0.25 · L_heatmap + 1 · L_offset`` of the corner branch
-  (:func:`lsnet.modeling.cpv.cpv_losses`; weights ``loss.cpv_heatmap_weight`` / ``cpv_offset_weight``).
+  (:func:`lsnet.modeling.cpv.cpv_losses`; weights ``loss.cpv_heatmap_weight`` / ``cpv_offset_weight``),
+  and on the reference head ``+ 0.1 · L_foreground`` (:func:`lsnet.modeling.cpv.foreground_loss`,
+  ``loss.cpv_foreground_weight``).
 
 Targets are the vectors from each positive's anchor point to its object's landmarks
 (:func:`lsnet.coding.encode_offsets`; softened inside the loss), with the landmarks' visibility
@@ -37,7 +39,7 @@ from lsnet.coding import decode_offsets, encode_offsets
 from lsnet.losses import giou_box_loss, smooth_l1_box_loss, smooth_l1_point_loss, vector_loss
 from lsnet.modeling.backbone import ResNetBackbone
 from lsnet.modeling.config import ModelConfig
-from lsnet.modeling.cpv import corner_targets, cpv_losses
+from lsnet.modeling.cpv import corner_targets, cpv_losses, foreground_loss, foreground_targets
 from lsnet.modeling.fpn import FPN
 from lsnet.modeling.head import HeadOutputs, LSNetHead, default_dcn_point_indices
 from lsnet.modeling.inference import postprocess, predict_with_tta
@@ -180,7 +182,8 @@ def compute_losses(out: HeadOutputs, targets: list[LandmarkTargets], cfg: ModelC
         targets: B targets in the pixel frame of the images.
     Returns:
         ``{"loss_cls", "loss_vec_init", "loss_vec_refine", "loss", "pos_iou"}`` (+ ``loss_box_init``,
-        ``loss_box_refine`` with the pose box branch, ``loss_heatmap``, ``loss_offset`` with CPV); the loss terms are normalised and *unweighted*,
+        ``loss_box_refine`` with the pose box branch, ``loss_heatmap``, ``loss_offset`` with CPV,
+        ``loss_foreground`` with the reference head's CPV); the loss terms are normalised and *unweighted*,
         ``loss`` the weighted total to backpropagate, ``pos_iou`` (no gradient) the mean IoU of the
         output boxes at the ATSS positives with their objects' boxes (Figure 4; 0 without positives).
         Stage-1-only models (``cfg.refine=False``) have ``loss_vec_refine = 0`` and their output boxes
@@ -202,8 +205,14 @@ def compute_losses(out: HeadOutputs, targets: list[LandmarkTargets], cfg: ModelC
                                             torch.tensor(npl, device=device))
     iou_sum = torch.zeros((), device=device)
     corner = ([], [], []) if out.corner_logits is not None else None  # heat, offset, positive targets
+    foreground = ([], []) if out.foreground_logits is not None else None  # target, weight maps
     for i, t in enumerate(targets):
         t = t.to(device)
+        if foreground is not None:  # on P3's grid = the padded batch / 8
+            keep = ~t.iscrowd
+            for bucket, value in zip(foreground, foreground_targets(out.level_sizes[0], t.boxes[keep],
+                                                                    t.labels[keep], logits.shape[2], strides[0])):
+                bucket.append(value)
         if corner is not None:
             for bucket, value in zip(corner, corner_targets(out.level_sizes, strides, t.boxes[~t.iscrowd],
                                                             lc.cpv_gaussian_iou)):
@@ -259,6 +268,10 @@ def compute_losses(out: HeadOutputs, targets: list[LandmarkTargets], cfg: ModelC
             lc.smooth_l1_beta)
         losses["loss"] = (losses["loss"] + lc.cpv_heatmap_weight * losses["loss_heatmap"]
                           + lc.cpv_offset_weight * losses["loss_offset"])
+    if foreground is not None:
+        losses["loss_foreground"] = foreground_loss(out.foreground_logits, torch.stack(foreground[0]),
+                                                    torch.stack(foreground[1]), lc.focal_alpha, lc.focal_gamma)
+        losses["loss"] = losses["loss"] + lc.cpv_foreground_weight * losses["loss_foreground"]
     losses["pos_iou"] = iou_sum / max(sum(stage[2][5]), 1)
     return losses
 
@@ -324,7 +337,7 @@ def build_head(cfg: ModelConfig) -> nn.Module:
         return ReferenceHead(task_branches(reference_task(cfg), cfg.num_points), cfg.num_classes, cfg.fpn_channels,
                              cfg.head_channels, cfg.head_convs, cfg.norm_groups, cfg.deformable_towers,
                              cfg.pyramid_offset_scaling, cfg.dcn_offset_grad_scale, strides=cfg.strides,
-                             pyramid_levels={"PP": 3, "PE": 1, "PA": 0}[cfg.feature_mode])
+                             pyramid_levels={"PP": 3, "PE": 1, "PA": 0}[cfg.feature_mode], cpv=cfg.cpv)
     # pose box branch: 4 more vectors after the keypoints; the DCN kernel stays on keypoints
     kernel = cfg.dcn_point_indices
     if cfg.num_box_points and kernel is None:

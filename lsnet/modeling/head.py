@@ -79,7 +79,9 @@ class HeadOutputs:
     - ``anchors``    (P, 2) anchor points ``x, y`` (cell centres, :func:`lsnet.assigners.anchor_points`).
     - ``num_points_per_level`` list of ``H_l * W_l``; ``strides`` per level.
     - with CPV (:mod:`lsnet.modeling.cpv`): ``corner_logits`` (B, P, 2) top-left / bottom-right
-      heatmap logits, ``corner_offsets`` (B, P, 4) their offsets in cells, ``level_sizes`` (H_l, W_l).
+      heatmap logits, ``corner_offsets`` (B, P, 4) their offsets in cells, ``level_sizes`` (H_l, W_l);
+      with the reference head's CPV also ``foreground_logits``: per level (B, C, H_l, W_l), RepPoints
+      v2's foreground map (:func:`lsnet.modeling.cpv.foreground_loss`).
     """
 
     cls_logits: Tensor
@@ -91,6 +93,7 @@ class HeadOutputs:
     corner_logits: Tensor | None = None
     corner_offsets: Tensor | None = None
     level_sizes: list[tuple[int, int]] | None = None
+    foreground_logits: list[Tensor] | None = None
 
 
 def default_dcn_point_indices(task: str, num_points: int) -> list[int] | None:

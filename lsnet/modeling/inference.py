@@ -179,6 +179,8 @@ def _flip_valid_regions(images: Tensor, sizes: list[tuple[int, int]]) -> Tensor:
 ATSS_TEST_SHORT_SIDES = (400, 500, 600, 640, 700, 900, 1000, 1100, 1200, 1300, 1400, 1800)
 ATSS_SCALE_RANGES = ((96, 10000), (96, 10000), (64, 10000), (64, 10000), (64, 10000), (0, 10000),
                      (0, 10000), (0, 256), (0, 256), (0, 192), (0, 192), (0, 96))
+#: detections kept after the multi-scale vote in the reference (``mmdet/models/detectors/lsnet.py:355-365``)
+ATSS_VOTE_MAX_DETS = 1000
 
 
 def atss_test_scales(short_side: int = 800) -> list[float]:
@@ -214,7 +216,9 @@ def vote_detections(dets: Detections, vote_iou: float = 0.66, max_dets: int = 10
     never). Finally the ``max_dets`` best by score.
 
     Departures from the reference (``bboxes_vote``): a class with a single detection is kept (the
-    reference returns nothing for it), and the cap is ``max_dets`` (it keeps 1000; COCO scores 100).
+    reference returns nothing for it); ``max_dets`` keeps the best by a stable sort, where the
+    reference keeps every score >= the 1000th (ties may exceed it). ``predict_with_tta`` passes
+    ``model.test.vote_max_dets`` (1000 in the ``_mstest`` configs, as the reference).
     """
     out_idx, out_scores, out_boxes, out_points = [], [], [], []
     for label in dets.labels.unique().tolist():
@@ -255,7 +259,8 @@ def vote_detections(dets: Detections, vote_iou: float = 0.66, max_dets: int = 10
 @torch.no_grad()
 def predict_with_tta(model, images: Tensor, metas=None, flip: bool | None = None,
                      scales: tuple[float, ...] | list[float] | None = None,
-                     scale_ranges: list | tuple | None = None, merge: str | None = None) -> list[Detections]:
+                     scale_ranges: list | tuple | None = None, merge: str | None = None,
+                     vote_max_dets: int | None = None) -> list[Detections]:
     """Detections with horizontal-flip and multi-scale test-time augmentation.
 
     Every (scale, flip) pass yields per-image candidates (score threshold and per-level top-k as in
@@ -272,7 +277,7 @@ def predict_with_tta(model, images: Tensor, metas=None, flip: bool | None = None
         model: an :class:`lsnet.modeling.LSNet` (put it in eval mode first).
         images: (B, 3, H, W) normalised, zero-padded batch.
         metas: B × ImageMeta or (h, w) valid regions; None = the whole tensor.
-        flip, scales, scale_ranges, merge: as :class:`lsnet.modeling.config.TestConfig`, whose
+        flip, scales, scale_ranges, merge, vote_max_dets: as :class:`lsnet.modeling.config.TestConfig`, whose
             values (``model.cfg.test``) are used for those left None (no scales: ``(1.0,)``).
     """
     from lsnet.transforms import hflip_boxes, hflip_points
@@ -286,6 +291,8 @@ def predict_with_tta(model, images: Tensor, metas=None, flip: bool | None = None
         default_ranges = None
     scale_ranges = default_ranges if scale_ranges is None else scale_ranges
     merge = test.merge if merge is None else merge
+    if vote_max_dets is None:
+        vote_max_dets = test.max_dets if test.vote_max_dets is None else test.vote_max_dets
     if merge not in ("nms", "vote"):
         raise ValueError(f"merge must be 'nms' or 'vote', got {merge!r}")
     if scale_ranges is not None and len(scale_ranges) != len(scales):
@@ -326,7 +333,7 @@ def predict_with_tta(model, images: Tensor, metas=None, flip: bool | None = None
                     boxes = boxes_from_points(points)
                 candidates[i].append(Detections(boxes, d.scores, d.labels, points, d.point_scores))
     if merge == "vote":
-        return [vote_detections(cat_detections(c), test.vote_iou, test.max_dets) for c in candidates]
+        return [vote_detections(cat_detections(c), test.vote_iou, vote_max_dets) for c in candidates]
     return [nms_detections(cat_detections(c), test.nms_iou, test.max_dets) for c in candidates]
 
 

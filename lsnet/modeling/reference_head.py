@@ -37,6 +37,13 @@ Per FPN level ``l`` (stride ``s``) and branch (``lsnet_head.py:502-755``):
 
 Outputs are per level, in the reference's layout: ``cls_scores`` (B, C, H, W) logits and, per branch,
 ``<name>_init`` / ``<name>_refine`` (B, 4(N+1), H, W).
+
+**CPV** (``cpv=True``, bbox only; ``lscpvnet_head.py:287-386``): :class:`lsnet.modeling.cpv.ReferenceCPV`
+runs on the box branch's tower; its foreground embedding is added to the classifier's and the box
+branch's towers (stage 1 sees the sum), and its 6 corner maps (2 heat logits, 4 offsets) are
+concatenated to both sums, so the pyramid DCN and the 3x3 anchor conv of both fusions take C + 6
+channels. Extra outputs: ``hem_score`` (B, 2, H, W), ``hem_offset`` (B, 4, H, W), ``sem_score``
+(B, num_classes, H, W).
 """
 from __future__ import annotations
 
@@ -47,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lsnet.modeling.cpv import ReferenceCPV
 from lsnet.modeling.head import HeadOutputs
 from lsnet.modeling.layers import PyramidDeformConv, TowerLayer, group_norm
 
@@ -210,13 +218,14 @@ class LandmarkBranch(nn.Module):
     """Tower, stage 1, kernel points and stage 2 of one :class:`BranchSpec`."""
 
     def __init__(self, spec: BranchSpec, in_channels: int, channels: int, num_convs: int, groups: int,
-                 deformable: bool, pyramid_levels: int = 3):
+                 deformable: bool, pyramid_levels: int = 3, extra_fusion_channels: int = 0):
         super().__init__()
         self.spec = spec
         self.tower = _tower(num_convs, in_channels, channels, groups, deformable)
         self.init_conv = nn.Conv2d(channels, channels, 3, padding=1)
         self.init_out = nn.Conv2d(channels, 4 * spec.num_vectors + 2 * spec.num_free_points, 1)
-        self.fusion = PyramidFusion(channels, channels, groups, pyramid_levels)
+        # CPV: the fusion sees the tower with the 6 corner maps concatenated (lscpvnet_head.py:135-179)
+        self.fusion = PyramidFusion(channels + extra_fusion_channels, channels, groups, pyramid_levels)
         self.refine_out = nn.Conv2d(channels, 4 * spec.num_vectors, 1)
         for m in (self.init_conv, self.init_out, self.refine_out):
             nn.init.normal_(m.weight, std=0.01)
@@ -247,12 +256,18 @@ class ReferenceHead(nn.Module):
             1 (the object's level only, "PE"), 0 (anchor-point feature only, "PA").
         offset_scaling: :data:`OFFSET_SCALING`.
         gradient_mul: gradient factor of stage 1 through the DCN offsets.
+        cpv: corner point verification as ``lscpvnet_head.py`` (module doc; bbox layouts only).
+        cpv_corner_dim: channels of the corner pools' first convs (the reference's ``corner_dim``).
     """
+
+    #: channels CPV concatenates to the towers ahead of the fusions: 2 heat logits + 4 offsets
+    CPV_MAPS = 6
 
     def __init__(self, layout: TaskLayout, num_classes: int, in_channels: int = 256, channels: int = 256,
                  num_convs: int = 3, norm_groups: int = 32, deformable_towers: bool = True,
                  offset_scaling: str = "compound", gradient_mul: float = 0.1, prior_prob: float = 0.01,
-                 strides: tuple[int, ...] = (8, 16, 32, 64, 128), pyramid_levels: int = 3):
+                 strides: tuple[int, ...] = (8, 16, 32, 64, 128), pyramid_levels: int = 3,
+                 cpv: bool = False, cpv_corner_dim: int = 64):
         super().__init__()
         if offset_scaling not in OFFSET_SCALING:
             raise ValueError(f"offset_scaling must be one of {sorted(OFFSET_SCALING)}, got {offset_scaling!r}")
@@ -266,14 +281,19 @@ class ReferenceHead(nn.Module):
         self.cls_tower = _tower(num_convs, in_channels, channels, norm_groups, deformable_towers)
         if pyramid_levels not in (0, 1, 3):
             raise ValueError(f"pyramid_levels must be 3 (PP), 1 (PE) or 0 (PA), got {pyramid_levels}")
-        self.cls_fusion = PyramidFusion(channels, channels, norm_groups, pyramid_levels)
+        if cpv and (len(layout.branches) != 1 or layout.box_branch != "bbox"):
+            raise ValueError("CPV (corner point verification) is built for the bbox task only")
+        extra = self.CPV_MAPS if cpv else 0
+        self.cls_fusion = PyramidFusion(channels + extra, channels, norm_groups, pyramid_levels)
         self.cls_out = nn.Conv2d(channels, num_classes, 1)
         nn.init.normal_(self.cls_out.weight, std=0.01)
         nn.init.constant_(self.cls_out.bias, -math.log((1 - prior_prob) / prior_prob))
         self.branches = nn.ModuleDict({
             spec.name: LandmarkBranch(spec, in_channels, channels, num_convs, norm_groups, deformable_towers,
-                                      pyramid_levels)
+                                      pyramid_levels, extra if spec.name == layout.box_branch else 0)
             for spec in layout.branches})
+        self.cpv = (ReferenceCPV(channels, num_classes, norm_groups, cpv_corner_dim, deformable_towers, prior_prob)
+                    if cpv else None)
 
     def anchors(self, sizes: list[tuple[int, int]], like: Tensor) -> Tensor:
         """The points of all levels (:func:`level_points`), concatenated: (P, 2)."""
@@ -288,6 +308,24 @@ class ReferenceHead(nn.Module):
         out: dict[str, list[Tensor]] = {"cls_scores": []}
         for name in self.branches:
             out[f"{name}_init"], out[f"{name}_refine"] = [], []
+        # what the fusions sample: the towers, or with CPV the towers + embedding with the corner maps
+        fusion_in = {name: towers[name] for name in self.branches}
+        cls_fusion_in = cls_feats
+        if self.cpv is not None:
+            box = self.layout.box_branch
+            for key in ("hem_score", "hem_offset", "sem_score"):
+                out[key] = []
+            cls_fusion_in, fusion_in[box], stage1_in = [], [], []
+            for level in range(len(feats)):  # lscpvnet_head.py:287-341
+                embedding, foreground, heat, offsets = self.cpv(towers[box][level])
+                corner_maps = torch.cat([heat, offsets], dim=1)
+                cls_fusion_in.append(torch.cat([cls_feats[level] + embedding, corner_maps], dim=1))
+                stage1_in.append(towers[box][level] + embedding)
+                fusion_in[box].append(torch.cat([stage1_in[-1], corner_maps], dim=1))
+                out["hem_score"].append(heat)
+                out["hem_offset"].append(offsets)
+                out["sem_score"].append(foreground)
+            towers = {**towers, box: stage1_in}
         g = self.gradient_mul
         for level, (h, w) in enumerate(sizes):
             sources = {}
@@ -296,10 +334,10 @@ class ReferenceHead(nn.Module):
                 taps = taps * g + taps.detach() * (1 - g)
                 base = _regular_grid(taps.shape[1] // 2, taps)
                 sources[name] = pyramid_offsets(taps - base, sizes, level, self.offset_scaling)
-                raw = branch.refine_out(branch.fusion(towers[name], level, sources[name]))
+                raw = branch.refine_out(branch.fusion(fusion_in[name], level, sources[name]))
                 out[f"{name}_init"].append(init)
                 out[f"{name}_refine"].append(F.softplus(raw + init.detach()))
-            fused = self.cls_fusion(cls_feats, level, sources[self.layout.cls_branch])
+            fused = self.cls_fusion(cls_fusion_in, level, sources[self.layout.cls_branch])
             out["cls_scores"].append(self.cls_out(fused))
         return out
 
@@ -340,6 +378,10 @@ def head_outputs(out: dict[str, list[Tensor]], layout: TaskLayout, strides: tupl
     like = out["cls_scores"][0]
     anchors = torch.cat([level_points(h, w, s, like) for (h, w), s in zip(sizes, strides)])
     logits = torch.cat([t.flatten(2).transpose(1, 2) for t in out["cls_scores"]], dim=1)
+
+    def cat_levels(key: str) -> Tensor | None:  # CPV maps: (B, P, C) like the logits
+        return torch.cat([t.flatten(2).transpose(1, 2) for t in out[key]], dim=1) if key in out else None
+
     return HeadOutputs(
         cls_logits=logits,
         vec_init=torch.cat([flat("init", n) for n in names], dim=2),
@@ -348,6 +390,9 @@ def head_outputs(out: dict[str, list[Tensor]], layout: TaskLayout, strides: tupl
         num_points_per_level=[h * w for h, w in sizes],
         strides=tuple(strides),
         level_sizes=[(int(h), int(w)) for h, w in sizes],
+        corner_logits=cat_levels("hem_score"),
+        corner_offsets=cat_levels("hem_offset"),
+        foreground_logits=out.get("sem_score"),
     )
 
 

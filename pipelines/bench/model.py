@@ -4,8 +4,9 @@ Measures, at the same input size and batch (default 512×512, batch 2):
 
 - the time of one training step (forward with targets, backward, SGD step) and of one inference
   forward (eval mode, ``torch.inference_mode``, post-processing included) of both models;
-- the same two timings of LSNet with CPV (``model.cpv``, the Table 1 LSNet-CPV rows), the cost
-  of its corner branch (``with_cpv``; its rows do not enter the checks);
+- the same two timings of LSNet with CPV (``model.cpv``, the Table 1 LSNet-CPV rows) on the compact
+  and on the reference head, the cost of its corner branch (``with_cpv``; its rows do not enter the
+  checks);
 - parameter counts of both and of the three task models (bbox N=4 / segm N=36 with 80 classes,
   pose N=17 with 1 class).
 
@@ -109,6 +110,10 @@ def _models(image_size: int, with_cpv: bool) -> dict[str, torch.nn.Module]:
     if with_cpv:
         models["lsnet_r50_bbox_cpv"] = build_model(ModelConfig(task="bbox", num_classes=80, frozen_stages=-1,
                                                                norm_eval=False, cpv=True))
+        # CPV as the authors' lscpvnet_head.py (configs/bbox_cpv_*.yaml): reference head + centre vector
+        models["lsnet_r50_bbox_cpv_reference"] = build_model(ModelConfig(
+            task="bbox", num_classes=80, frozen_stages=-1, norm_eval=False, head="reference", fpn_norm="gn",
+            fpn_extra_source="c5", fpn_relu_before_p7=False, cpv=True, center_vector=True))
     return models
 
 
