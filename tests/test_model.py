@@ -14,6 +14,7 @@ from torchvision.ops import FrozenBatchNorm2d, deform_conv2d
 from lsnet.config import ConfigError, from_dict
 from lsnet.modeling import HeadOutputs, ModelConfig, build_model
 from lsnet.modeling.backbone import DeformableConv, PretrainedWeightsError, ResNetBackbone
+from lsnet.modeling.config import LossConfig
 from lsnet.modeling.head import default_dcn_point_indices, kernel_points, sample_features
 from lsnet.modeling.inference import postprocess, predict_with_tta
 from lsnet.structures import LandmarkTargets
@@ -687,3 +688,33 @@ def test_atss_on_init_assigns_with_the_stage1_boxes(monkeypatch):
     assert torch.equal(seen[3], torch.cat([pts.amin(1), pts.amax(1)], dim=1))
     # an untrained stage 1 predicts boxes of ~1 stride: other positives than the 8-stride squares
     assert not torch.equal(by_anchors["loss_cls"], by_init["loss_cls"])
+
+
+def test_centre_vector_targets_follow_the_head_layout_and_train():
+    """With ``model.center_vector`` the targets are ordered as the reference head's vectors: the task's
+    N landmarks, their centre, then (pose box branch) the box's 4 edge midpoints and the box centre;
+    the reference loss trains them all and ATSS / pos_iou never read a centre as a landmark."""
+    from lsnet.modeling.detector import box_landmark_vectors, regression_targets
+
+    cfg = tiny_cfg("pose", pose_box="obj", head="reference", center_vector=True,
+                   loss=LossConfig(vector_loss_form="reference"))
+    t = make_targets("pose", 17, [[10, 12, 70, 80]], [0])
+    ordered = regression_targets(t, cfg)
+    assert ordered.num_points == 17 + 1 + 4 + 1 and ordered.visible[0, 17:].all()
+    assert ordered.points[0, 17].tolist() == [40, 46]  # the person box's centre, after the keypoints
+    assert ordered.points[0, 18:22].tolist() == [[40, 12], [10, 46], [40, 80], [70, 46]]
+    assert ordered.points[0, 22].tolist() == [40, 46]  # the box branch's own centre, last
+    vectors = torch.arange(23 * 4, dtype=torch.float32).reshape(1, 23, 4)
+    assert torch.equal(box_landmark_vectors(vectors, cfg), vectors[:, 18:22])  # the box vectors, no centre
+    bbox = tiny_cfg("bbox", head="reference", center_vector=True, loss=LossConfig(vector_loss_form="reference"))
+    assert regression_targets(make_targets("bbox", 4, [[10, 12, 70, 80]], [0]), bbox).points[0, 4].tolist() == [40, 46]
+    assert torch.equal(box_landmark_vectors(vectors[:, :5], bbox), vectors[:, :4])
+    # a training step of the reference head with the centre vector: every loss term finite and learning
+    torch.manual_seed(0)
+    model = build_model(bbox).train()
+    images, _ = two_image_batch()
+    losses = model(images, [make_targets("bbox", 4, [[10, 12, 70, 80]], [1]),
+                            make_targets("bbox", 4, [[20, 20, 60, 50]], [2])])
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_vec_init"] > 0
+    assert 0 <= float(losses["pos_iou"]) <= 1
+    losses["loss"].backward()
