@@ -24,10 +24,11 @@ def _is_loopback(ip: str) -> bool:
 
 
 class ListeningSockets:
-    """Polls every listening TCP/UDP socket of this process and its descendants (the local Ray's GCS,
+    """Polls every listening TCP/UDP socket of process ``pid`` and its descendants (the local Ray's GCS,
     raylet, agents, workers) until stopped: {(pid, process name, ip, port)}."""
 
-    def __init__(self, poll_s: float = 0.3):
+    def __init__(self, pid: int, poll_s: float = 0.3):
+        self.pid = pid
         self.seen: set[tuple[int, str, str, int]] = set()
         self._stop = threading.Event()
         self._poll_s = poll_s
@@ -44,7 +45,10 @@ class ListeningSockets:
     def _run(self):
         import psutil
 
-        me = psutil.Process()
+        try:
+            me = psutil.Process(self.pid)
+        except psutil.Error:
+            return
         while not self._stop.is_set():
             try:
                 processes = [me, *me.children(recursive=True)]
@@ -61,22 +65,31 @@ class ListeningSockets:
             self._stop.wait(self._poll_s)
 
 
-def test_a_local_training_run_listens_on_loopback_only(ray_session, tmp_path):
+def test_a_local_training_run_listens_on_loopback_only(tmp_path):
+    """``lsnet train`` as a user runs it (its own private local Ray, no --address): every socket that the
+    command and its descendants listen on is a loopback one. A process of its own, so that no Ray an
+    earlier test started (a `ray start` head, a session cluster) is in the picture."""
+    import os
+    import subprocess
+    import sys
+
     from lsnet.data.synthetic import write_synthetic_coco
-    from pipelines.config import load_config
     from pipelines.preprocess import preprocess
-    from pipelines.train.driver import run_training
 
     data = write_synthetic_coco(tmp_path / "synth", num_images=4, image_size=(128, 128), seed=0)
     preprocess(data.instances_json, data.image_dir, tmp_path / "shards", max_size=128, contour_points=(18,),
                executor="local", verbose=False)
-    cfg = load_config(REPO_ROOT / "configs" / "tiny_bbox.yaml", [
-        f"data.train_shards={tmp_path / 'shards'}", "data.val_shards=null", f"run.storage_path={tmp_path / 'runs'}",
-        "train.epochs=1", "train.lr_steps=[1]", "run.num_workers=2", "run.resources_per_worker={CPU: 1}",
-        "tracking.enabled=false"])
-    with ListeningSockets() as sockets:
-        outcome = run_training(cfg, run_name="loopback", verbose=False)
-    assert outcome.metrics["global_step"] == 1  # 4 images / 2 workers / batch 2
+    sets = [f"data.train_shards={tmp_path / 'shards'}", "data.val_shards=null",
+            f"run.storage_path={tmp_path / 'runs'}", "train.epochs=1", "train.lr_steps=[1]", "run.num_workers=2",
+            "run.resources_per_worker={CPU: 1}", "tracking.enabled=false"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "train", str(REPO_ROOT / "configs" / "tiny_bbox.yaml"),
+                             "--name", "loopback", *[x for kv in sets for x in ("--set", kv)]],
+                            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with ListeningSockets(proc.pid) as sockets:
+        output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-3000:]
+    assert (tmp_path / "runs" / "loopback" / "model_final.pt").exists(), output[-2000:]
     workers = {s for s in sockets.seen if s[1].startswith("ray::RayTrainWo")}
     # the sampling saw the process group up: each worker's Ray endpoint and Gloo listener, and rank 0's
     # rendezvous store (2 + 2 + 1), so the check below looked at the training itself
