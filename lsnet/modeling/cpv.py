@@ -89,7 +89,27 @@ class CornerPoolModule(nn.Module):
         return self.out(F.relu(self.merge(pooled) + self.skip(x)))
 
 
-class CPVBranch(nn.Module):
+class _CornerMaps(nn.Module):
+    """The corner part both CPV variants share: a top-left and a bottom-right corner pool, each with a
+    3x3 heatmap conv and a 3x3 offset conv (RepPoints v2; ``lscpvnet_head.py:98-179``)."""
+
+    def _add_corner_layers(self, channels: int, corner_dim: int, norm_groups: int) -> None:
+        self.pool_tl = CornerPoolModule(channels, "tl", corner_dim, norm_groups)
+        self.pool_br = CornerPoolModule(channels, "br", corner_dim, norm_groups)
+        self.heat_tl = nn.Conv2d(channels, 1, 3, padding=1)
+        self.heat_br = nn.Conv2d(channels, 1, 3, padding=1)
+        self.offset_tl = nn.Conv2d(channels, 2, 3, padding=1)
+        self.offset_br = nn.Conv2d(channels, 2, 3, padding=1)
+
+    def corner_maps(self, feature: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, C, H, W) -> heat logits (B, 2, H, W) [tl, br], offsets (B, 4, H, W)."""
+        tl, br = self.pool_tl(feature), self.pool_br(feature)
+        heat = torch.cat([self.heat_tl(tl), self.heat_br(br)], dim=1)
+        offsets = torch.cat([self.offset_tl(tl), self.offset_br(br)], dim=1)
+        return heat, offsets
+
+
+class CPVBranch(_CornerMaps):
     """Corner heatmaps and offsets of one FPN level from the regression tower (module docstring).
 
     ``forward`` returns ``(heat_logits (B, 2, H, W) [tl, br], offsets (B, 4, H, W) [tl dx, tl dy,
@@ -99,12 +119,7 @@ class CPVBranch(nn.Module):
     def __init__(self, channels: int, norm_groups: int = 32, corner_dim: int = 64, prior_prob: float = 0.01):
         super().__init__()
         self.shared = _conv_gn(channels, channels, 3, norm_groups)
-        self.pool_tl = CornerPoolModule(channels, "tl", corner_dim, norm_groups)
-        self.pool_br = CornerPoolModule(channels, "br", corner_dim, norm_groups)
-        self.heat_tl = nn.Conv2d(channels, 1, 3, padding=1)
-        self.heat_br = nn.Conv2d(channels, 1, 3, padding=1)
-        self.offset_tl = nn.Conv2d(channels, 2, 3, padding=1)
-        self.offset_br = nn.Conv2d(channels, 2, 3, padding=1)
+        self._add_corner_layers(channels, corner_dim, norm_groups)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)
@@ -115,13 +130,10 @@ class CPVBranch(nn.Module):
 
     def forward(self, reg_tower: Tensor) -> tuple[Tensor, Tensor]:
         f = self.shared(reg_tower)
-        tl, br = self.pool_tl(f), self.pool_br(f)
-        heat = torch.cat([self.heat_tl(tl), self.heat_br(br)], dim=1)
-        offsets = torch.cat([self.offset_tl(tl), self.offset_br(br)], dim=1)
-        return heat, offsets
+        return self.corner_maps(f)
 
 
-class ReferenceCPV(nn.Module):
+class ReferenceCPV(_CornerMaps):
     """The CPV parts of the reference's ``LSCPVHead`` for one FPN level (``lscpvnet_head.py:98-179``,
     forward ``:287-341``).
 
@@ -140,12 +152,7 @@ class ReferenceCPV(nn.Module):
         self.shared = nn.Sequential(TowerLayer(channels, channels, norm_groups, deformable))
         self.foreground_out = nn.Conv2d(channels, num_classes, 1)
         self.foreground_embed = _conv_gn(channels, channels, 1, norm_groups)
-        self.pool_tl = CornerPoolModule(channels, "tl", corner_dim, norm_groups)
-        self.pool_br = CornerPoolModule(channels, "br", corner_dim, norm_groups)
-        self.heat_tl = nn.Conv2d(channels, 1, 3, padding=1)
-        self.heat_br = nn.Conv2d(channels, 1, 3, padding=1)
-        self.offset_tl = nn.Conv2d(channels, 2, 3, padding=1)
-        self.offset_br = nn.Conv2d(channels, 2, 3, padding=1)
+        self._add_corner_layers(channels, corner_dim, norm_groups)
         bias = -math.log((1 - prior_prob) / prior_prob)
         for m in (self.foreground_out, self.heat_tl, self.heat_br, self.offset_tl, self.offset_br):
             nn.init.normal_(m.weight, std=0.01)
@@ -156,9 +163,7 @@ class ReferenceCPV(nn.Module):
         foreground = self.foreground_out(shared)
         embedding = self.foreground_embed(shared)
         corner_feat = shared + embedding
-        tl, br = self.pool_tl(corner_feat), self.pool_br(corner_feat)
-        heat = torch.cat([self.heat_tl(tl), self.heat_br(br)], dim=1)
-        offsets = torch.cat([self.offset_tl(tl), self.offset_br(br)], dim=1)
+        heat, offsets = self.corner_maps(corner_feat)
         return embedding, foreground, heat, offsets
 
 
