@@ -42,7 +42,7 @@ from lsnet.modeling.config import ModelConfig
 from lsnet.modeling.cpv import corner_targets, cpv_losses, foreground_loss, foreground_targets
 from lsnet.modeling.fpn import FPN
 from lsnet.modeling.head import HeadOutputs, LSNetHead, default_dcn_point_indices
-from lsnet.modeling.inference import postprocess, predict_with_tta
+from lsnet.modeling.inference import output_vectors, postprocess, predict_with_tta
 from lsnet.modeling.reference_head import ReferenceHead, head_outputs, task_branches
 from lsnet.structures import Detections, LandmarkTargets
 from lsnet.targets import with_centre_landmark
@@ -114,11 +114,10 @@ def main_vectors(cfg: ModelConfig) -> int:
 
 def box_landmark_vectors(vectors: Tensor, cfg: ModelConfig) -> Tensor:
     """(P, V, 4) head vectors -> (P, K, 4) those whose landmarks span the output box: the pose box
-    branch's 4 points, else the task's N landmarks (never a centre)."""
-    if cfg.num_box_points:
-        n = main_vectors(cfg)
-        return vectors[:, n:n + cfg.num_box_points]
-    return vectors[:, :cfg.num_points]
+    branch's 4 points, else the task's N landmarks (the decoded vectors of :func:`output_vectors`,
+    which knows where the centres sit)."""
+    landmarks = output_vectors(vectors, cfg)
+    return landmarks[:, -cfg.num_box_points:] if cfg.num_box_points else landmarks
 
 
 def points_box(points: Tensor) -> Tensor:
