@@ -134,3 +134,38 @@ def ray_head():
     finally:
         head.stop(timeout_s=10)  # then SIGKILL: the session is over, nothing of it is kept
         assert head.temp_dir is None
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tracking_server) -> str:
+    """The tracking URI (``http://127.0.0.1:PORT``) of an MLflow server as teams run it, shared by the whole
+    test session: see :func:`tracking_server`."""
+    return tracking_server.uri
+
+
+@pytest.fixture(scope="session")
+def tracking_server():
+    """``mlflow server`` on a private PostgreSQL cluster (initdb/pg_ctl in a temporary directory, 127.0.0.1
+    only) with proxied artifacts (pipelines/tracking/server.py), started once per test session: the
+    :class:`~pipelines.tracking.server.TrackingServer` (``.uri``, ``.process``, ``.postgres``). Stopped, and
+    its directory removed, at the end. Skips where PostgreSQL is not installed."""
+    import shutil
+    import tempfile
+
+    from lsnet.errors import ServiceError
+    from pipelines.tracking.server import TrackingServer, postgres_bin_dir
+
+    try:
+        postgres_bin_dir()
+    except ServiceError as err:
+        pytest.skip(str(err))
+    # not under pytest's tmp_path (mode 0700 under /tmp/pytest-of-root): PostgreSQL runs as another user
+    root = Path(tempfile.mkdtemp(prefix="lsnet-mlflow-", dir="/tmp"))
+    root.chmod(0o711)
+    server = TrackingServer(root, durable=False, deadline_s=600)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
