@@ -2,8 +2,18 @@
 proxied artifacts, logged to through the project's own journal (RunTracker)."""
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
 from pipelines.tracking.server import TrackingServer, _group_alive, free_port, process_running
 from pipelines.tracking.tracker import RunTracker
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_run_logged_through_the_journal_lands_in_postgres_and_the_artifact_proxy(tracking_server, tmp_path):
@@ -44,11 +54,25 @@ def test_server_binds_loopback_only(tracking_server):
         assert addresses == {"127.0.0.1"}, (port, addresses)
 
 
-def test_stop_leaves_no_process_and_a_restart_reuses_the_cluster(tmp_path_factory):
-    """Stop ends the server's process group and PostgreSQL; a second start on the same directory keeps the data."""
-    import tempfile
-    from pathlib import Path
+def _processes_in(root: Path) -> list[int]:
+    """Live processes whose working directory or command line lies in ``root`` (the servers' processes)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or not process_running(int(entry.name)):
+            continue
+        try:
+            cwd = os.readlink(entry / "cwd")
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if cwd.startswith(str(root)) or str(root) in cmdline:
+            found.append(int(entry.name))
+    return found
 
+
+def test_stop_leaves_no_process_and_the_command_restarts_on_the_same_cluster():
+    """Stop ends the server's process group and PostgreSQL; ``lsnet tracking-server DIR`` on the same directory
+    serves the data of before, prints its URI, and stops everything on SIGTERM."""
     from mlflow.tracking import MlflowClient
 
     root = Path(tempfile.mkdtemp(prefix="lsnet-mlflow-", dir="/tmp"))
@@ -61,9 +85,25 @@ def test_stop_leaves_no_process_and_a_restart_reuses_the_cluster(tmp_path_factor
         assert not _group_alive(group)
         assert not process_running(postmaster)
         assert not (root / "pgdata" / "postmaster.pid").exists()
-        with TrackingServer(root, port=free_port(), durable=False, deadline_s=600) as server:
-            assert MlflowClient(server.uri).get_experiment_by_name("kept").experiment_id == experiment
-    finally:
-        import shutil
+        assert _processes_in(root) == []
 
+        port = free_port()
+        command = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "tracking-server", str(root), "--port",
+                                    str(port), "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True, cwd=REPO_ROOT)
+        try:
+            lines = []
+            for line in command.stdout:  # until the URI is printed (or the command ends)
+                lines.append(line)
+                if line.startswith("MLflow tracking server:"):
+                    break
+            assert lines[-1].strip() == f"MLflow tracking server: http://127.0.0.1:{port}", "".join(lines)
+            uri = lines[-1].split(": ", 1)[1].strip()
+            assert MlflowClient(uri).get_experiment_by_name("kept").experiment_id == experiment
+        finally:
+            command.send_signal(signal.SIGTERM)
+            rest = command.communicate(timeout=300)[0]
+        assert command.returncode == 0, rest
+        assert _processes_in(root) == []
+    finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "test": ("pipelines.cli.test", "COCO metrics of a checkpoint on shards or a COCO JSON + images"),
     "browse": ("pipelines.cli.browse", "draw ground truth and landmark targets onto images (check data before training)"),
     "mlflow-sync": ("pipelines.cli.mlflow_sync", "upload runs buffered locally while the tracking server was down"),
+    "tracking-server": ("pipelines.cli.tracking_server", "an MLflow tracking server on PostgreSQL with proxied artifacts, on 127.0.0.1"),
     "demo": ("pipelines.cli.demo", "the main job end to end on embedded defaults"),
     "bench": ("pipelines.cli.bench", "run a benchmark spec from jobs/bench and write results/bench/NAME.json"),
     "jobs": ("pipelines.cli.jobs", "submit job specs (jobs/*.yaml) to a Ray cluster; status, logs, schedules"),
