@@ -10,6 +10,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from pipelines.tracking.server import TrackingServer, _group_alive, free_port, process_running
 from pipelines.tracking.tracker import RunTracker
 
@@ -107,3 +109,24 @@ def test_stop_leaves_no_process_and_the_command_restarts_on_the_same_cluster():
         assert _processes_in(root) == []
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_directory_postgres_cannot_enter_and_a_busy_port_are_one_line_errors(tmp_path):
+    """As root PostgreSQL runs as another user: a DIR it cannot enter (pytest's tmp_path is under a 0700
+    folder) is refused before initdb; a port in use is refused before anything starts."""
+    import socket
+
+    from lsnet.errors import InputError
+    from pipelines.tracking.server import PostgresCluster
+
+    if os.geteuid() == 0:
+        with pytest.raises(InputError, match="cannot enter it") as err:
+            PostgresCluster(tmp_path / "server").init()
+        assert "\n" not in str(err.value) and not (tmp_path / "server" / "pgdata").exists()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(InputError, match=f"port {port} on 127.0.0.1"):
+            TrackingServer(tmp_path / "other", port=port).start()
+    assert not (tmp_path / "other" / "pgdata").exists()

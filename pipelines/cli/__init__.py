@@ -10,6 +10,12 @@ a file is missing) prints one line ``lsnet CMD: error: <message>`` and exits wit
 ``exit_status`` (2; 1 for a :class:`lsnet.errors.ServiceError`, a service that did not answer).
 ``--debug`` (any command) or ``LSNET_DEBUG=1`` re-raises instead, showing the traceback.
 Ctrl-C prints ``lsnet CMD: interrupted`` and exits 130.
+
+``--tracking-uri URI`` points the command at an MLflow store (a tracking server ``http://HOST:PORT``, or
+``sqlite:///...`` / a ``.db`` file): given before the command (``lsnet --tracking-uri URI train ...``) or
+after it for the commands that track (:data:`TRACKING_COMMANDS`), it wins over a config's ``tracking.uri``
+and ``$MLFLOW_TRACKING_URI``. The dispatcher resolves it once, hands it to the command as
+``args.tracking_uri`` and exports it as ``MLFLOW_TRACKING_URI`` for the processes the command starts.
 """
 from __future__ import annotations
 
@@ -45,11 +51,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+#: commands given a ``--tracking-uri`` option by the dispatcher (ablation, runs and mlflow-sync have their own)
+TRACKING_COMMANDS = ("train", "tune")
+
+
 def _usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: lsnet COMMAND [options]", "", "commands:"]
+    lines = ["usage: lsnet [--tracking-uri URI] [--debug] COMMAND [options]", "", "commands:"]
     lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "lsnet COMMAND --help shows a command's options."]
+    lines += ["", "lsnet COMMAND --help shows a command's options.",
+              ("--tracking-uri URI: the MLflow store of every run (e.g. http://127.0.0.1:5000 from lsnet "
+               "tracking-server; default $MLFLOW_TRACKING_URI, else results/mlflow.db)")]
     return "\n".join(lines)
 
 
@@ -70,10 +82,32 @@ def describe_error(err: BaseException) -> str:
     return one_line(err) or type(err).__name__
 
 
+def _set_tracking_uri(args: argparse.Namespace, global_uri: str | None) -> None:
+    """The one tracking URI of this command (its own ``--tracking-uri``, else the global one), resolved once
+    (a ``.db`` path made absolute): on ``args.tracking_uri`` and in ``MLFLOW_TRACKING_URI`` (read by every
+    later step and process that is not handed the value)."""
+    uri = getattr(args, "tracking_uri", None) or global_uri
+    if uri:
+        from pipelines.tracking.store import resolve_tracking_uri
+
+        uri = resolve_tracking_uri(uri)
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+    args.tracking_uri = uri
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_enabled(argv)
-    argv = argv[1:] if argv[:1] == ["--debug"] else argv
+    global_uri = None
+    while argv[:1] == ["--debug"] or (argv and argv[0].split("=", 1)[0] == "--tracking-uri"):
+        option, argv = argv[0], argv[1:]
+        if option.startswith("--tracking-uri="):
+            global_uri = option.split("=", 1)[1]
+        elif option == "--tracking-uri":
+            if not argv:
+                print("lsnet: --tracking-uri needs a URI\n\n" + _usage(), file=sys.stderr)
+                return 2
+            global_uri, argv = argv[0], argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
@@ -87,7 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(parser)
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of an error (also: LSNET_DEBUG=1)")
+    if name in TRACKING_COMMANDS:
+        parser.add_argument("--tracking-uri", default=None, metavar="URI",
+                            help="MLflow store of the run: a tracking server http://HOST:PORT (lsnet tracking-server), "
+                                 "sqlite:///... or a .db file; wins over tracking.uri and $MLFLOW_TRACKING_URI")
     args = parser.parse_args(rest)
+    _set_tracking_uri(args, global_uri)
     # a command with actions (lsnet ablation run|render, jobs submit|..., data fetch) names the action
     action = getattr(args, "action", None)
     label = f"lsnet {name} {action}" if isinstance(action, str) else f"lsnet {name}"

@@ -32,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
         overrides.append("run.use_gpu=true")
     if args.cpus:
         overrides += ["run.use_gpu=false", "run.resources_per_worker=null"]
+    if getattr(args, "tracking_uri", None):  # lsnet [--tracking-uri URI] train ...: the command line wins over the config file
+        overrides.append(f"tracking.uri={args.tracking_uri}")
     cfg = load_config(args.config, overrides)
     if args.print_config:
         print(cfg.to_yaml())

@@ -42,7 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.resume and not args.name:
         raise ConfigError("--resume needs the --name of the search to continue")
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if getattr(args, "tracking_uri", None):  # lsnet [--tracking-uri URI] tune ...: the command line wins over the config file
+        overrides.append(f"tracking.uri={args.tracking_uri}")
+    cfg = load_config(args.config, overrides)
     space = load_space(args.space)
     opts = space.options
     sched = opts.scheduler

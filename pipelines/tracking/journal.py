@@ -196,7 +196,12 @@ class _Uploader:
 
     def sync(self) -> int:
         """Upload every pending record; returns how many. Raises on the first failure (the records
-        already uploaded stay acknowledged in state.json)."""
+        already uploaded stay acknowledged in state.json).
+
+        Consecutive metric records (one per ``log_metrics`` call) go up together, up to MLflow's 1000
+        metrics per request: one request per flush instead of one per training step, which is what
+        many concurrent writers on one store need. A batch the store rejects is retried record by record,
+        so only the bad record is set aside."""
         if not self.journal.state.get("run_id"):
             # the run is about to be created: its store too, atomically, before a client touches it
             # (a new --tracking-uri of mlflow-sync, or the first upload of a run)
@@ -204,23 +209,44 @@ class _Uploader:
         client = self._client()
         run_id = self._ensure_run(client)
         done = 0
-        for record in self.journal.records(after_seq=self.journal.synced_seq):
-            try:
-                self._upload(client, run_id, record)
-            except Exception as err:  # sorted into "rejected" vs "retry later" below
-                if _error_code(err) not in _REJECTED_CODES:
-                    raise  # unreachable / server error: retry later from this record
-                with (self.journal.dir / "rejected.jsonl").open("a") as fh:
-                    fh.write(json.dumps({"record": record, "error": str(err)[:2000]}) + "\n")
-                print(f"[mlflow] record {record['seq']} ({record['kind']}) rejected by the tracking server, "
-                      f"set aside in {self.journal.dir / 'rejected.jsonl'}: {str(err).splitlines()[0][:300]}",
-                      flush=True)
-            self.journal.save_state(synced_seq=record["seq"])
-            if record["kind"] in ("artifact", "model"):
-                # Only after the acknowledgement is durable: a replay never needs a deleted copy.
-                shutil.rmtree(self.journal.dir / Path(record["staged"]).parent, ignore_errors=True)
-            done += 1
+        for group in _coalesce(self.journal.records(after_seq=self.journal.synced_seq)):
+            if len(group) > 1:
+                try:
+                    self._upload_metric_group(client, run_id, group)
+                except Exception as err:  # sorted below: rejected -> one by one; else retry later
+                    if _error_code(err) not in _REJECTED_CODES:
+                        raise
+                else:
+                    self.journal.save_state(synced_seq=group[-1]["seq"])
+                    done += len(group)
+                    continue
+            for record in group:
+                self._sync_one(client, run_id, record)
+                done += 1
         return done
+
+    def _sync_one(self, client, run_id: str, record: dict) -> None:
+        try:
+            self._upload(client, run_id, record)
+        except Exception as err:  # sorted into "rejected" vs "retry later" below
+            if _error_code(err) not in _REJECTED_CODES:
+                raise  # unreachable / server error: retry later from this record
+            with (self.journal.dir / "rejected.jsonl").open("a") as fh:
+                fh.write(json.dumps({"record": record, "error": str(err)[:2000]}) + "\n")
+            print(f"[mlflow] record {record['seq']} ({record['kind']}) rejected by the tracking server, "
+                  f"set aside in {self.journal.dir / 'rejected.jsonl'}: {str(err).splitlines()[0][:300]}",
+                  flush=True)
+        self.journal.save_state(synced_seq=record["seq"])
+        if record["kind"] in ("artifact", "model"):
+            # Only after the acknowledgement is durable: a replay never needs a deleted copy.
+            shutil.rmtree(self.journal.dir / Path(record["staged"]).parent, ignore_errors=True)
+
+    def _upload_metric_group(self, client, run_id: str, group: list[dict]) -> None:
+        from mlflow.entities import Metric
+
+        metrics = [Metric(m["key"], _decode_float(m["value"]), m["timestamp"], m["step"])
+                   for record in group for m in record["metrics"]]
+        client.log_batch(run_id, metrics=metrics, synchronous=True)
 
     def _upload(self, client, run_id: str, record: dict) -> None:
         """Send one journal record."""
@@ -298,6 +324,24 @@ class _Uploader:
             client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=int(record.get("step", 0)))])
 
 
+def _coalesce(records: list[dict]) -> list[list[dict]]:
+    """Records in order, consecutive ``metrics`` records grouped up to ``_MAX_METRICS`` metrics a group
+    (a record larger than that stands alone: it is split when uploaded); every other record alone."""
+    groups: list[list[dict]] = []
+    size = 0
+    for record in records:
+        n = len(record["metrics"]) if record["kind"] == "metrics" else 0
+        fits = record["kind"] == "metrics" and n <= _MAX_METRICS
+        last = groups[-1] if groups else None
+        if fits and last and last[0]["kind"] == "metrics" and size + n <= _MAX_METRICS and size > 0:
+            last.append(record)
+            size += n
+        else:
+            groups.append([record])
+            size = n if fits else 0
+    return groups
+
+
 def _dataset_key(dataset: dict[str, str]) -> tuple[str, str, str]:
     return dataset["name"], dataset["digest"], dataset["context"]
 
@@ -305,6 +349,27 @@ def _dataset_key(dataset: dict[str, str]) -> tuple[str, str, str]:
 def _error_code(err: Exception) -> str | None:
     """MLflow's error code name of an exception (None for non-MLflow errors)."""
     return getattr(err, "error_code", None)
+
+
+def failure_kind(err: BaseException) -> str:
+    """A short name of why an upload failed, to count them: the exception type and the first line of its
+    message, up to 120 characters (``database is locked`` for SQLite's pushback, whatever wraps it)."""
+    text = str(err)
+    if "database is locked" in text:
+        return "database is locked"
+    first = text.strip().splitlines()[0][:120] if text.strip() else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+#: MLflow error codes of a store that answered but is busy: try again soon.
+_BUSY_CODES = ("REQUEST_LIMIT_EXCEEDED", "TEMPORARILY_UNAVAILABLE")
+
+
+def is_contention(err: BaseException) -> bool:
+    """Whether an upload failed because the store pushed back under concurrent writers (SQLite's
+    ``database is locked``, directly or through a server; a server's rate limit) rather than being
+    unreachable: worth retrying within a fraction of a second."""
+    return "database is locked" in str(err) or _error_code(err) in _BUSY_CODES
 
 
 def _decode_float(value: float | str) -> float:

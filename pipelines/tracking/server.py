@@ -45,6 +45,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            raise InputError(f"port {port} on {host}: {err.strerror} (another server listens there?): "
+                             "choose another with --port") from None
+
+
 def postgres_bin_dir() -> Path:
     """Where ``initdb`` and ``pg_ctl`` are: ``$LSNET_POSTGRES_BIN``, else the newest Debian
     ``/usr/lib/postgresql/*/bin``, else the directory of ``pg_ctl`` on ``PATH``."""
@@ -257,6 +266,8 @@ class TrackingServer:
     def start(self) -> Self:
         self.root.mkdir(parents=True, exist_ok=True)
         self.artifacts.mkdir(exist_ok=True)
+        if self.port:
+            _check_port_free(self.host, self.port)  # before PostgreSQL starts: a clear line, nothing to undo
         self.port = self.port or free_port(self.host if self.host not in ("0.0.0.0", "::") else "127.0.0.1")
         self.postgres.start(self.deadline_s)
         try:

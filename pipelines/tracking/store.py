@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 from lsnet.atomic import atomic_write
+from lsnet.config import ConfigError
 from pipelines.paths import REPO_ROOT
 
 
@@ -172,3 +173,52 @@ def open_store(uri: str | None = None) -> str:
 
 def _store_present(uri: str) -> bool:
     return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists()
+
+
+# ---- a local store on a cluster ----------------------------------------------------------------------
+
+def is_local_store(tracking_uri: str) -> bool:
+    """A store that lives on one machine's disk: a SQLite file, a ``file:`` store or a bare path."""
+    return tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri
+
+
+def worker_resources(num_workers: int, use_gpu: bool, resources_per_worker: dict[str, float] | None) -> dict:
+    """What one Ray Train worker asks for (Ray Train's rule: ``resources_per_worker`` if given, else 1 CPU;
+    ``use_gpu`` adds 1 GPU when it names none)."""
+    need = dict(resources_per_worker) if resources_per_worker else {"CPU": 1.0}
+    if use_gpu:
+        need.setdefault("GPU", 1.0)
+    return {k: float(v) for k, v in need.items() if float(v) > 0}
+
+
+def check_store_reaches_workers(tracking_uri: str, nodes: list[dict], driver_node_id: str | None,
+                                need: dict[str, float], ray_client: bool = False) -> None:
+    """Refuse a local-file store when a training worker may run on another node than this driver's: the
+    worker that logs (rank 0) would write into a file on its own node's disk, and the run's metrics would be
+    missing from the store the user opens. ``nodes``: ``ray.nodes()`` (``Alive``, ``NodeID``,
+    ``Resources``); ``need``: one worker's resources (:func:`worker_resources`); ``ray_client``: the driver
+    is a Ray Client (``ray://``), so no node shares its disk."""
+    if not is_local_store(tracking_uri):
+        return
+    hosts = [n for n in nodes if n.get("Alive") and
+             all(n.get("Resources", {}).get(key, 0.0) >= amount for key, amount in need.items())]
+    elsewhere = [n for n in hosts if ray_client or n.get("NodeID") != driver_node_id]
+    if elsewhere:
+        where = "this machine (a Ray Client)" if ray_client else "this node"
+        raise ConfigError(
+            f"tracking.uri {tracking_uri} is a file on {where}, but training workers may run on "
+            f"{len(elsewhere)} other node(s) of the Ray cluster ({len(hosts)} can host one): start a tracking "
+            f"server (lsnet tracking-server DIR --host <head address>) and pass --tracking-uri http://HOST:PORT")
+
+
+def check_store_for_cluster(tracking_uri: str, num_workers: int, use_gpu: bool,
+                            resources_per_worker: dict[str, float] | None) -> None:
+    """:func:`check_store_reaches_workers` on the Ray cluster this process is connected to."""
+    if not is_local_store(tracking_uri):
+        return
+    import ray
+    from ray.util.client import ray as ray_client
+
+    check_store_reaches_workers(tracking_uri, ray.nodes(), ray.get_runtime_context().get_node_id(),
+                                worker_resources(num_workers, use_gpu, resources_per_worker),
+                                ray_client=ray_client.is_connected())

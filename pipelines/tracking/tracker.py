@@ -18,15 +18,24 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import threading
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from pipelines.paths import REPO_ROOT
 from pipelines.provenance import manifest_hash
-from pipelines.tracking.journal import MODEL_NAME, Journal, _dataset_key, _Uploader
+from pipelines.tracking.journal import (
+    MODEL_NAME,
+    Journal,
+    _dataset_key,
+    _Uploader,
+    failure_kind,
+    is_contention,
+)
 from pipelines.tracking.store import configure_mlflow_http, resolve_tracking_uri
 
 _MAX_PARAM_CHARS = 6000
@@ -84,6 +93,9 @@ class RunTracker:
         self.retry_interval_s = retry_interval_s
         self.server_ok: bool | None = None  # unknown until the first upload attempt
         self.last_error: str | None = None
+        self.failed_uploads = 0  # upload attempts that failed and were retried later
+        self.failure_kinds: Counter[str] = Counter()  # ... by error (first line)
+        self._busy_attempts = 0  # consecutive uploads the store pushed back (database is locked)
         self._sync_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -198,6 +210,13 @@ class RunTracker:
             try:
                 self._uploader.sync()
             except Exception as err:  # noqa: BLE001 - any network/server error: keep the journal, retry later
+                self.last_error = f"{type(err).__name__}: {err}"
+                self.failed_uploads += 1
+                self.failure_kinds[failure_kind(err)] += 1
+                if is_contention(err):  # the store answered, busy: retried soon, not after an outage's wait
+                    self._busy_attempts += 1
+                    return False
+                self._busy_attempts = 0
                 if self.server_ok is not False and self.verbose:
                     print(
                         f"[mlflow] tracking server {self.tracking_uri} unavailable ({type(err).__name__}: "
@@ -205,31 +224,46 @@ class RunTracker:
                         flush=True,
                     )
                 self.server_ok = False
-                self.last_error = f"{type(err).__name__}: {err}"
                 return False
+            self._busy_attempts = 0
             if self.server_ok is False and self.verbose:
                 print(f"[mlflow] tracking server back; replayed buffered records to run {self.run_id}", flush=True)
             self.server_ok = True
             return self.journal.pending() == 0
 
+    def _retry_delay(self) -> float:
+        """How long to wait after a failed upload: ``retry_interval_s`` after an outage; after pushback
+        (``database is locked``) a jittered, doubling delay from 0.1 s up to 2 s (never above
+        ``retry_interval_s``), so that writers that collided do not collide again in step."""
+        if not self._busy_attempts:
+            return self.retry_interval_s
+        backoff = min(0.1 * 2 ** (self._busy_attempts - 1), 2.0)
+        return min(self.retry_interval_s, random.uniform(0.5, 1.0) * backoff)
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             ok = self.flush()
-            self._wake.wait(self.flush_interval_s if ok else self.retry_interval_s)
+            self._wake.wait(self.flush_interval_s if ok else self._retry_delay())
             self._wake.clear()
 
     def close(self, status: str = "FINISHED", final_flush_timeout_s: float = 30.0) -> bool:
-        """End the run: journal the end, stop the uploader, try a last upload (bounded in time).
+        """End the run: journal the end, stop the uploader, try a last upload (bounded in time). A store
+        that pushes back (``database is locked``: many runs ending at once on SQLite) is retried until
+        ``final_flush_timeout_s``; an unreachable one is not waited for.
 
         Returns True when everything is on the server; otherwise prints the ``lsnet mlflow-sync``
         command that uploads the rest later.
         """
+        deadline = time.monotonic() + final_flush_timeout_s
         self.journal.append("end", status=status, end_time_ms=int(time.time() * 1000))
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=final_flush_timeout_s)
         ok = self.flush()
+        while not ok and self._busy_attempts and time.monotonic() < deadline:
+            time.sleep(min(self._retry_delay(), max(0.0, deadline - time.monotonic())))
+            ok = self.flush()
         if not ok and self.verbose:
             print(
                 f"[mlflow] {self.journal.pending()} records still buffered in {self.journal.dir}; "

@@ -22,7 +22,7 @@ from lsnet.errors import LsnetError
 from pipelines.config import ExperimentConfig, default_run_name, required_resources
 from pipelines.provenance import run_tags
 from pipelines.tracking.journal import Journal
-from pipelines.tracking.store import open_store, run_url, ui_command
+from pipelines.tracking.store import check_store_for_cluster, open_store, run_url, ui_command
 from pipelines.tracking.tracker import RunTracker
 from pipelines.train.rundir import (
     clear_worker_errors,
@@ -254,6 +254,8 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None, run_name:
         # Resolved here, from the driver's environment: workers (started by a raylet, perhaps on another
         # node) do not share it; the resolved URI travels to them in the config (tracking.uri).
         cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, uri=open_store(cfg.tracking.uri)))
+        # a SQLite file of this node, with workers on others: refused here, before a worker starts
+        check_store_for_cluster(cfg.tracking.uri, cfg.run.num_workers, cfg.run.use_gpu, cfg.run.resources_per_worker)
     tags = {**run_tags(cfg, "lsnet train"), **(extra_tags or {})}
     guard = RunGuard(run_dir)
     trainer = build_trainer(cfg, guard, run_dir, tags, resume_from, callbacks)
