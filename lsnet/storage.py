@@ -183,11 +183,16 @@ def sha256_of(location: str | Path, chunk: int = 8 << 20) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
+#: the local directory for working copies of stored directories (default: the system's temporary directory)
+SCRATCH_ENV = "LSNET_SCRATCH_DIR"
+
+
 def scratch_dir(location: str, purpose: str) -> Path:
-    """A local directory of this machine for the working copy of ``location`` (stable per location, so
-    a process restarted on the same node finds what it had): ``$TMPDIR/lsnet-<purpose>/<hash>-<name>``."""
+    """A local directory of this machine for the working copy of ``location`` (stable per location):
+    ``$LSNET_SCRATCH_DIR`` (default ``$TMPDIR``) ``/lsnet-<purpose>/<hash>-<name>``."""
     digest = hashlib.sha256(location.encode()).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / f"lsnet-{purpose}" / f"{digest}-{name_of(location)}"
+    root = Path(os.environ.get(SCRATCH_ENV) or tempfile.gettempdir())
+    return root / f"lsnet-{purpose}" / f"{digest}-{name_of(location)}"
 
 
 class MirroredDir:
@@ -195,9 +200,10 @@ class MirroredDir:
 
     For a local location, ``local`` *is* the directory and push/pull do nothing. For a URI, ``local`` is
     a scratch copy on this machine: :meth:`pull` brings the stored files (except those whose relative
-    path starts with one of the ``skip`` prefixes), :meth:`push` uploads the files that changed since the
-    last push or pull (by size and mtime) and deletes the stored copies of files removed here. One writer per file at a time is
-    assumed (rank 0 writes the run's records; each worker its own ``rank{r}`` files).
+    path, or a part of it after a ``/``, starts with one of the ``skip`` prefixes); :meth:`push` uploads
+    the files that changed since the last push or pull (by size and mtime) and deletes the stored copies
+    of files removed here. One writer per file at a time is assumed (rank 0 writes the run's records;
+    each worker its own ``rank{r}`` files).
     """
 
     def __init__(self, location: str | Path, local: Path | None = None, skip: tuple[str, ...] = ()):
@@ -209,7 +215,9 @@ class MirroredDir:
         self._seen: dict[str, tuple[int, int]] = {}
 
     def _skipped(self, rel: str) -> bool:
-        return rel.startswith(self.skip) or ".tmp-" in rel
+        # a prefix of the path or of any part of it after a "/" (``checkpoint_epoch_`` skips
+        # ``trials/t1/checkpoint_epoch_0001/state.pt`` too); temporary files of a writer never travel
+        return ".tmp-" in rel or any(rel.startswith(s) or f"/{s}" in rel for s in self.skip)
 
     def _local_files(self, under: str = "") -> dict[str, tuple[int, int]]:
         root = self.local / under if under else self.local

@@ -1,0 +1,132 @@
+"""Training with everything on object storage (issue 20, part 1): shards, checkpoints, weights, the run's
+records and its tracking journal at ``run.storage_path=s3://bucket/runs``, nothing a later step needs on the
+driver's disk.
+
+``lsnet train`` runs as a user runs it (its own process, its own local Ray, the AWS variables in its
+environment): a worker killed mid-run resumes from the newest complete checkpoint in the bucket, and the
+run resubmitted under the same name -- by a driver with an empty disk -- continues it (same MLflow run),
+this time reading the stored shards through the Ray Data reader (the first run used the map-style one).
+
+Tiny model (ResNet-18, 64 channels), 128-px images, 8 training images, 2 workers, 2 steps per epoch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lsnet import storage
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
+
+
+@pytest.fixture(scope="module")
+def bucket(moto_server):
+    """A bucket of this module, the AWS variables set while its tests run."""
+    from servers import AWS_VARIABLES, S3Bucket
+
+    mp = pytest.MonkeyPatch()
+    for name in AWS_VARIABLES:
+        mp.setenv(name, moto_server.env()[name])
+    yield S3Bucket(moto_server, moto_server.create_bucket())
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def stored_shards(bucket, tmp_path_factory):
+    """Synthetic train (8 images) and val (4) shards written straight to the bucket."""
+    from lsnet.data.synthetic import write_synthetic_coco
+    from pipelines.preprocess import preprocess
+
+    root = tmp_path_factory.mktemp("stored_shards")
+    train = write_synthetic_coco(root / "synth_train", num_images=8, image_size=(128, 128), seed=0)
+    val = write_synthetic_coco(root / "synth_val", num_images=4, image_size=(128, 128), seed=1, split="val",
+                               first_image_id=5000)
+    for data, split in ((train, "train"), (val, "val")):
+        preprocess(data.instances_json, data.image_dir, bucket.uri("shards", split), max_size=128,
+                   contour_points=(18,), executor="local", verbose=False)
+    return bucket.uri("shards")
+
+
+def train_overrides(shards: str, storage_path: str, tracking_uri: str, *extra: str) -> list[str]:
+    """The settings of tests/test_train_pipeline.py's tiny run, with the given shards/storage/tracking."""
+    return [f"data.train_shards={shards}/train", f"data.val_shards={shards}/val",
+            f"run.storage_path={storage_path}", "train.epochs=2", "train.lr_steps=[1]", "train.eval_every=2",
+            "train.log_every=1", "train.warmup_iters=2", "eval.num_overlays=1", "data.verify=size",
+            "tracking.flush_interval_s=0.5", f"tracking.uri={tracking_uri}", "model.test.score_thr=0.0",
+            "model.loss.atss_on=anchors", *extra]
+
+
+def lsnet_train(name: str, overrides: list[str], cwd: Path, timeout_s: float = 400) -> subprocess.CompletedProcess:
+    """``lsnet train configs/tiny_bbox.yaml --name NAME --set ...`` in a fresh process started in ``cwd``
+    (its HOME and scratch directory there too: nothing of an earlier driver's disk is at hand)."""
+    cmd = [sys.executable, "-m", "pipelines.cli", "train", str(REPO_ROOT / "configs" / "tiny_bbox.yaml"),
+           "--name", name]
+    for item in overrides:
+        cmd += ["--set", item]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HOME": str(cwd), "LSNET_SCRATCH_DIR": str(cwd)}
+    env.pop("RAY_ADDRESS", None)
+    cwd.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
+
+
+def _stored_weights(uri: str) -> dict[str, torch.Tensor]:
+    import io
+
+    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)["model"]
+
+
+def test_a_run_on_the_bucket_resumes_after_a_kill_and_when_resubmitted(bucket, stored_shards, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runs = bucket.uri("runs")
+    run = storage.join(runs, "s3run")
+    first = lsnet_train("s3run", train_overrides(stored_shards, runs, tracking_uri, "run.fail_at_step=3",
+                                                 "run.fail_rank=1", "run.max_failures=2"), tmp_path / "driver1")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
+    keys = bucket.objects("runs/s3run/")
+    names = {k.removeprefix("runs/s3run/") for k in keys}
+    # the fault fired (its marker is in the bucket), and the restarted workers resumed from the epoch-1
+    # checkpoint, which they read from the bucket
+    assert "fault_injected.marker" in names
+    for rank in (0, 1):
+        info = json.loads(storage.read_text(storage.join(run, "workers", f"rank{rank}.json")))
+        assert info["resumed_from"] == {"epoch": 1, "step": 2}
+    # checkpoints (with every rank's RNG state), weights and the run's records are in the bucket
+    assert {"checkpoint_epoch_0002/state.pt", "checkpoint_epoch_0002/rng_rank1.pt", "model_final.pt",
+            "model_best.pt", "config.yaml", "epochs.jsonl", "mlflow_journal/state.json"} <= names
+    final = _stored_weights(storage.join(run, "model_final.pt"))
+    state = _stored_weights(storage.join(run, "checkpoint_epoch_0002", "state.pt"))
+    assert all(torch.equal(final[k], state[k]) for k in final)
+    journal = json.loads(storage.read_text(storage.join(run, "mlflow_journal", "state.json")))
+    client = MlflowClient(tracking_uri)
+    assert client.get_run(journal["run_id"]).info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(journal["run_id"], "loss")) == [1, 2, 3, 4]
+    assert "run directory: " + run in first.stdout
+
+    # resubmitted under the same name with one more epoch, from another directory and HOME (an empty
+    # driver disk), with one worker reading through Ray Data (whose tasks need the second CPU): it
+    # continues from the bucket's newest complete checkpoint
+    second = lsnet_train("s3run", train_overrides(stored_shards, runs, tracking_uri, "train.epochs=3",
+                                                  "data.reader=ray_data", "run.num_workers=1"),
+                         tmp_path / "driver2")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
+    assert f"[resume] newest complete checkpoint: {run}/checkpoint_epoch_0002" in second.stdout
+    info = json.loads(storage.read_text(storage.join(run, "workers", "rank0.json")))
+    assert info["resumed_from"] == {"epoch": 2, "step": 4}
+    final = json.loads(second.stdout[second.stdout.rindex("{"):])
+    assert final["epoch"] == 3 and final["global_step"] == 8  # + 8 images / 1 worker / batch 2
+    # the same MLflow run continued (its journal came from the bucket), each step logged once
+    assert json.loads(storage.read_text(storage.join(run, "mlflow_journal", "state.json")))["run_id"] == journal["run_id"]
+    assert sorted(m.step for m in client.get_metric_history(journal["run_id"], "loss")) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert client.get_run(journal["run_id"]).info.status == "FINISHED"
+    epochs = [json.loads(line)["epoch"] for line in storage.read_text(storage.join(run, "epochs.jsonl")).splitlines()]
+    assert epochs[-1] == 3 and set(epochs) == {1, 2, 3}
+
