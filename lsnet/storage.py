@@ -233,10 +233,11 @@ class MirroredDir:
         return out
 
     def pull(self) -> int:
-        """Replace the local copy with the stored files; returns how many were fetched."""
-        self.local.mkdir(parents=True, exist_ok=True)
+        """Replace the local copy with the stored files (created if need be); returns how many were
+        fetched. Nothing for a local location."""
         if not self.remote:
             return 0
+        self.local.mkdir(parents=True, exist_ok=True)
         stored = list_files(self.location)
         for rel in self._local_files():
             if rel not in stored:

@@ -76,7 +76,8 @@ def test_mirrored_dir_pushes_changes_and_deletions_and_pulls_on_another_machine(
 def test_a_local_mirrored_dir_is_the_directory_itself(tmp_path):
     mirror = storage.MirroredDir(tmp_path / "run")
     assert mirror.local == tmp_path / "run" and not mirror.remote
-    mirror.pull()
+    assert mirror.pull() == 0 and not mirror.local.exists()  # nothing to fetch, nothing created
+    mirror.local.mkdir()
     (mirror.local / "x").write_text("1")
     assert mirror.push() == 0 and (tmp_path / "run" / "x").exists()
 

@@ -130,3 +130,86 @@ def test_a_run_on_the_bucket_resumes_after_a_kill_and_when_resubmitted(bucket, s
     epochs = [json.loads(line)["epoch"] for line in storage.read_text(storage.join(run, "epochs.jsonl")).splitlines()]
     assert epochs[-1] == 3 and set(epochs) == {1, 2, 3}
 
+
+def test_a_search_on_the_bucket_and_its_resume_from_an_empty_driver_disk(bucket, stored_shards, tmp_path):
+    """``lsnet tune`` with ``run.storage_path=s3://...``: Tune's state, the search's own records and every
+    trial's run live in the bucket; ``--resume`` from another directory and HOME finds the search there
+    (its settings, its parent MLflow run) and, every trial being done, re-runs none."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    space = tmp_path / "alpha.yaml"
+    space.write_text(yaml.safe_dump({"space": {"model.loss.alpha": {"grid": [0.0, 0.3]}},
+                                     "scheduler": {"name": "fifo"}}))
+    overrides = train_overrides(stored_shards, bucket.uri("searches"), tracking_uri, "train.epochs=1",
+                                "train.eval_every=1", "run.num_workers=1", "eval.num_overlays=0")
+
+    def tune(cwd: Path, *extra: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "pipelines.cli", "tune", str(REPO_ROOT / "configs" / "tiny_bbox.yaml"),
+               "--space", str(space), "--name", "s3search", "--max-concurrent", "2", *extra]
+        for item in overrides:
+            cmd += ["--set", item]
+        cwd.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HOME": str(cwd), "LSNET_SCRATCH_DIR": str(cwd)}
+        env.pop("RAY_ADDRESS", None)
+        return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=500, check=False)
+
+    first = tune(tmp_path / "driver1")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
+    names = {k.removeprefix("searches/s3search/") for k in bucket.objects("searches/s3search/")}
+    assert {"search.json", "parent/mlflow_journal/state.json", "base_config.yaml"} <= names
+    trial_runs = {n.split("/")[1] for n in names if n.startswith("trials/")}
+    assert len(trial_runs) == 2
+    for trial in trial_runs:
+        assert {f"trials/{trial}/checkpoint_epoch_0001/state.pt", f"trials/{trial}/model_final.pt",
+                f"trials/{trial}/mlflow_journal/state.json"} <= names
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parent = json.loads(storage.read_text(bucket.uri("searches", "s3search", "parent", "mlflow_journal",
+                                                     "state.json")))["run_id"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
+    assert len(runs) == 3 and len(children) == 2
+    assert {r.info.status for r in runs} == {"FINISHED"}
+
+    started = {t: storage.read_text(bucket.uri("searches", "s3search", "trials", t, "workers", "rank0.json"))
+               for t in trial_runs}
+    again = tune(tmp_path / "driver2", "--resume")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 3  # the same parent run, no trial re-run
+    assert started == {t: storage.read_text(bucket.uri("searches", "s3search", "trials", t, "workers", "rank0.json"))
+                       for t in trial_runs}  # no worker of a trial started again
+
+
+def test_an_ablation_table_on_the_bucket(bucket, tmp_path):
+    """``lsnet ablation run --out s3://...``: the prepared shards, the runs and the rendered table are in the
+    bucket; ``--resume`` from an empty driver disk reads the table's runs there (and, the run having
+    finished, says there is nothing to resume)."""
+    out = bucket.uri("ablations")
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def ablation(cwd: Path, *extra: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "pipelines.cli", "ablation", "run", "table2", "--scale", "tiny", "--out", out,
+               "--tracking-uri", tracking_uri, "--variants", "cross_iou_extreme", "--set", "train.epochs=1",
+               "--set", "train.lr_steps=[]", "--set", "train.eval_every=1", *extra]
+        cwd.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HOME": str(cwd), "LSNET_SCRATCH_DIR": str(cwd)}
+        env.pop("RAY_ADDRESS", None)
+        return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=500, check=False)
+
+    first = ablation(tmp_path / "driver1")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
+    keys = bucket.objects("ablations/")
+    runs = {k.split("/")[2] for k in keys if k.startswith("ablations/runs/")}
+    assert len(runs) == 1
+    (run,) = runs
+    assert f"ablations/runs/{run}/ablation.json" in keys
+    assert f"ablations/runs/{run}/parent/mlflow_journal/state.json" in keys
+    assert any(k.startswith(f"ablations/runs/{run}/trials/") and k.endswith("checkpoint_epoch_0001/state.pt")
+               for k in keys)
+    assert any(k.startswith("ablations/data/") and k.endswith("/manifest.json") for k in keys)
+    assert any(k.startswith("ablations/table2-tiny/") and k.endswith(".md") for k in keys), keys
+
+    again = ablation(tmp_path / "driver2", "--resume")
+    assert again.returncode == 2 and f"the newest, {run}, finished" in again.stderr, again.stderr[-3000:]

@@ -276,6 +276,7 @@ def prepare_run_dir(cfg: ExperimentConfig, run_name: str | None) -> tuple[Experi
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=name))
     run = run_mirror(run_location(cfg.run.storage_path, name))
     run.pull()  # a resubmitted run: its journal (the same MLflow run) and records
+    run.local.mkdir(parents=True, exist_ok=True)
     (run.local / "config.yaml").write_text(cfg.to_yaml())
     run.push()
     return cfg, run

@@ -123,17 +123,20 @@ class WorkerContext:
     rank: int
     world: int
     device: torch.device
-    run: storage.MirroredDir
+    #: this worker's local copy of the run directory (the directory itself for a local location)
+    run_dir: Path
     #: the newest complete checkpoint the driver found at the run's location (None: Ray's checkpoint only)
     resume_from: str | None = None
+    #: the run's location and its local copy (default: ``run_dir`` is the location)
+    run: storage.MirroredDir | None = None
 
-    @property
-    def run_dir(self) -> Path:
-        """This worker's local copy of the run directory (the directory itself for a local location)."""
-        return self.run.local
+    def __post_init__(self) -> None:
+        if self.run is None:
+            self.run = storage.MirroredDir(str(self.run_dir))
 
     @property
     def location(self) -> str:
+        """Where the run lives (a path or a URI): what every node reads and writes."""
         return self.run.location
 
     @property
@@ -153,9 +156,8 @@ class WorkerContext:
         run = run_mirror(str(location))
         if rank == 0:  # rank 0 appends to the run's records (journal, epochs.jsonl): start from the stored ones
             run.pull()
-        else:
-            run.local.mkdir(parents=True, exist_ok=True)
-        return cls(rank, ctx.get_world_size(), device, run)
+        run.local.mkdir(parents=True, exist_ok=True)
+        return cls(rank, ctx.get_world_size(), device, run.local, run=run)
 
     def gather(self, items: list) -> list | None:
         return gather_to_rank0(items, self.rank, self.world)
