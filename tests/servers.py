@@ -20,6 +20,15 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+#: The storage tests that take minutes (a search and an ablation table on the bucket, two Ray nodes without a
+#: shared disk) run when this variable is 1 (``LSNET_CLUSTER_TESTS=1 make test``); ``make test`` keeps the rest.
+CLUSTER_TESTS_ENV = "LSNET_CLUSTER_TESTS"
+
+
+def cluster_tests_enabled() -> bool:
+    return os.environ.get(CLUSTER_TESTS_ENV) == "1"
+
+
 #: The only settings an object store needs (pyarrow.fs, boto3 and Ray all read them).
 AWS_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 

@@ -177,3 +177,41 @@ def test_preprocess_cli_on_the_bucket_with_ray_data(s3, synthetic_on_s3):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     manifest = json.loads(storage.read_text(storage.join(out, "manifest.json")))
     assert manifest["num_images"] == 6 and manifest["source"]["images"] == s3.uri("coco", "images")
+
+
+def test_resume_finds_the_newest_complete_checkpoint_in_the_bucket(s3, tmp_path):
+    """As on a local disk (tests/test_train_ux.py): a checkpoint directory without state.pt, or with a
+    truncated one (a worker killed while uploading), is skipped and named; the answer is the URI."""
+    from lsnet.engine import TrainState, checkpoint_state, save_checkpoint
+    from pipelines.train.rundir import newest_complete_checkpoint
+
+    run = s3.uri("runs", "r1")
+    model = torch.nn.Linear(2, 2)
+    for epoch in (1, 3, 4):
+        local = save_checkpoint(checkpoint_state(model, state=TrainState(epoch=epoch), include_rng=False),
+                                tmp_path / f"e{epoch}" / "state.pt")
+        storage.upload_file(local, storage.join(run, f"checkpoint_epoch_{epoch:04d}", "state.pt"))
+    storage.write_bytes(storage.join(run, "checkpoint_epoch_0005", "rng_rank1.pt"), b"only the other rank's")
+    truncated = storage.join(run, "checkpoint_epoch_0004", "state.pt")
+    storage.write_bytes(truncated, storage.read_bytes(truncated)[:100])
+    logged: list[str] = []
+    assert newest_complete_checkpoint(run, log=logged.append) == storage.join(run, "checkpoint_epoch_0003")
+    assert [line.split(":")[0] for line in logged] == ["[resume] skipping incomplete checkpoint_epoch_0005",
+                                                       "[resume] skipping incomplete checkpoint_epoch_0004"]
+    assert newest_complete_checkpoint(s3.uri("runs", "nothing")) is None
+
+
+def test_worker_records_go_straight_to_the_runs_location(s3):
+    """A worker's data error and its whereabouts are written to the run's location (the driver, on another
+    node, reads them there), and a new attempt clears the errors."""
+    from lsnet.data.shards import ShardError
+    from pipelines.train.rundir import clear_worker_errors, record_worker_error, worker_error
+
+    run = s3.uri("runs", "r2")
+    assert worker_error(run) is None
+    record_worker_error(run, 1, ShardError("shard s3://x/shard-00000.arrow is corrupted"))
+    assert s3.objects("runs/r2/") == ["runs/r2/worker_errors/rank1.json"]
+    err = worker_error(run)
+    assert isinstance(err, ShardError) and str(err) == "worker 1: shard s3://x/shard-00000.arrow is corrupted"
+    clear_worker_errors(run)
+    assert worker_error(run) is None and s3.objects("runs/r2/") == []

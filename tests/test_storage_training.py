@@ -6,6 +6,8 @@ driver's disk.
 environment): a worker killed mid-run resumes from the newest complete checkpoint in the bucket, and the
 run resubmitted under the same name -- by a driver with an empty disk -- continues it (same MLflow run),
 this time reading the stored shards through the Ray Data reader (the first run used the map-style one).
+``lsnet tune`` and ``lsnet ablation run`` on the bucket (with ``--resume`` from an empty driver disk) are
+opt-in (``LSNET_CLUSTER_TESTS=1``): minutes each here.
 
 Tiny model (ResNet-18, 64 channels), 128-px images, 8 training images, 2 workers, 2 steps per epoch.
 """
@@ -18,12 +20,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import servers
 import torch
 
 from lsnet import storage
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
+#: minutes each on this 2-core machine: opt-in (tests/servers.py)
+cluster_opt_in = pytest.mark.skipif(not servers.cluster_tests_enabled(),
+                                    reason=f"opt-in: {servers.CLUSTER_TESTS_ENV}=1")
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +137,7 @@ def test_a_run_on_the_bucket_resumes_after_a_kill_and_when_resubmitted(bucket, s
     assert epochs[-1] == 3 and set(epochs) == {1, 2, 3}
 
 
+@cluster_opt_in
 def test_a_search_on_the_bucket_and_its_resume_from_an_empty_driver_disk(bucket, stored_shards, tmp_path):
     """``lsnet tune`` with ``run.storage_path=s3://...``: Tune's state, the search's own records and every
     trial's run live in the bucket; ``--resume`` from another directory and HOME finds the search there
@@ -182,6 +189,7 @@ def test_a_search_on_the_bucket_and_its_resume_from_an_empty_driver_disk(bucket,
                        for t in trial_runs}  # no worker of a trial started again
 
 
+@cluster_opt_in
 def test_an_ablation_table_on_the_bucket(bucket, tmp_path):
     """``lsnet ablation run --out s3://...``: the prepared shards, the runs and the rendered table are in the
     bucket; ``--resume`` from an empty driver disk reads the table's runs there (and, the run having

@@ -220,6 +220,21 @@ def build_training(cfg: ExperimentConfig, ctx: WorkerContext) -> TrainingParts:
                          val_ds, val_loader)
 
 
+def newest_stored_checkpoint(ctx: WorkerContext) -> str | None:
+    """The newest complete checkpoint at the run's location (or the one the driver found), as rank 0 sees
+    it: every rank resumes from the same one."""
+    import torch.distributed as dist
+
+    from pipelines.train.rundir import newest_complete_checkpoint
+
+    shared = ctx.world > 1 and dist.is_initialized()
+    found = None
+    if ctx.rank == 0 or not shared:
+        found = newest_complete_checkpoint(ctx.location) or ctx.resume_from
+        found = str(found) if found else None
+    return broadcast_object(found, ctx.rank) if shared else found
+
+
 def resume_training(parts: TrainingParts, ctx: WorkerContext) -> dict[str, int] | None:
     """Continue from Ray Train's latest checkpoint if there is one (a restarted worker group, or a
     restored Tune trial): weights, optimiser, schedule, scaler, counters and this rank's RNG streams.
@@ -229,9 +244,11 @@ def resume_training(parts: TrainingParts, ctx: WorkerContext) -> dict[str, int] 
     from lsnet.engine import load_checkpoint, load_checkpoint_state, set_rng_state
 
     resumed = ray.train.get_checkpoint()
-    on_disk = ctx.resume_from
+    on_disk = newest_stored_checkpoint(ctx)
     if on_disk and (resumed is None or checkpoint_epoch(on_disk) > checkpoint_epoch(resumed.path)):
-        # Ray's own record of the run lags behind the storage after a Ctrl-C: take the newest complete one.
+        # Ray's own record of the run lags behind the storage -- after a Ctrl-C, or when a worker died
+        # before Ray's controller had registered the checkpoint the workers had already stored (it polls
+        # them every few seconds): take the newest complete one.
         resumed = ray.train.Checkpoint(on_disk) if storage.is_uri(on_disk) else ray.train.Checkpoint.from_directory(on_disk)
     if resumed is None:
         if parts.cfg.train.init_from:  # fine-tune: weights only, a fresh optimiser and schedule
