@@ -174,10 +174,13 @@ class CocoEvaluation:
 
 
 def _load_json(path: str | Path, what: str) -> Any:
-    path = Path(path)
+    """A JSON file at a local path or a storage URI (``s3://...``: the ground truth of stored shards)."""
+    from lsnet import storage
+
+    if not storage.is_uri(path):
+        path = Path(path)
     try:
-        with path.open() as f:
-            return json.load(f)
+        return json.loads(storage.read_bytes(path))
     except FileNotFoundError:
         raise InputError(f"{what} file {path} does not exist") from None
     except IsADirectoryError:

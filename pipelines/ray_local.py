@@ -292,8 +292,13 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, verbose: 
             # a cluster on this machine's loopback (a private head, the tests' session): the driver must
             # take 127.0.0.1 as its node address too, or Ray waits for a raylet on the machine's
             # reachable address that does not exist
-            with _single_node_on_loopback():
-                ray.init(address=address, _node_ip_address="127.0.0.1", **common)
+            try:
+                with _single_node_on_loopback():
+                    ray.init(address=address, _node_ip_address="127.0.0.1", **common)
+            except ConnectionError:
+                # a `ray start` cluster registers its nodes under the machine's address even when its GCS
+                # is reached on loopback (Ray resolves --node-ip-address 127.0.0.1 to it): join as it does
+                ray.init(address=address, **common)
         else:
             ray.init(address=address, **common)
         return False

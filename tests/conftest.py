@@ -169,3 +169,26 @@ def tracking_server():
     finally:
         server.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+# -- object storage (issue 20): an S3-compatible server reached through the standard AWS variables only --
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory):
+    """An S3-compatible server (moto, in memory) on 127.0.0.1 for the whole session, stopped at the end."""
+    from servers import MotoS3Server
+
+    server = MotoS3Server(tmp_path_factory.mktemp("moto")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(moto_server, monkeypatch):
+    """A fresh bucket, with exactly the standard AWS variables pointing at it set for this test (and so for
+    every process the test starts): ``s3.uri("shards")`` -> ``s3://<bucket>/shards``."""
+    from servers import AWS_VARIABLES, S3Bucket
+
+    for name in AWS_VARIABLES:
+        monkeypatch.setenv(name, moto_server.env()[name])
+    return S3Bucket(moto_server, moto_server.create_bucket())

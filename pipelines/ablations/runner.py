@@ -24,13 +24,14 @@ import json
 import re
 from pathlib import Path
 
+from lsnet import storage
 from lsnet.config import ConfigError
 from pipelines.ablations.data import prepare_dataset, repo_path
 from pipelines.ablations.report import Report, child_runs, render_table
 from pipelines.ablations.spec import AblationSpec, ScaleSpec
 
 
-def run_ablation(spec: AblationSpec, scale_name: str, out: Path, tracking_uri: str | None = None,
+def run_ablation(spec: AblationSpec, scale_name: str, out: str | Path, tracking_uri: str | None = None,
                  overrides: list[str] | None = None, address: str | None = None, verbose: bool = True,
                  only: list[str] | None = None, resume: bool = False) -> Report:
     """Train the variants of ``spec`` at ``scale_name`` (``only``: a subset, by name) and render the table.
@@ -42,15 +43,32 @@ def run_ablation(spec: AblationSpec, scale_name: str, out: Path, tracking_uri: s
     ``resume``: continue the newest run of this table and scale under ``out`` that did not finish
     (killed, or a variant failed) with its own variants and overrides: finished variants are kept,
     the others continue from their last checkpoints, under the same parent run.
+
+    ``out`` may be an object-store URI (``s3://bucket/ablations``): the driver then works on a local copy
+    of it (pulled first, pushed at the end; the prepared shards pushed before training), the runs are
+    stored at ``out/runs`` and the trials read the shards from ``out/data``.
     """
+    from pipelines.train.rundir import NOT_MIRRORED
+
+    scale = spec.scale(scale_name)
+    out_copy = storage.MirroredDir(str(out), skip=NOT_MIRRORED)  # for a local `out`: the folder itself
+    out_copy.pull()
+    try:
+        return _run_ablation(spec, scale, scale_name, out_copy, tracking_uri, overrides, address, verbose, only,
+                             resume)
+    finally:
+        out_copy.push()
+
+
+def _run_ablation(spec: AblationSpec, scale, scale_name: str, out_copy: storage.MirroredDir,
+                  tracking_uri: str | None, overrides: list[str] | None, address: str | None, verbose: bool,
+                  only: list[str] | None, resume: bool) -> Report:
     from mlflow.tracking import MlflowClient
 
     from pipelines.tracking.store import ensure_experiment, open_store, resolve_tracking_uri
     from pipelines.tune.trials import open_parent_tracker
 
-    scale = spec.scale(scale_name)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_copy.local
     if resume:  # the interrupted run's own choices, whatever this command line says
         name, saved = resumable_run(out / "runs", spec.name, scale_name)
         only, overrides = saved["variants"], saved["overrides"]
@@ -62,12 +80,15 @@ def run_ablation(spec: AblationSpec, scale_name: str, out: Path, tracking_uri: s
     variant_configs(spec, scale, "/validate/train", "/validate/val", uri, out, overrides, trained)  # fail fast
     open_store(uri)  # prepared once, after the specs validate
     train_shards, val_shards, mask_json = prepare_dataset(spec, scale, out / "data")
-    base = base_config(spec, scale, train_shards, val_shards, uri, out, overrides)
+    if out_copy.remote:  # the workers read the prepared shards from the store
+        out_copy.push("data")
+        train_shards, val_shards = (_stored(out_copy, p) for p in (train_shards, val_shards))
+    base = base_config(spec, scale, train_shards, val_shards, uri, out_copy.location, overrides)
     if not resume:
         name = f"{spec.name}-{scale_name}-{_dt.datetime.now(_dt.UTC).strftime('%Y%m%d-%H%M%S')}"
     client = MlflowClient(uri)
     experiment_id = ensure_experiment(client, spec.experiment, uri)  # model training, artifacts beside the DB
-    search_dir = Path(base.run.storage_path) / name
+    search_dir = out / "runs" / name  # (the local copy of) base.run.storage_path / name
     parent = open_parent_tracker(search_dir, uri, spec.experiment, name, verbose=False)
     common = {"ablation_table": spec.name, "ablation_scale": scale_name}
     if resume:
@@ -228,7 +249,15 @@ def variant_overrides(variant) -> dict:
     return {item.split("=", 1)[0]: yaml.safe_load(item.split("=", 1)[1]) for item in variant.overrides}
 
 
-def base_config(spec: AblationSpec, scale: ScaleSpec, train_shards: str, val_shards: str, uri: str, out: Path,
+def _stored(out_copy: storage.MirroredDir, path: str) -> str:
+    """Where a file of the local copy of ``out`` is stored (paths outside it are left as they are)."""
+    try:
+        return storage.join(out_copy.location, Path(path).resolve().relative_to(out_copy.local.resolve()).as_posix())
+    except ValueError:
+        return path
+
+
+def base_config(spec: AblationSpec, scale: ScaleSpec, train_shards: str, val_shards: str, uri: str, out: str | Path,
                 overrides: list[str] | None = None):
     """The config every variant starts from: the scale's config, the table's and the scale's overrides,
     the user's ``--set`` ones, the data and the tracking store."""
@@ -237,7 +266,7 @@ def base_config(spec: AblationSpec, scale: ScaleSpec, train_shards: str, val_sha
     items = [*spec.base_overrides, *scale.overrides, *(overrides or []),
              f"data.train_shards={train_shards}", f"data.val_shards={val_shards}",
              f"tracking.uri={uri}", f"tracking.experiment={spec.experiment}",
-             f"run.storage_path={(Path(out) / 'runs').resolve()}"]
+             f"run.storage_path={storage.join(out, 'runs') if storage.is_uri(out) else (Path(out) / 'runs').resolve()}"]
     try:
         return load_config(repo_path(scale.config), items)
     except ConfigError as err:

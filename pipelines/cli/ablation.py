@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
             check_data_present(spec, scale)  # e.g. the real data of `small`: before any table runs
     if args.experiment:
         specs = [dataclasses.replace(spec, experiment=args.experiment) for spec in specs]
-    out = Path(args.out)
+    out = args.out if "://" in args.out else Path(args.out)  # a URI (s3://...) is no local path
     if args.action == "run":
         uri = resolve_tracking_uri(args.tracking_uri)  # resolved once, here; run_ablation opens the store
         tables = run_tables(specs, args.scale, out, uri, args.overrides, args.address, only=only, resume=args.resume)

@@ -11,6 +11,7 @@ Nothing is written to ``~/.ray/auth_token``.
 """
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -54,10 +55,13 @@ class LocalRayHead:
 
     num_cpus: int | None = None
     num_gpus: int | None = None
+    #: custom resources of the head node (``ray start --resources``), e.g. to place workers in tests
+    resources: dict[str, float] = field(default_factory=dict)
     start_timeout_s: float = 180.0
     #: extra ``KEY=VALUE`` environment for the head (and so for the job drivers it starts)
     env: dict[str, str] = field(default_factory=dict)
     address: str = ""
+    gcs_address: str = ""
     token: str = ""
     temp_dir: Path | None = None
     _proc: subprocess.Popen | None = None
@@ -90,6 +94,8 @@ class LocalRayHead:
             cmd += ["--num-cpus", str(self.num_cpus)]
         if self.num_gpus is not None:
             cmd += ["--num-gpus", str(self.num_gpus)]
+        if self.resources:
+            cmd += ["--resources", json.dumps(self.resources)]
         env = {**os.environ, **self.env, AUTH_MODE_VAR: "token", AUTH_TOKEN_PATH_VAR: str(token_file)}
         # job entrypoints say `python ...`: on this machine that must be this environment's python
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -100,6 +106,7 @@ class LocalRayHead:
             self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                           start_new_session=True)
         self.address = f"http://127.0.0.1:{dashboard_port}"
+        self.gcs_address = f"127.0.0.1:{ports['--port']}"  # what `ray start --address` / ray.init take
         self._agent_port = ports["--dashboard-agent-listen-port"]
         self._wait_ready()
         return self

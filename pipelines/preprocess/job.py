@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from lsnet.atomic import atomic_write_bytes
+from lsnet import storage
 from lsnet.data.shards import (
     GT_NAME,
     MANIFEST_NAME,
@@ -79,7 +79,8 @@ def preprocess(ann: str | Path, images: str | Path, out: str | Path, max_size: i
     that does not exist (before any work), or more than ``max_reject_fraction`` of the images
     rejected (or none kept) -- then after writing the manifest, whose ``rejected`` list says why.
 
-    ``images`` is a local directory or any ``pyarrow.fs`` URI. ``num_cpus`` caps the parallel image
+    ``images`` and ``out`` are local directories or ``pyarrow.fs`` URIs (``s3://bucket/key``, reached with
+    the standard AWS variables). ``num_cpus`` caps the parallel image
     tasks (and sizes the local Ray started when none is running). Re-running with the same inputs
     redoes only missing/corrupted shards and ends with byte-identical output. ``executor="local"``
     runs the same per-image function serially in this process (no Ray; identical output).
@@ -102,8 +103,8 @@ def preprocess(ann: str | Path, images: str | Path, out: str | Path, max_size: i
     plan = check_records(data)
     planned = _planned_shards(plan, cfg)
     count = len(planned)
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = str(out)
+    storage.make_dirs(out_dir)
     _log(f"{ann}: {len(data['images'])} images, {len(data['annotations'])} annotations, "
          f"{len(categories)} categories -> {count} shard(s) planned", verbose)
     done = _complete_shards(out_dir, planned)
@@ -119,7 +120,7 @@ def preprocess(ann: str | Path, images: str | Path, out: str | Path, max_size: i
     _log(f"wrote {manifest['num_images']} images, {manifest['num_objects']} objects in {count} shard(s) "
          f"to {out_dir} in {elapsed:.1f}s", verbose)
     _log(summarize_rejections(manifest["rejected"]), verbose)
-    check_reject_fraction(manifest, max_reject_fraction, out_dir / MANIFEST_NAME)
+    check_reject_fraction(manifest, max_reject_fraction, storage.join(out_dir, MANIFEST_NAME))
     return manifest
 
 
@@ -133,18 +134,18 @@ def _planned_shards(plan: CheckedRecords, cfg: PreprocessConfig) -> list[tuple[i
     return planned
 
 
-def _complete_shards(out_dir: Path, planned: list[tuple[int, list[dict], str]]) -> dict[int, dict]:
+def _complete_shards(out_dir: str, planned: list[tuple[int, list[dict], str]]) -> dict[int, dict]:
     """The shards already complete in ``out_dir`` (same plan hash, same bytes), by index; leftovers of a
     killed run and shards of another plan are removed."""
     count = len(planned)
     names = {shard_file_name(k, count) for k in range(count)}
-    for p in out_dir.iterdir():
-        stale_shard = p.name.startswith("shard-") and p.name.split(SIDECAR_SUFFIX)[0] not in names
-        if (p.name.startswith(".") and ".tmp-" in p.name) or stale_shard:
-            p.unlink()
+    for name, is_dir in storage.list_dir(out_dir):
+        stale_shard = name.startswith("shard-") and name.split(SIDECAR_SUFFIX)[0] not in names
+        if not is_dir and ((name.startswith(".") and ".tmp-" in name) or stale_shard):
+            storage.delete_file(storage.join(out_dir, name))
     done: dict[int, dict] = {}
     for k, _rows, phash in planned:
-        info = shard_is_complete(out_dir / shard_file_name(k, count), phash)
+        info = shard_is_complete(storage.join(out_dir, shard_file_name(k, count)), phash)
         if info is not None:
             done[k] = info
     return done
@@ -163,7 +164,7 @@ def check_image_root(images: str) -> None:
         raise PreprocessError(f"--images {images}: the image root is not a directory")
 
 
-def check_reject_fraction(manifest: dict, max_fraction: float, manifest_path: Path) -> None:
+def check_reject_fraction(manifest: dict, max_fraction: float, manifest_path: str | Path) -> None:
     """Fail a job that kept no image, or rejected more than ``max_fraction`` of its source images."""
     total = manifest["source"]["num_images"]
     kept = manifest["num_images"]
@@ -269,7 +270,7 @@ def _process_and_write(todo, count, image_root, category_to_label, cfg, out_dir,
         finish_next()
 
 
-def _write_outputs(out_dir: Path, ann: str, images: str, source_sha: str, cfg: PreprocessConfig,
+def _write_outputs(out_dir: str, ann: str, images: str, source_sha: str, cfg: PreprocessConfig,
                    categories: list[dict], data: dict, plan: CheckedRecords, infos: list[dict]) -> dict:
     kept_images = {i for info in infos for i in info["image_ids"]}
     kept_anns = {a for info in infos for a in info["ann_ids"]}
@@ -292,7 +293,7 @@ def _write_outputs(out_dir: Path, ann: str, images: str, source_sha: str, cfg: P
     gt["annotations"] = gt_anns
     gt["categories"] = categories
     gt_bytes = json.dumps(gt, separators=(",", ":")).encode()
-    atomic_write_bytes(out_dir / GT_NAME, gt_bytes, fsync=True)
+    storage.write_bytes(storage.join(out_dir, GT_NAME), gt_bytes, fsync=True)
     rejected = plan.rejected + [r for info in infos for r in info["rejected"]]
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -315,7 +316,7 @@ def _write_outputs(out_dir: Path, ann: str, images: str, source_sha: str, cfg: P
         "rejected_summary": dict(sorted(Counter(f"{r['kind']}:{r['code']}" for r in rejected).items())),
         "rejected": rejected,
     }
-    atomic_write_bytes(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=1).encode(), fsync=True)
+    storage.write_bytes(storage.join(out_dir, MANIFEST_NAME), json.dumps(manifest, indent=1).encode(), fsync=True)
     return manifest
 
 

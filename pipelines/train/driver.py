@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lsnet import storage
 from lsnet.config import ConfigError, to_dict
 from lsnet.errors import LsnetError
 from pipelines.config import ExperimentConfig, default_run_name, required_resources
@@ -27,8 +28,9 @@ from pipelines.tracking.tracker import RunTracker
 from pipelines.train.rundir import (
     clear_worker_errors,
     is_uri,
-    local_run_dir,
     newest_complete_checkpoint,
+    run_location,
+    run_mirror,
     worker_error,
 )
 from pipelines.train.worker import train_loop_per_worker
@@ -129,10 +131,12 @@ class RunGuard:
     is skipped on resume by :func:`newest_complete_checkpoint`).
     """
 
-    def __init__(self, run_dir: Path, poll_s: float = 0.5):
+    def __init__(self, location: str | Path, poll_s: float | None = None):
         import threading
 
-        self.run_dir, self.poll_s = run_dir, poll_s
+        # an object store is asked less often (a listing per poll)
+        self.location = str(location)
+        self.poll_s = poll_s if poll_s is not None else (2.0 if is_uri(self.location) else 0.5)
         self.controller = None
         self.reason: str | None = None
         self._done = threading.Event()
@@ -181,7 +185,7 @@ class RunGuard:
 
         def watch():
             while not self._done.wait(self.poll_s):
-                if worker_error(self.run_dir) is not None:
+                if worker_error(self.location) is not None:
                     self.stop("data_error")
                     return
 
@@ -218,7 +222,8 @@ def guarded_trainer(guard: RunGuard, *args, **kwargs):
 
 @dataclass
 class TrainingOutcome:
-    run_dir: Path
+    run_dir: Path  # the driver's copy of the run directory (the directory itself for a local location)
+    run_location: str  # where the run lives: storage_path/name, a path or a URI
     run_name: str
     metrics: dict[str, Any]  # the last report of rank 0
     checkpoint_path: str | None  # latest Ray checkpoint
@@ -237,14 +242,13 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None, run_name:
     ``extra_tags``: more MLflow tags of the run (a trial's parent run id and searched values)."""
     from pipelines.ray_local import start_ray
 
-    cfg, run_dir = prepare_run_dir(cfg, run_name)
+    cfg, run = prepare_run_dir(cfg, run_name)
     check_data(cfg)  # cheap checks before any worker starts
-    resume_from = None
-    if not is_uri(cfg.run.storage_path):
-        resume_from = newest_complete_checkpoint(run_dir, log=print if verbose else None)
+    # a resubmitted run (same name) continues from the newest complete checkpoint at its location
+    resume_from = newest_complete_checkpoint(run.location, log=print if verbose else None)
     if resume_from is not None and verbose:
         print(f"[resume] newest complete checkpoint: {resume_from}", flush=True)
-    clear_worker_errors(run_dir)  # a previous attempt's data error: this run checks afresh
+    clear_worker_errors(run.location)  # a previous attempt's data error: this run checks afresh
     # Ray Train V2 routes print() in workers through its logger *and* the console (each line twice);
     # plain prints are enough here. Propagated from the driver to the workers by Ray Train.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
@@ -257,28 +261,31 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None, run_name:
         # a SQLite file of this node, with workers on others: refused here, before a worker starts
         check_store_for_cluster(cfg.tracking.uri, cfg.run.num_workers, cfg.run.use_gpu, cfg.run.resources_per_worker)
     tags = {**run_tags(cfg, "lsnet train"), **(extra_tags or {})}
-    guard = RunGuard(run_dir)
-    trainer = build_trainer(cfg, guard, run_dir, tags, resume_from, callbacks)
-    result = fit_guarded(trainer, guard, cfg, run_dir, verbose)
-    return training_outcome(result, cfg, run_dir, verbose)
+    guard = RunGuard(run.location)
+    trainer = build_trainer(cfg, guard, run, tags, resume_from, callbacks)
+    result = fit_guarded(trainer, guard, cfg, run, verbose)
+    return training_outcome(result, cfg, run, verbose)
 
 
-def prepare_run_dir(cfg: ExperimentConfig, run_name: str | None) -> tuple[ExperimentConfig, Path]:
-    """The config with absolute paths and its run name, and its run directory holding ``config.yaml``."""
+def prepare_run_dir(cfg: ExperimentConfig, run_name: str | None) -> tuple[ExperimentConfig, storage.MirroredDir]:
+    """The config with absolute paths and its run name, and its run directory holding ``config.yaml``
+    (at the run's location, and in the driver's local copy of it)."""
     cfg = absolutize_paths(cfg)
     if cfg.train.init_from and not Path(cfg.train.init_from).is_file():
         raise ConfigError(f"train.init_from: checkpoint {cfg.train.init_from} does not exist")
     timestamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%d-%H%M%S")
     name = run_name or cfg.run.name or default_run_name(cfg, timestamp)
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=name))
-    run_dir = local_run_dir(cfg.run.storage_path, name)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    return cfg, run_dir
+    run = run_mirror(run_location(cfg.run.storage_path, name))
+    run.pull()  # a resubmitted run: its journal (the same MLflow run) and records
+    run.local.mkdir(parents=True, exist_ok=True)
+    (run.local / "config.yaml").write_text(cfg.to_yaml())
+    run.push()
+    return cfg, run
 
 
-def build_trainer(cfg: ExperimentConfig, guard: RunGuard, run_dir: Path, tags: dict[str, Any],
-                  resume_from: Path | None, callbacks: list | None):
+def build_trainer(cfg: ExperimentConfig, guard: RunGuard, run: storage.MirroredDir, tags: dict[str, Any],
+                  resume_from: str | Path | None, callbacks: list | None):
     """The guarded ``TorchTrainer`` of the run: workers, backend (NCCL on GPU, gloo on CPU), restarts and
     the checkpoints Ray keeps (the best ``run.checkpoint_keep`` by the task's AP, and the latest)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -288,7 +295,8 @@ def build_trainer(cfg: ExperimentConfig, guard: RunGuard, run_dir: Path, tags: d
     return guarded_trainer(
         guard,
         train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "tags": tags,
+        # the run's location, never the driver's local copy: a worker on another node makes its own
+        train_loop_config={"config": to_dict(cfg), "run_location": run.location, "tags": tags,
                            "resume_from": str(resume_from) if resume_from else None},
         # the rendezvous store listens on the node's address only (127.0.0.1 for a local Ray)
         torch_config=BoundTorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
@@ -304,20 +312,25 @@ def build_trainer(cfg: ExperimentConfig, guard: RunGuard, run_dir: Path, tags: d
     )
 
 
-def end_mlflow_run(cfg: ExperimentConfig, run_dir: Path, status: str, verbose: bool) -> None:
-    """The workers are gone: the driver ends the MLflow run (same run, same journal). Not when rank 0 had
-    finished it (a Tune trial stopped right after its last report)."""
-    if cfg.tracking.enabled and Journal.exists(run_dir) and Journal(run_dir).end_status() != "FINISHED":
-        RunTracker(run_dir, background=False, verbose=verbose).close(status, final_flush_timeout_s=5)
+def end_mlflow_run(cfg: ExperimentConfig, run: storage.MirroredDir, status: str, verbose: bool) -> None:
+    """The workers are gone: the driver ends the MLflow run (same run, same journal -- the one rank 0
+    stored at the run's location). Not when rank 0 had finished it (a Tune trial stopped right after its
+    last report)."""
+    if not cfg.tracking.enabled:
+        return
+    run.pull()
+    if Journal.exists(run.local) and Journal(run.local).end_status() != "FINISHED":
+        RunTracker(run.local, background=False, verbose=verbose).close(status, final_flush_timeout_s=5)
+        run.push()
 
 
-def fit_guarded(trainer, guard: RunGuard, cfg: ExperimentConfig, run_dir: Path, verbose: bool):
+def fit_guarded(trainer, guard: RunGuard, cfg: ExperimentConfig, run: storage.MirroredDir, verbose: bool):
     """``trainer.fit()`` under the guard: Ctrl-C ends the MLflow run KILLED and says how to resume; a
     worker's data error is raised as its own one-line error; any other failure ends the run FAILED."""
 
     def interrupted() -> KeyboardInterrupt:
-        end_mlflow_run(cfg, run_dir, "KILLED", verbose)
-        latest = newest_complete_checkpoint(run_dir) if not is_uri(cfg.run.storage_path) else None
+        end_mlflow_run(cfg, run, "KILLED", verbose)
+        latest = newest_complete_checkpoint(run.location)
         print(f"lsnet train: interrupted; MLflow run marked KILLED; latest complete checkpoint: "
               f"{latest or 'none'}; rerun with --name {cfg.run.name} to resume from it", file=sys.stderr, flush=True)
         return KeyboardInterrupt()
@@ -331,25 +344,28 @@ def fit_guarded(trainer, guard: RunGuard, cfg: ExperimentConfig, run_dir: Path, 
     except Exception:
         if guard.reason == "interrupted":
             raise interrupted() from None
-        end_mlflow_run(cfg, run_dir, "FAILED", verbose)
-        data_error = worker_error(run_dir)
+        end_mlflow_run(cfg, run, "FAILED", verbose)
+        data_error = worker_error(run.location)
         if data_error is not None:  # not retryable: the worker's own one-line message
             raise data_error from None
         raise
 
 
-def training_outcome(result, cfg: ExperimentConfig, run_dir: Path, verbose: bool) -> TrainingOutcome:
-    """What the run left (checkpoints, MLflow run), printed with the command that opens the UI."""
+def training_outcome(result, cfg: ExperimentConfig, run: storage.MirroredDir, verbose: bool) -> TrainingOutcome:
+    """What the run left (checkpoints, MLflow run), printed with the command that opens the UI. For a
+    stored run the driver's local copy is brought up to date first (the weights, ``epochs.jsonl``)."""
+    run.pull()
+    run_dir = run.local
     best = None
     if result.best_checkpoints:
         best = max(result.best_checkpoints, key=lambda cm: cm[1].get("checkpoint_score", -1.0))[0].path
     state = Journal(run_dir).state if cfg.tracking.enabled and Journal.exists(run_dir) else {}
     tracking_uri, run_id = state.get("tracking_uri"), state.get("run_id")
-    outcome = TrainingOutcome(run_dir=run_dir, run_name=cfg.run.name, metrics=dict(result.metrics or {}),
+    outcome = TrainingOutcome(run_dir=run_dir, run_location=run.location, run_name=cfg.run.name, metrics=dict(result.metrics or {}),
                               checkpoint_path=result.checkpoint.path if result.checkpoint else None,
                               best_checkpoint_path=best, tracking_uri=tracking_uri, mlflow_run_id=run_id)
     if verbose:
-        print(f"run directory: {run_dir}")
+        print(f"run directory: {run.location}" + (f" (local copy: {run_dir})" if run.remote else ""))
         print(f"latest checkpoint: {outcome.checkpoint_path}; best: {outcome.best_checkpoint_path}")
         if tracking_uri:
             print(f"MLflow run {run_id} at {tracking_uri}; open the UI with:\n  {ui_command(tracking_uri)}")

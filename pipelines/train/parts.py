@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
+from lsnet import storage
 from lsnet.config import ConfigError, to_dict
 from pipelines.config import ExperimentConfig
-from pipelines.train.rundir import FAULT_MARKER, checkpoint_epoch
+from pipelines.train.rundir import FAULT_MARKER, checkpoint_epoch, run_mirror
 
 
 def test_time_data_config(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -90,46 +91,60 @@ def broadcast_object(obj: Any, rank: int) -> Any:
 
 class FaultInjector:
     """Test-only: worker ``fail_rank`` exits abruptly right after optimiser step ``fail_at_step`` — once
-    per run directory (the marker file makes the restarted attempt run through)."""
+    per run (the marker at the run's location makes the restarted attempt run through, on any node)."""
 
-    def __init__(self, cfg: ExperimentConfig, rank: int, run_dir: Path):
+    def __init__(self, cfg: ExperimentConfig, rank: int, location: str):
         self.step = cfg.run.fail_at_step
         self.armed = self.step is not None and rank == cfg.run.fail_rank
-        self.marker = run_dir / FAULT_MARKER
+        self.marker = storage.join(location, FAULT_MARKER)
 
     def wrap(self, batches, state):
         for batch in batches:
             yield batch
             # the generator resumes only when the next batch is asked for: the step is complete
-            if self.armed and state.global_step == self.step and not self.marker.exists():
+            if self.armed and state.global_step == self.step and not storage.exists(self.marker):
                 import ray.train
 
                 # Ray's controller registers reported checkpoints when it polls the workers (every
                 # few seconds); wait for that so the restart deterministically resumes from the
                 # latest one rather than from an earlier one.
                 ray.train.get_all_reported_checkpoints(timeout_s=120)
-                self.marker.write_text(f"worker exited after step {self.step}\n")
+                storage.write_text(self.marker, f"worker exited after step {self.step}\n")
                 print(f"[fault injection] worker exits after step {self.step}", flush=True)
                 os._exit(1)
 
 
 @dataclass
 class WorkerContext:
-    """Where this worker runs: its rank in a group of ``world`` workers, its device, the run directory."""
+    """Where this worker runs: its rank in a group of ``world`` workers, its device, the run's location
+    (a path or a URI: never a path of the driver's disk unless that is shared) and this node's working
+    copy of the run directory (``run_dir``, :func:`pipelines.train.rundir.run_mirror`)."""
 
     rank: int
     world: int
     device: torch.device
+    #: this worker's local copy of the run directory (the directory itself for a local location)
     run_dir: Path
-    #: the newest complete checkpoint directory the driver found on disk (None: Ray's checkpoint only)
+    #: the newest complete checkpoint the driver found at the run's location (None: Ray's checkpoint only)
     resume_from: str | None = None
+    #: the run's location and its local copy (default: ``run_dir`` is the location)
+    run: storage.MirroredDir | None = None
+
+    def __post_init__(self) -> None:
+        if self.run is None:
+            self.run = storage.MirroredDir(str(self.run_dir))
+
+    @property
+    def location(self) -> str:
+        """Where the run lives (a path or a URI): what every node reads and writes."""
+        return self.run.location
 
     @property
     def use_cuda(self) -> bool:
         return self.device.type == "cuda"
 
     @classmethod
-    def current(cls, run_dir: str | Path) -> WorkerContext:
+    def current(cls, location: str) -> WorkerContext:
         import ray.train
         import ray.train.torch
 
@@ -137,7 +152,12 @@ class WorkerContext:
         device = ray.train.torch.get_device()
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        return cls(ctx.get_world_rank(), ctx.get_world_size(), device, Path(run_dir))
+        rank = ctx.get_world_rank()
+        run = run_mirror(str(location))
+        if rank == 0:  # rank 0 appends to the run's records (journal, epochs.jsonl): start from the stored ones
+            run.pull()
+        run.local.mkdir(parents=True, exist_ok=True)
+        return cls(rank, ctx.get_world_size(), device, run.local, run=run)
 
     def gather(self, items: list) -> list | None:
         return gather_to_rank0(items, self.rank, self.world)
@@ -200,6 +220,21 @@ def build_training(cfg: ExperimentConfig, ctx: WorkerContext) -> TrainingParts:
                          val_ds, val_loader)
 
 
+def newest_stored_checkpoint(ctx: WorkerContext) -> str | None:
+    """The newest complete checkpoint at the run's location (or the one the driver found), as rank 0 sees
+    it: every rank resumes from the same one."""
+    import torch.distributed as dist
+
+    from pipelines.train.rundir import newest_complete_checkpoint
+
+    shared = ctx.world > 1 and dist.is_initialized()
+    found = None
+    if ctx.rank == 0 or not shared:
+        found = newest_complete_checkpoint(ctx.location) or ctx.resume_from
+        found = str(found) if found else None
+    return broadcast_object(found, ctx.rank) if shared else found
+
+
 def resume_training(parts: TrainingParts, ctx: WorkerContext) -> dict[str, int] | None:
     """Continue from Ray Train's latest checkpoint if there is one (a restarted worker group, or a
     restored Tune trial): weights, optimiser, schedule, scaler, counters and this rank's RNG streams.
@@ -209,10 +244,12 @@ def resume_training(parts: TrainingParts, ctx: WorkerContext) -> dict[str, int] 
     from lsnet.engine import load_checkpoint, load_checkpoint_state, set_rng_state
 
     resumed = ray.train.get_checkpoint()
-    on_disk = ctx.resume_from
+    on_disk = newest_stored_checkpoint(ctx)
     if on_disk and (resumed is None or checkpoint_epoch(on_disk) > checkpoint_epoch(resumed.path)):
-        # Ray's own record of the run lags behind the disk after a Ctrl-C: take the newest complete one.
-        resumed = ray.train.Checkpoint.from_directory(on_disk)
+        # Ray's own record of the run lags behind the storage -- after a Ctrl-C, or when a worker died
+        # before Ray's controller had registered the checkpoint the workers had already stored (it polls
+        # them every few seconds): take the newest complete one.
+        resumed = ray.train.Checkpoint(on_disk) if storage.is_uri(on_disk) else ray.train.Checkpoint.from_directory(on_disk)
     if resumed is None:
         if parts.cfg.train.init_from:  # fine-tune: weights only, a fresh optimiser and schedule
             from lsnet.engine import init_model_from

@@ -33,7 +33,8 @@ from pipelines.train.rundir import record_worker_error, write_worker_info
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train worker entry point. ``loop_config``: {"config": plain dict, "run_dir": str, "tags": {}}.
+    """Ray Train worker entry point. ``loop_config``: {"config": plain dict, "run_location": the run's
+    location (a path or a URI, see :mod:`pipelines.train.rundir`), "tags": {}, "resume_from": ...}.
 
     build -> resume -> for each epoch: train, evaluate, record, checkpoint + report -> final weights.
     """
@@ -42,12 +43,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # Ray Train logs every report and checkpoint at INFO; the epoch summary line says what matters.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     cfg = config_from_dict(loop_config["config"])
-    ctx = WorkerContext.current(loop_config["run_dir"])
+    ctx = WorkerContext.current(loop_config["run_location"])
     ctx.resume_from = loop_config.get("resume_from")
     try:
         run_worker(cfg, ctx, loop_config["tags"])
     except LsnetError as err:  # bad data/config: no restart can fix it -- tell the driver, which stops the run
-        record_worker_error(ctx.run_dir, ctx.rank, err)
+        record_worker_error(ctx.location, ctx.rank, err)
         raise
 
 
@@ -55,11 +56,11 @@ def run_worker(cfg: ExperimentConfig, ctx: WorkerContext, tags: dict[str, Any]) 
     """The training loop of one worker; ``tags``: the MLflow run tags the driver composed."""
     parts = build_training(cfg, ctx)
     resumed_from = resume_training(parts, ctx)
-    write_worker_info(ctx.run_dir, ctx.rank, ctx.world, ctx.device, resumed_from=resumed_from)
+    write_worker_info(ctx.location, ctx.rank, ctx.world, ctx.device, resumed_from=resumed_from)
     wrap_distributed(parts, ctx)
     tracker = open_tracker(cfg, ctx, tags)
     recorder = EpochRecorder(parts, ctx, tracker)
-    injector = FaultInjector(cfg, ctx.rank, ctx.run_dir)
+    injector = FaultInjector(cfg, ctx.rank, ctx.location)
     log_fn = step_logger(tracker, ctx, parts)
     status = "FAILED"
     try:
@@ -78,6 +79,7 @@ def run_worker(cfg: ExperimentConfig, ctx: WorkerContext, tags: dict[str, Any]) 
                     recorder.record_evaluation(result, done)
             share_best(parts, ctx)
             images_per_s = recorder.record_epoch(summary, epoch_time, eval_metrics)
+            store_records(ctx, tracker)
             checkpoint_and_report(parts, ctx, epoch_report(parts, summary, images_per_s, eval_metrics, evaluated))
         save_final(parts, ctx, tracker)
         status = "FINISHED"
@@ -88,6 +90,19 @@ def run_worker(cfg: ExperimentConfig, ctx: WorkerContext, tags: dict[str, Any]) 
                 tracker.close("FINISHED")
             else:
                 tracker.flush()
+        if ctx.rank == 0:
+            ctx.run.push()
+
+
+def store_records(ctx: WorkerContext, tracker) -> None:
+    """Rank 0, before the epoch's checkpoint: the run's records (``epochs.jsonl``, ``model_best.pt``, the
+    tracking journal, ...) to the run's location, so the attempt that resumes from this checkpoint -- on
+    any node -- and the driver find them there (a no-op for a local run directory)."""
+    if ctx.rank != 0 or not ctx.run.remote:
+        return
+    if tracker is not None:
+        tracker.flush()  # the journal's sync state with the epoch's metrics on the server
+    ctx.run.push()
 
 
 def train_epoch(parts: TrainingParts, ctx: WorkerContext, injector: FaultInjector, log_fn) -> dict[str, float]:

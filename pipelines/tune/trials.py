@@ -13,7 +13,9 @@ id (``<search>-<trial id>``, no timestamp) under ``<search dir>/trials/``: a tri
 (a retry, or ``--resume`` after the driver died) resumes its own Train checkpoints, and its MLflow run
 continues through the same tracking journal.
 
-Layout of a search (``<run.storage_path>/<name>/``, the *search directory*)::
+Layout of a search (``<run.storage_path>/<name>/``, the *search directory*; ``run.storage_path`` may be an
+object-store URI: then Tune and the trials write there, and the driver works on a local copy of the search's
+own records, :func:`search_mirror`, pulled when it starts and pushed before the trials start and at the end)::
 
     <tune experiment state>       Tune's files (Tuner.restore reads them)
     search.json                   what the search was started with (for --resume)
@@ -32,6 +34,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lsnet import storage
 from lsnet.config import ConfigError, to_dict
 from pipelines.config import ExperimentConfig, required_resources
 from pipelines.tune.records import (
@@ -66,7 +69,7 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any], search_name: str, se
     overrides = dict(config["overrides"])
     cfg = trial_config(base, overrides)
     name = trial_run_name(search_name, trial_id)
-    run = dataclasses.replace(cfg.run, name=name, storage_path=str(Path(search_dir) / TRIALS_DIRNAME))
+    run = dataclasses.replace(cfg.run, name=name, storage_path=storage.join(search_dir, TRIALS_DIRNAME))
     cfg = dataclasses.replace(cfg, run=run)
     trial_tags = {**tags, "lsnet.trial_id": trial_id,
                   **{key: json.dumps(_plain(value)) if not isinstance(value, str) else value
@@ -195,7 +198,8 @@ def run_trials(base: ExperimentConfig, space: SearchSpace | list[dict[str, Any]]
     from pipelines.train.driver import absolutize_paths
 
     base = absolutize_paths(base)
-    space, settings, search_dir = _check_search_inputs(base, space, settings, source, variant_tags, resume)
+    space, settings, search = _check_search_inputs(base, space, settings, source, variant_tags, resume)
+    search_dir = search.local
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     # The task's AP arrives only on evaluation epochs; ASHA skips results without it (Tune's strict
     # check would instead fail the trial).
@@ -225,18 +229,33 @@ def run_trials(base: ExperimentConfig, space: SearchSpace | list[dict[str, Any]]
     if verbose:
         print(f"[tune] {settings.name}: up to {max_concurrent} concurrent trial(s) of {_fmt(need)} each; "
               f"search directory {search_dir}", flush=True)
-    tuner = _tuner(base, space, settings, search_dir, tags, tags_by_variant, max_concurrent, resume, retry_failed,
-                   verbose)
+    tuner = _tuner(base, space, settings, search.location, tags, tags_by_variant, max_concurrent, resume,
+                   retry_failed, verbose)
+    search.push()  # search.json and the parent's journal: what --resume needs if this driver dies
     grid = tuner.fit()
+    search.push()
+    search.pull()  # the trials' records (their journals), written by the trials at the search's location
     tracking_uri = base.tracking.uri if base.tracking.enabled else None
-    return finish_search(grid, base, settings, search_dir, parent, tracking_uri, verbose=verbose,
-                         close_parent=owns_parent, variant_tags=tags_by_variant)
+    try:
+        return finish_search(grid, base, settings, search_dir, parent, tracking_uri, verbose=verbose,
+                             close_parent=owns_parent, variant_tags=tags_by_variant)
+    finally:
+        search.push()  # the report and the runs it ended
+
+
+def search_mirror(storage_path: str, name: str) -> storage.MirroredDir:
+    """The driver's copy of search ``name`` under ``storage_path`` (the directory itself when local): the
+    search's own records and the trials' small records, not their checkpoints."""
+    from pipelines.train.rundir import NOT_MIRRORED
+
+    return storage.MirroredDir(storage.join(storage_path, name), skip=NOT_MIRRORED)
 
 
 def _check_search_inputs(base: ExperimentConfig, space, settings: SearchSettings, source: str,
                          variant_tags: list[dict[str, str]] | None, resume: bool):
     """Validate the space (or variants) against the config, find the search directory and, on
-    ``resume``, the settings the search was started with. Returns ``(space, settings, search_dir)``."""
+    ``resume``, the settings the search was started with. Returns ``(space, settings, search)``, ``search``
+    the driver's copy of the search directory (:func:`search_mirror`, pulled)."""
     check_search(settings, space)
     if isinstance(space, SearchSpace):
         validate_space(base, space)
@@ -248,19 +267,17 @@ def _check_search_inputs(base: ExperimentConfig, space, settings: SearchSettings
             raise ValueError(f"variant_tags: {len(variant_tags)} tag sets for {len(space)} variants")
         if len({variant_key(v) for v in space}) != len(space):
             raise ConfigError(f"{source}: two variants have the same overrides")
-    search_dir = Path(base.run.storage_path) / settings.name
-    if "://" in base.run.storage_path:
-        raise ConfigError("lsnet tune keeps its search directory on a local or shared filesystem: "
-                          f"run.storage_path={base.run.storage_path} is a URI")
-    state_file = search_dir / SEARCH_FILE
+    search = search_mirror(base.run.storage_path, settings.name)
+    search.pull()
+    state_file = search.local / SEARCH_FILE
     if resume and not state_file.exists():
-        raise ConfigError(f"--resume: no search {settings.name!r} in {search_dir.parent} (no {SEARCH_FILE})")
+        raise ConfigError(f"--resume: no search {settings.name!r} in {base.run.storage_path} (no {SEARCH_FILE})")
     if resume:  # the search goes on as it was started
         settings = SearchSettings(**json.loads(state_file.read_text())["settings"])
     if not resume and state_file.exists():
-        raise ConfigError(f"search {settings.name!r} already exists in {search_dir.parent}: continue it with "
+        raise ConfigError(f"search {settings.name!r} already exists in {base.run.storage_path}: continue it with "
                           "--resume or choose another --name")
-    return space, settings, search_dir
+    return space, settings, search
 
 
 def _concurrency(base: ExperimentConfig, space, settings: SearchSettings) -> tuple[dict[str, float], int]:
@@ -294,9 +311,9 @@ def _record_search_on_parent(parent, base: ExperimentConfig, space, settings: Se
     parent.log_artifact(search_dir / "base_config.yaml", "config")
 
 
-def _tuner(base: ExperimentConfig, space, settings: SearchSettings, search_dir: Path, tags: dict[str, str],
+def _tuner(base: ExperimentConfig, space, settings: SearchSettings, search_dir: str, tags: dict[str, str],
            tags_by_variant: dict | None, max_concurrent: int, resume: bool, retry_failed: bool, verbose: bool):
-    """The Tuner of the search (restored from ``search_dir`` on ``resume``)."""
+    """The Tuner of the search (restored from ``search_dir``, its location, on ``resume``)."""
     from ray import tune
 
     trainable = tune.with_resources(
@@ -304,7 +321,7 @@ def _tuner(base: ExperimentConfig, space, settings: SearchSettings, search_dir: 
                              tags=tags, variant_tags=tags_by_variant),
         TRIAL_DRIVER_RESOURCES)
     if resume:
-        return tune.Tuner.restore(str(search_dir), trainable, resume_unfinished=True, resume_errored=retry_failed,
+        return tune.Tuner.restore(search_dir, trainable, resume_unfinished=True, resume_errored=retry_failed,
                                   restart_errored=False)
     return tune.Tuner(
         trainable,
@@ -316,7 +333,7 @@ def _tuner(base: ExperimentConfig, space, settings: SearchSettings, search_dir: 
             trial_name_creator=lambda trial: trial.trial_id,
             trial_dirname_creator=lambda trial: trial.trial_id),
         run_config=tune.RunConfig(
-            name=settings.name, storage_path=str(search_dir.parent),
+            name=settings.name, storage_path=base.run.storage_path,
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
             verbose=1 if verbose else 0),
     )
