@@ -303,9 +303,10 @@ def build_trainer(cfg: ExperimentConfig, guard: RunGuard, run_dir: Path, tags: d
 
 
 def end_mlflow_run(cfg: ExperimentConfig, run_dir: Path, status: str, verbose: bool) -> None:
-    """The workers are gone: the driver ends the MLflow run (same run, same journal). Not when rank 0 had
-    finished it (a Tune trial stopped right after its last report)."""
-    if cfg.tracking.enabled and Journal.exists(run_dir) and Journal(run_dir).end_status() != "FINISHED":
+    """The workers are gone: the driver ends the MLflow run (same run, same journal). Not when it has
+    ended already: rank 0 finished it, or the driver of an interrupted search marked it KILLED before this
+    trial's driver saw its workers die."""
+    if cfg.tracking.enabled and Journal.exists(run_dir) and Journal(run_dir).end_status() is None:
         RunTracker(run_dir, background=False, verbose=verbose).close(status, final_flush_timeout_s=5)
 
 
