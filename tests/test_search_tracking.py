@@ -97,9 +97,10 @@ def test_asha_trials_that_reach_max_t_end_in_mlflow_as_the_report_says(shards, m
         assert run.data.tags["mlflow.parentRunId"] == out.parent_run_id
         assert [m.value for m in sorted(client.get_metric_history(run.info.run_id, "epoch"),
                                         key=lambda m: m.step)] == [float(e + 1) for e in range(record.epochs_run)]
-    for record in (good, zero_lr):
+    for record in (good, zero_lr):  # saved to the end: curves and the MLflow model (rank 0's last step)
         run = by_id[record.mlflow_run_id]
         assert len(client.get_metric_history(run.info.run_id, "bbox_AP")) == 2
+        assert len(client.get_run(run.info.run_id).outputs.model_outputs) == 1, record.trial_id
         assert {"curves/loss.png", "curves/bbox_AP.png"} <= {a.path for a in client.list_artifacts(
             run.info.run_id, "curves")}
     assert by_id[good.mlflow_run_id].info.run_name == "lr_per_16_images=0.08"
@@ -120,8 +121,8 @@ def test_asha_trials_that_reach_max_t_end_in_mlflow_as_the_report_says(shards, m
     assert [row.split(" | ")[0] for row in table[1:]] == [
         f"| [lr_per_16_images=0.08](#/experiments/{out.experiment_id}/runs/{good.mlflow_run_id})",
         f"| [lr_per_16_images=1e-12](#/experiments/{out.experiment_id}/runs/{zero_lr.mlflow_run_id})",
-        f"| [train_shards={shards / 'shards' / 'nope'}](#/experiments/{out.experiment_id}/runs/"
-        f"{broken.mlflow_run_id})"]
+        (f"| [train_shards={shards / 'shards' / 'nope'}](#/experiments/{out.experiment_id}/runs/"
+         f"{broken.mlflow_run_id})")]
     assert note.startswith(f"**Winner: [lr_per_16_images=0.08](#/experiments/{out.experiment_id}/runs/"
                            f"{good.mlflow_run_id})** -- best loss **{good.best_metric:.4f}**")
     assert "3 trials: 2 finished, 0 stopped early, 1 failed." in note
@@ -258,3 +259,42 @@ def test_description_and_labels_from_records():
     assert "| [alpha=0.299]" in long_note.splitlines()[4]
     assert short_names(["model.loss.alpha", "x.alpha", "model.num_points"]) == {
         "model.loss.alpha": "loss.alpha", "x.alpha": "x.alpha", "model.num_points": "num_points"}
+
+
+def test_interrupted_trials_are_found_in_the_saved_experiment_state(tmp_path):
+    """After Ctrl-C Tune saves its state, then marks the trials it stops TERMINATED in memory: the saved
+    state says which had not ended (KILLED in the report)."""
+    import types
+
+    import pandas as pd
+
+    from pipelines.tune.records import SearchSettings
+    from pipelines.tune.report import trial_records, tune_statuses
+
+    def state(statuses: dict[str, str]) -> str:
+        return json.dumps({"trial_data": [[json.dumps({"trial_id": t, "status": s}), "{}"]
+                                          for t, s in statuses.items()], "runner_data": {}, "stats": {}})
+
+    (tmp_path / "experiment_state-2026-01-01_00-00-00.json").write_text(state({"a": "RUNNING", "b": "RUNNING"}))
+    time.sleep(0.05)
+    (tmp_path / "experiment_state-2026-01-01_00-00-09.json").write_text(
+        state({"a": "TERMINATED", "b": "RUNNING", "c": "PENDING", "d": "ERROR"}))
+    in_memory = types.SimpleNamespace(trials=[types.SimpleNamespace(trial_id=t, status="TERMINATED") for t in "abcd"])
+    grid = types.SimpleNamespace(experiment_path=str(tmp_path), _experiment_analysis=in_memory)
+    statuses = tune_statuses(grid)
+    assert statuses == {"a": "TERMINATED", "b": "RUNNING", "c": "PENDING", "d": "ERROR"}
+
+    def result(tid, epochs):
+        return types.SimpleNamespace(path=str(tmp_path / tid), config={"overrides": {"model.loss.alpha": 0.1}},
+                                     metrics_dataframe=pd.DataFrame([{"epoch": e + 1, "loss": 1.0} for e in range(epochs)]),
+                                     metrics=None, error=None)
+
+    cfg = load_config(REPO_ROOT / "configs" / "tiny_bbox.yaml", ["train.epochs=2", "train.lr_steps=[]"])
+    results = [result("a", 1), result("b", 1), result("c", 0), result("d", 2)]
+    records = trial_records(results, cfg, SearchSettings("s", "loss", mode="min"), tmp_path, statuses, interrupted=True)
+    assert [(r.trial_id, r.status) for r in records] == [("a", "EARLY_STOPPED"), ("b", "KILLED"), ("c", "KILLED"),
+                                                         ("d", "FINISHED")]
+    records = trial_records(results, cfg, SearchSettings("s", "loss", mode="min"), tmp_path, statuses)
+    assert [r.status for r in records] == ["EARLY_STOPPED", "EARLY_STOPPED", "EARLY_STOPPED", "FINISHED"]
+    assert tune_statuses(types.SimpleNamespace(experiment_path=str(tmp_path / "none"), _experiment_analysis=in_memory)) \
+        == dict.fromkeys("abcd", "TERMINATED")

@@ -175,6 +175,16 @@ def compare_url(tracking_uri: str, experiment_ids: list[str], run_ids: list[str]
     return f"{_ui_base(tracking_uri)}/{compare_route(experiment_ids, run_ids)}"
 
 
+def runs_view_route(experiment_id: str, share_key: str) -> str:
+    """The UI's route of the experiment's runs list in a saved (shared) view: its filter, sort and columns
+    from the experiment tag ``mlflow.sharedViewState.<share_key>``; in the "Model training" view."""
+    return f"#/experiments/{experiment_id}/runs?viewStateShareKey={share_key}&workflowType=machine_learning"
+
+
+def runs_view_url(tracking_uri: str, experiment_id: str, share_key: str) -> str:
+    return f"{_ui_base(tracking_uri)}/{runs_view_route(experiment_id, share_key)}"
+
+
 def _ui_base(tracking_uri: str) -> str:
     return tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) \
         else f"http://127.0.0.1:{UI_PORT}"

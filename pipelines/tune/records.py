@@ -98,6 +98,7 @@ class SearchOutcome:
     parent_run_id: str | None
     settings: SearchSettings
     experiment_id: str | None = None  # the MLflow experiment of the parent and child runs
+    runs_view: str | None = None  # the key of the saved runs-list view of the search (viewStateShareKey)
 
 
 def trial_run_name(search_name: str, trial_id: str) -> str:

@@ -66,8 +66,20 @@ def error_line(error: BaseException | str | None) -> str | None:
 
 
 def tune_statuses(grid) -> dict[str, str]:
-    """Tune's status of each trial of a finished ``Tuner.fit()`` (TERMINATED, ERROR, or -- after an
-    interrupted search -- RUNNING / PENDING / PAUSED), by trial id; empty when the grid does not say."""
+    """Tune's status of each trial when ``Tuner.fit()`` ended (TERMINATED, ERROR, or -- after an
+    interrupted search -- RUNNING / PENDING / PAUSED), by trial id; empty when nothing says.
+
+    Read from the experiment state Tune saved last (``experiment_state-*.json`` in the search directory,
+    which ``--resume`` restores from): after Ctrl-C Tune saves the state and only then stops the trials,
+    marking them TERMINATED in memory -- so the grid's own trials would call an interrupted trial ended."""
+    path = getattr(grid, "experiment_path", None)
+    states = sorted(Path(path).glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime) if path else []
+    if states:
+        try:
+            trials = [json.loads(trial) for trial, _ in json.loads(states[-1].read_text())["trial_data"]]
+            return {t["trial_id"]: str(t["status"]) for t in trials}
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
     analysis = getattr(grid, "_experiment_analysis", None)
     return {t.trial_id: str(t.status) for t in getattr(analysis, "trials", None) or []}
 
@@ -293,14 +305,45 @@ _NOTE_LIMIT = 7800
 _COMPARE_LIMIT = 40
 
 
+def share_runs_view(tracking_uri: str | None, experiment_id: str | None, settings: SearchSettings,
+                    parent_run_id: str | None, keys: list[str]) -> str | None:
+    """A saved view of the experiment's runs list for this search: only its trials, best first, with the
+    searched values and the metric as columns -- the list's default columns show neither. Stored as MLflow's shared view state (the experiment tag ``mlflow.sharedViewState.<key>``
+    that the UI's Share button writes); returns the key (the UI's ``?viewStateShareKey=``), None when the
+    store did not take it (the view is a convenience: never fails the search)."""
+    import hashlib
+
+    if not (tracking_uri and experiment_id and parent_run_id):
+        return None
+    # the trials only: with their parent in the result they would sit folded under it
+    state = {"searchFilter": f"tags.`lsnet.search` = '{settings.name}' and tags.`lsnet.kind` = 'trial'",
+             "orderByKey": f"metrics.`{settings.metric}`", "orderByAsc": settings.mode == "min",
+             "selectedColumns": [f"params.`{k}`" for k in keys] + [f"metrics.`{settings.metric}`",
+                                                                    "attributes.`Source`"]}
+    text = json.dumps(state, sort_keys=True)
+    key = hashlib.sha256(text.encode()).hexdigest()[:32]
+    try:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri).set_experiment_tag(experiment_id, f"{SHARED_VIEW_TAG_PREFIX}{key}", text)
+    except Exception as err:  # noqa: BLE001 - any store error: no view, the search's records are complete
+        print(f"[mlflow] no saved runs view for the search ({type(err).__name__})", flush=True)
+        return None
+    return key
+
+
+#: MLflow UI's shared views of an experiment's runs list (experiment tags)
+SHARED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+
+
 def search_description(records: list[TrialRecord], best: TrialRecord | None, settings: SearchSettings,
                        experiment_id: str | None, searched: dict[str, str] | None = None,
-                       interrupted: bool = False) -> str:
+                       interrupted: bool = False, runs_view: str | None = None) -> str:
     """The parent run's MLflow description (markdown): the winner and a link to MLflow's compare view of
     the trials first, then one row per trial best first -- the searched values, status, epochs, final and
     best metric, each row linked to its run -- then the counts, what was searched and the failed trials'
     errors. Links are relative to the UI (``#/experiments/...``): they work on whatever host serves it."""
-    from pipelines.tracking.store import compare_route
+    from pipelines.tracking.store import compare_route, runs_view_route
 
     metric = settings.metric
     keys = searched_keys(records)
@@ -325,6 +368,8 @@ def search_description(records: list[TrialRecord], best: TrialRecord | None, set
     if experiment_id and len(run_ids) > 1:
         what = f"the {len(run_ids)} trials" if len(run_ids) <= _COMPARE_LIMIT else f"the best {_COMPARE_LIMIT} trials"
         head[-1] += f" [Compare {what}]({compare_route([experiment_id], run_ids[:_COMPARE_LIMIT])})"
+    if experiment_id and runs_view:
+        head[-1] += f" · [The trials in the runs list]({runs_view_route(experiment_id, runs_view)})"
     header = ["run", *(short[k] for k in keys), "status", "epochs", f"final {metric}", f"best {metric}"]
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in ranked(records, settings.mode):
@@ -445,20 +490,22 @@ def finish_search(grid, base: ExperimentConfig, settings: SearchSettings, search
         if close_parent:
             searched = {k.removeprefix("space."): v for k, v in parent.journal.logged_params.items()
                         if k.startswith("space.")}
+            view = share_runs_view(tracking_uri, experiment_id, settings, parent.run_id, searched_keys(records))
             parent.set_tags({NOTE_TAG: search_description(records, best, settings, experiment_id, searched,
-                                                           interrupted),
+                                                           interrupted, view),
                              "lsnet.search": settings.name})
             parent.close("KILLED" if interrupted else "FINISHED")
     outcome = SearchOutcome(search_dir=search_dir, trials=records, best=best, best_config=best_cfg,
                             tracking_uri=tracking_uri, parent_run_id=parent.run_id if parent else None,
-                            settings=settings, experiment_id=experiment_id)
+                            settings=settings, experiment_id=experiment_id,
+                            runs_view=view if parent is not None and close_parent else None)
     if verbose:
         print_summary(outcome, interrupted)
     return outcome
 
 
 def print_summary(outcome: SearchOutcome, interrupted: bool = False) -> None:
-    from pipelines.tracking.store import compare_url, run_url, ui_command
+    from pipelines.tracking.store import compare_url, run_url, runs_view_url, ui_command
 
     metric = outcome.settings.metric
     print(results_markdown(outcome.trials, metric))
@@ -484,3 +531,6 @@ def print_summary(outcome: SearchOutcome, interrupted: bool = False) -> None:
         if outcome.experiment_id and len(run_ids) > 1:
             print(f"  the trials side by side (parallel coordinates over the searched values): "
                   f"{compare_url(outcome.tracking_uri, [outcome.experiment_id], run_ids)}")
+        if outcome.experiment_id and outcome.runs_view:
+            print(f"  the trials in the runs list, values and {metric} as columns: "
+                  f"{runs_view_url(outcome.tracking_uri, outcome.experiment_id, outcome.runs_view)}")

@@ -209,9 +209,9 @@ def run_trials(base: ExperimentConfig, space: SearchSpace | list[dict[str, Any]]
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     owns_parent = parent is None
     tracking_uri = None
-    with _sigterm_as_ctrl_c() as sigterm:
+    start_ray(address=address, verbose=verbose)  # a local Ray on 127.0.0.1 that ends with this command
+    with _sigterm_as_ctrl_c() as sigterm:  # (after ray.init, which sets its own SIGTERM handler: exit)
         try:
-            start_ray(address=address, verbose=verbose)  # a local Ray on 127.0.0.1 that ends with this command
             need, max_concurrent = _concurrency(base, space, settings)
             search_dir.mkdir(parents=True, exist_ok=True)
             if base.tracking.enabled:
