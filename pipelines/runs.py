@@ -125,7 +125,7 @@ def run_labels(runs, keys: list[str]) -> dict[str, str]:
 
     labels = {}
     for r in runs:
-        values = {k: r.data.params[k] for k in keys if k in r.data.params}
+        values = {k: _param_value(r.data.params[k]) for k in keys if k in r.data.params}
         labels[r.info.run_id] = values_label(values, keys) if values else (r.info.run_name or r.info.run_id)
     counts: dict[str, int] = {}
     for label in labels.values():
@@ -180,3 +180,13 @@ def metric_curve(client, run_id: str, metric: str, x: str) -> list[tuple[float, 
     return [(epoch_at[step], value) for step, value in points if step in epoch_at]
 
 
+
+
+def _param_value(text: str):
+    """A logged param as the value it was (``"0.10"`` -> 0.1), so labels read as the search's names do."""
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text

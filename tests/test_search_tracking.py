@@ -298,3 +298,95 @@ def test_interrupted_trials_are_found_in_the_saved_experiment_state(tmp_path):
     assert [r.status for r in records] == ["EARLY_STOPPED", "EARLY_STOPPED", "EARLY_STOPPED", "FINISHED"]
     assert tune_statuses(types.SimpleNamespace(experiment_path=str(tmp_path / "none"), _experiment_analysis=in_memory)) \
         == dict.fromkeys("abcd", "TERMINATED")
+
+
+@pytest.mark.parametrize("grace_period", [1, 2])
+def test_asha_never_stops_a_trial_at_its_last_epoch(grace_period):
+    """Ray's ASHA has a rung at max_t itself: a trial below its cutoff was stopped right after reporting
+    its last epoch (while it was still saving). Ours lets it finish and still stops at earlier rungs."""
+    import types
+
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from pipelines.tune.scheduler import LastEpochASHA
+
+    def decisions(scheduler_class) -> list[str]:
+        scheduler = scheduler_class(time_attr="epoch", metric="loss", mode="min", max_t=2, grace_period=grace_period,
+                                    reduction_factor=2, stop_last_trials=False)
+        good, bad = types.SimpleNamespace(trial_id="good"), types.SimpleNamespace(trial_id="bad")
+        for trial in (good, bad):
+            scheduler.on_trial_add(None, trial)
+        out = []
+        for trial, epoch, loss in ((good, 1, 2.9), (good, 2, 2.7), (bad, 1, 2.8), (bad, 2, 3.1)):
+            out.append(scheduler.on_trial_result(None, trial, {"epoch": epoch, "loss": loss}))
+        return out
+
+    from pipelines.tune.records import SearchSettings
+    from pipelines.tune.trials import _scheduler
+
+    assert type(_scheduler(SearchSettings("s", "loss", mode="min", grace_period=grace_period), 2)) is LastEpochASHA
+    c, stop = TrialScheduler.CONTINUE, TrialScheduler.STOP
+    assert decisions(ASHAScheduler)[-1] == stop  # Ray's: the last epoch's report stops a finished trial
+    assert decisions(LastEpochASHA) == [c, c, c, c]
+    # an earlier rung still stops a weak trial (grace period 1: the rung at epoch 1)
+    scheduler = LastEpochASHA(time_attr="epoch", metric="loss", mode="min", max_t=3, grace_period=1,
+                              reduction_factor=2, stop_last_trials=False)
+    a, b = types.SimpleNamespace(trial_id="a"), types.SimpleNamespace(trial_id="b")
+    for trial in (a, b):
+        scheduler.on_trial_add(None, trial)
+    assert scheduler.on_trial_result(None, a, {"epoch": 1, "loss": 1.0}) == c
+    assert scheduler.on_trial_result(None, b, {"epoch": 1, "loss": 2.0}) == stop
+
+
+def _trial_journal(tmp_path: Path, name: str, store: str, epochs: int, end: str | None):
+    """A trial's run directory as its workers left it: ``epochs`` epochs logged and uploaded, the run
+    ended ``end`` (None: the workers were killed before they ended it)."""
+    from pipelines.tracking.tracker import RunTracker
+
+    run_dir = tmp_path / "trials" / name
+    run_dir.mkdir(parents=True)
+    tracker = RunTracker(run_dir, store, "lsnet-tiny", name, background=False, verbose=False)
+    records = []
+    for epoch in range(1, epochs + 1):
+        tracker.log_metrics({"epoch": epoch, "epoch_loss": 3.0 - epoch / 10, "bbox_AP": epoch / 100}, step=epoch * 4)
+        records.append({"epoch": epoch, "loss": 3.0 - epoch / 10, "loss_cls": 1.0, "bbox_AP": epoch / 100})
+    (run_dir / "epochs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run_dir / "workers").mkdir()  # the worker is gone: a pid no process has
+    (run_dir / "workers" / "rank0.json").write_text(json.dumps({"pid": 2**22 + 7, "hostname": "elsewhere"}))
+    tracker.flush()
+    if end is not None:
+        tracker.close(end, final_flush_timeout_s=5)
+    return run_dir
+
+
+@pytest.mark.parametrize("left, status, mlflow_status", [
+    (None, "FINISHED", "FINISHED"),          # killed while saving after its last epoch: the report's FINISHED
+    ("FAILED", "EARLY_STOPPED", "FINISHED"),  # Tune stopped it; its driver saw the workers die and said FAILED
+    (None, "KILLED", "KILLED"),               # the search was interrupted
+    ("FINISHED", "FINISHED", "FINISHED"),     # ended by itself: left as it is
+])
+def test_child_run_ends_with_the_report_status(tmp_path, left, status, mlflow_status):
+    from pipelines.tracking.journal import Journal
+    from pipelines.tune.records import TrialRecord
+    from pipelines.tune.report import close_child_run
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    epochs = 1 if status == "EARLY_STOPPED" else 2
+    run_dir = _trial_journal(tmp_path, "s-t_00000", store, epochs, left)
+    cfg = load_config(REPO_ROOT / "configs" / "tiny_bbox.yaml", ["train.epochs=2", "train.lr_steps=[]"])
+    record = TrialRecord("t_00000", "s-t_00000", run_dir, {"model.loss.alpha": 0.1}, status, epochs, 0.02, 0.02)
+    close_child_run(record, cfg, store, {"lsnet.search": "s"})
+    client, runs = mlflow_runs(store)
+    (run,) = runs
+    assert run.info.run_id == record.mlflow_run_id and run.info.status == mlflow_status
+    assert [m.value for m in sorted(client.get_metric_history(run.info.run_id, "epoch"), key=lambda m: m.step)] == \
+        [float(e) for e in range(1, epochs + 1)]
+    assert Journal(run_dir).end_status() == mlflow_status and Journal(run_dir).pending() == 0
+    curves = {a.path for a in client.list_artifacts(run.info.run_id, "curves")}
+    if status == "EARLY_STOPPED":
+        assert run.data.tags["lsnet.early_stopped"] == "true" and run.data.tags["lsnet.stopped_after_epoch"] == "1"
+        assert curves == {"curves/loss.png", "curves/bbox_AP.png"}  # drawn by the driver: rank 0 never did
+    if status == "KILLED":
+        assert "--resume" in run.data.tags["mlflow.note.content"] and curves == {"curves/loss.png", "curves/bbox_AP.png"}
+    if status == "FINISHED":
+        assert "lsnet.early_stopped" not in run.data.tags and "mlflow.note.content" not in run.data.tags
