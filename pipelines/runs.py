@@ -8,6 +8,10 @@
 - ``lsnet runs plot RUN_ID... [--metric segm_AP] [--x epoch|step] [--out runs.png]``: one PNG with the
   metric of each run (a search's parent id stands for its trials), early-stopped runs dashed.
 
+For a search's parent run the metric and mode default to the search's own (its ``metric`` / ``mode``
+params), and its trials are labelled by their searched values (``alpha=0.1``, the parent's ``space.*``
+params); otherwise the task's AP found in the runs, maximised.
+
 Any tracking URI works: ``--tracking-uri`` (an ``http://`` server, ``sqlite:///...``, or the path of a
 ``.db`` file such as a search's ``mlflow.db``), else ``$MLFLOW_TRACKING_URI``.
 """
@@ -78,25 +82,55 @@ def child_runs(client, parent) -> list:
                               filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", max_results=10000)
 
 
-def runs_behind(client, run_ids: list[str]) -> list:
-    """The runs ``run_ids`` name: a parent run stands for its children."""
-    runs = []
+def runs_behind(client, run_ids: list[str]) -> tuple[list, list]:
+    """The runs ``run_ids`` name (a parent run stands for its children), and the parents among them."""
+    runs, parents = [], []
     for run_id in run_ids:
         run = get_run(client, run_id)
-        runs += child_runs(client, run) or [run]
-    return runs
+        children = child_runs(client, run)
+        runs += children or [run]
+        parents += [run] if children else []
+    return runs, parents
 
 
-def find_runs(client, target: str) -> tuple[list, str]:
-    """The runs of experiment ``target``, or the child runs of parent run ``target``; and a title."""
+def find_runs(client, target: str) -> tuple[list, str, object | None]:
+    """The runs of experiment ``target``, or the child runs of parent run ``target``; a title; the parent
+    run (None for an experiment)."""
     if re.fullmatch(r"[0-9a-f]{32}", target):
         parent = get_run(client, target)
-        return child_runs(client, parent), f"children of {parent.info.run_name} ({target})"
+        return child_runs(client, parent), f"children of {parent.info.run_name} ({target})", parent
     experiment = client.get_experiment_by_name(target)
     if experiment is None:
         names = [e.name for e in client.search_experiments()]
         raise RunsError(f"no experiment {target!r} (and not a run id); experiments: {', '.join(names) or 'none'}")
-    return client.search_runs([experiment.experiment_id], max_results=10000), f"experiment {target}"
+    return client.search_runs([experiment.experiment_id], max_results=10000), f"experiment {target}", None
+
+
+def search_metric(parents: list) -> tuple[str | None, str | None]:
+    """``(metric, mode)`` that the search(es) behind ``parents`` optimised (their ``metric`` / ``mode``
+    params, logged by ``lsnet tune``); ``(None, None)`` if none says, or they disagree."""
+    found = {(p.data.params.get("metric"), p.data.params.get("mode")) for p in parents if "metric" in p.data.params}
+    return next(iter(found)) if len(found) == 1 else (None, None)
+
+
+def searched_keys_of(parents: list) -> list[str]:
+    """The config keys a search varied (its parent's ``space.<key>`` params)."""
+    return sorted({k.removeprefix("space.") for p in parents for k in p.data.params if k.startswith("space.")})
+
+
+def run_labels(runs, keys: list[str]) -> dict[str, str]:
+    """Each run's label by run id: its values of ``keys`` (``alpha=0.1``), else its name; unique (two
+    runs with the same label get the start of their run ids)."""
+    from pipelines.tune.records import values_label
+
+    labels = {}
+    for r in runs:
+        values = {k: _param_value(r.data.params[k]) for k in keys if k in r.data.params}
+        labels[r.info.run_id] = values_label(values, keys) if values else (r.info.run_name or r.info.run_id)
+    counts: dict[str, int] = {}
+    for label in labels.values():
+        counts[label] = counts.get(label, 0) + 1
+    return {rid: f"{label} ({rid[:8]})" if counts[label] > 1 else label for rid, label in labels.items()}
 
 
 def differing_params(runs) -> list[str]:
@@ -146,3 +180,13 @@ def metric_curve(client, run_id: str, metric: str, x: str) -> list[tuple[float, 
     return [(epoch_at[step], value) for step, value in points if step in epoch_at]
 
 
+
+
+def _param_value(text: str):
+    """A logged param as the value it was (``"0.10"`` -> 0.1), so labels read as the search's names do."""
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text

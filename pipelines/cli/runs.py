@@ -16,7 +16,10 @@ from pipelines.runs import (
     find_runs,
     guess_metric,
     metric_curve,
+    run_labels,
     runs_behind,
+    search_metric,
+    searched_keys_of,
     tracking_uri_from,
 )
 from pipelines.text import format_table
@@ -28,13 +31,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     listing.add_argument("--experiment", default=None, help="only this experiment")
     compare = sub.add_parser("compare", help="runs of an experiment / trials of a search side by side")
     compare.add_argument("target", help="experiment name, or the run id of a search's parent run")
-    compare.add_argument("--metric", default=None, help="metric to show (default: the task's AP found in the runs)")
-    compare.add_argument("--mode", choices=("max", "min"), default="max", help="what 'best' means for --metric")
+    compare.add_argument("--metric", default=None,
+                         help="metric to show (default: a search's own metric, else the task's AP found in the runs)")
+    compare.add_argument("--mode", choices=("max", "min"), default=None,
+                         help="what 'best' means for --metric (default: the search's mode, else max)")
     compare.add_argument("--sort", action="store_true", help="best first")
     compare.add_argument("--csv", action="store_true", help="CSV instead of a table")
     plot = sub.add_parser("plot", help="PNG of a metric over epochs (or steps) for runs, or a search's trials")
     plot.add_argument("runs", nargs="+", help="run ids; a search's parent run id stands for its trials")
-    plot.add_argument("--metric", default=None, help="metric to plot (default: the task's AP found in the runs)")
+    plot.add_argument("--metric", default=None,
+                      help="metric to plot (default: a search's own metric, else the task's AP found in the runs)")
     plot.add_argument("--x", choices=("epoch", "step"), default="epoch",
                       help="epoch (metrics logged at an epoch's end) or optimiser step")
     plot.add_argument("--out", default="runs.png", help="PNG file to write (default: runs.png)")
@@ -51,16 +57,19 @@ def run(args: argparse.Namespace) -> int:
         return _list(client, args)
     if args.action == "plot":
         return _plot(client, args)
-    runs, title = find_runs(client, args.target)
+    runs, title, parent = find_runs(client, args.target)
     if not runs:
         print(f"lsnet runs: no runs in {title}", file=sys.stderr)
         return 1
-    metric = args.metric or guess_metric(runs)
-    header, rows, scores = compare_rows(client, runs, metric, args.mode)
+    own_metric, own_mode = search_metric([parent] if parent is not None else [])
+    metric = args.metric or own_metric or guess_metric(runs)
+    # the search's mode goes with the search's metric only
+    mode = args.mode or (own_mode if metric == own_metric and own_mode else "max")
+    header, rows, scores = compare_rows(client, runs, metric, mode)
     if args.sort:
-        worst = -float("inf") if args.mode == "max" else float("inf")
+        worst = -float("inf") if mode == "max" else float("inf")
         order = sorted(range(len(rows)), key=lambda i: worst if scores[i] is None else scores[i],
-                       reverse=args.mode == "max")
+                       reverse=mode == "max")
         rows = [rows[i] for i in order]
     if args.csv:
         out = io.StringIO()
@@ -94,12 +103,13 @@ def _list(client, args: argparse.Namespace) -> int:
 def _plot(client, args: argparse.Namespace) -> int:
     from pipelines.plots import plot_series
 
-    runs = runs_behind(client, args.runs)
-    metric = args.metric or guess_metric(runs)
-    series = {r.info.run_name or r.info.run_id: metric_curve(client, r.info.run_id, metric, args.x) for r in runs}
+    runs, parents = runs_behind(client, args.runs)
+    metric = args.metric or search_metric(parents)[0] or guess_metric(runs)
+    labels = run_labels(runs, searched_keys_of(parents))  # a search's trials by their values: alpha=0.1
+    series = {labels[r.info.run_id]: metric_curve(client, r.info.run_id, metric, args.x) for r in runs}
     if not any(series.values()):
         raise RunsError(f"no run has {metric} per {args.x}" + (" (try --x step)" if args.x == "epoch" else ""))
-    dashed = {r.info.run_name or r.info.run_id for r in runs if r.data.tags.get("lsnet.early_stopped") == "true"}
+    dashed = {labels[r.info.run_id] for r in runs if r.data.tags.get("lsnet.early_stopped") == "true"}
     path = plot_series(series, args.out, xlabel=args.x, ylabel=metric, dashed=dashed)
     print(f"{path}: {metric} per {args.x} of {sum(bool(v) for v in series.values())} runs")
     return 0

@@ -12,6 +12,7 @@ journal like any outage. For a cluster use an ``http://`` tracking server.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -155,6 +156,39 @@ def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) \
         else f"http://127.0.0.1:{UI_PORT}"
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
+def compare_route(experiment_ids: list[str], run_ids: list[str]) -> str:
+    """The UI's route (after the host) of MLflow's compare-runs page for ``run_ids``: a table of their
+    params and metrics, and parallel-coordinates, scatter and contour plots over them (MLflow 3.17's
+    route ``#/compare-runs?runs=[...]&experiments=[...]``, JSON lists, percent-encoded here)."""
+    from urllib.parse import quote
+
+    def as_json(ids: list[str]) -> str:
+        return quote(json.dumps(list(ids), separators=(",", ":")), safe="")
+
+    return f"#/compare-runs?runs={as_json(run_ids)}&experiments={as_json(experiment_ids)}"
+
+
+def compare_url(tracking_uri: str, experiment_ids: list[str], run_ids: list[str]) -> str:
+    """The compare-runs page of ``run_ids`` in the MLflow UI (see :func:`compare_route`), on the UI that
+    :func:`ui_command` starts for a local store, or on the tracking server."""
+    return f"{_ui_base(tracking_uri)}/{compare_route(experiment_ids, run_ids)}"
+
+
+def runs_view_route(experiment_id: str, share_key: str) -> str:
+    """The UI's route of the experiment's runs list in a saved (shared) view: its filter, sort and columns
+    from the experiment tag ``mlflow.sharedViewState.<share_key>``; in the "Model training" view."""
+    return f"#/experiments/{experiment_id}/runs?viewStateShareKey={share_key}&workflowType=machine_learning"
+
+
+def runs_view_url(tracking_uri: str, experiment_id: str, share_key: str) -> str:
+    return f"{_ui_base(tracking_uri)}/{runs_view_route(experiment_id, share_key)}"
+
+
+def _ui_base(tracking_uri: str) -> str:
+    return tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) \
+        else f"http://127.0.0.1:{UI_PORT}"
 
 
 _prepared: set[str] = set()

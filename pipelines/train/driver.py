@@ -314,12 +314,13 @@ def build_trainer(cfg: ExperimentConfig, guard: RunGuard, run: storage.MirroredD
 
 def end_mlflow_run(cfg: ExperimentConfig, run: storage.MirroredDir, status: str, verbose: bool) -> None:
     """The workers are gone: the driver ends the MLflow run (same run, same journal -- the one rank 0
-    stored at the run's location). Not when rank 0 had finished it (a Tune trial stopped right after its
-    last report)."""
+    stored at the run's location). Not when it has ended already: rank 0 finished it (a Tune trial stopped
+    right after its last report), or the driver of an interrupted search marked it KILLED before this
+    trial's driver saw its workers die."""
     if not cfg.tracking.enabled:
         return
     run.pull()
-    if Journal.exists(run.local) and Journal(run.local).end_status() != "FINISHED":
+    if Journal.exists(run.local) and Journal(run.local).end_status() is None:
         RunTracker(run.local, background=False, verbose=verbose).close(status, final_flush_timeout_s=5)
         run.push()
 

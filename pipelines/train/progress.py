@@ -63,6 +63,7 @@ def open_tracker(cfg: ExperimentConfig, ctx: WorkerContext, tags: dict[str, Any]
     tracker = RunTracker(ctx.run_dir, cfg.tracking.uri, cfg.tracking.experiment, ctx.run_dir.name,
                          flush_interval_s=cfg.tracking.flush_interval_s,
                          retry_interval_s=cfg.tracking.retry_interval_s)
+    tracker.reopen()  # a run that ended (KILLED by an interrupted driver, FAILED) and resumes: RUNNING again
     tracker.log_params(flatten(to_dict(cfg)))
     tracker.set_tags({**tags, "num_workers": ctx.world, "device": ctx.device.type})
     tracker.log_datasets([shard_dataset(cfg.data.train_shards, "train")]

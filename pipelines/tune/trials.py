@@ -27,10 +27,13 @@ The names and records of a search live in :mod:`pipelines.tune.records`; the rep
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +48,12 @@ from pipelines.tune.records import (
     SearchOutcome,
     SearchSettings,
     _plain,
+    check_metric,
     trial_run_name,
+    values_label,
     variant_key,
 )
-from pipelines.tune.report import finish_search
+from pipelines.tune.report import end_interrupted_search, finish_search, tune_statuses
 from pipelines.tune.space import SearchSpace, trial_config, validate_space, validate_variants
 
 # --------------------------------------------------------------------------------------------------
@@ -72,6 +77,7 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any], search_name: str, se
     run = dataclasses.replace(cfg.run, name=name, storage_path=storage.join(search_dir, TRIALS_DIRNAME))
     cfg = dataclasses.replace(cfg, run=run)
     trial_tags = {**tags, "lsnet.trial_id": trial_id,
+                  "mlflow.runName": values_label(overrides) or name,  # the trial by its values: alpha=0.1
                   **{key: json.dumps(_plain(value)) if not isinstance(value, str) else value
                      for key, value in overrides.items()},
                   **(variant_tags or {}).get(variant_key(overrides), {})}
@@ -160,13 +166,14 @@ def _grid_space(space: SearchSpace) -> SearchSpace:
 
 
 def _scheduler(settings: SearchSettings, epochs: int):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     if settings.scheduler == "fifo":
         return FIFOScheduler()
-    # stop_last_trials=False: a trial that reaches the last epoch ends by itself (writes its final
-    # weights and closes its MLflow run) instead of being stopped by the scheduler right after its report.
-    return ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=settings.grace_period,
+    from pipelines.tune.scheduler import LastEpochASHA
+
+    # (its own module: the class subclasses Ray's, and Tune pickles it into the search state)
+    return LastEpochASHA(time_attr="epoch", max_t=epochs, grace_period=settings.grace_period,
                          reduction_factor=settings.reduction_factor, stop_last_trials=False)
 
 
@@ -204,43 +211,64 @@ def run_trials(base: ExperimentConfig, space: SearchSpace | list[dict[str, Any]]
     # The task's AP arrives only on evaluation epochs; ASHA skips results without it (Tune's strict
     # check would instead fail the trial).
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    start_ray(address=address, verbose=verbose)  # a local Ray on 127.0.0.1 that ends with this command
-    need, max_concurrent = _concurrency(base, space, settings)
-    search_dir.mkdir(parents=True, exist_ok=True)
     owns_parent = parent is None
-    if base.tracking.enabled:
-        from pipelines.tracking.store import open_store
+    tracking_uri = None
+    start_ray(address=address, verbose=verbose)  # a local Ray on 127.0.0.1 that ends with this command
+    with _sigterm_as_ctrl_c() as sigterm:  # (after ray.init, which sets its own SIGTERM handler: exit)
+        try:
+            need, max_concurrent = _concurrency(base, space, settings)
+            search_dir.mkdir(parents=True, exist_ok=True)
+            if base.tracking.enabled:
+                from pipelines.tracking.store import open_store
 
-        # resolved once (a no-op on the URI a command resolved); the trials get it in tracking.uri
-        base = dataclasses.replace(base, tracking=dataclasses.replace(base.tracking, uri=open_store(base.tracking.uri)))
-        parent = parent or open_parent_tracker(search_dir, base.tracking.uri, base.tracking.experiment,
-                                               settings.name, verbose)
-        if not resume:
-            _record_search_on_parent(parent, base, space, settings, search_dir, max_concurrent, source_name,
-                                     owns_parent)
-        parent.flush()  # the children need the parent's run id
-    if not resume:
-        (search_dir / SEARCH_FILE).write_text(json.dumps({"settings": dataclasses.asdict(settings),
-                                                          "source": source}, indent=1))
-    tags = {"lsnet.search": settings.name, "lsnet.kind": "trial", "mlflow.source.name": source_name}
-    if parent is not None and parent.run_id:
-        tags["mlflow.parentRunId"] = parent.run_id
-    tags_by_variant = None if variant_tags is None else {variant_key(v): dict(t) for v, t in zip(space, variant_tags)}
-    if verbose:
-        print(f"[tune] {settings.name}: up to {max_concurrent} concurrent trial(s) of {_fmt(need)} each; "
-              f"search directory {search_dir}", flush=True)
-    tuner = _tuner(base, space, settings, search.location, tags, tags_by_variant, max_concurrent, resume,
-                   retry_failed, verbose)
-    search.push()  # search.json and the parent's journal: what --resume needs if this driver dies
-    grid = tuner.fit()
-    search.push()
+                # resolved once (a no-op on the URI a command resolved); the trials get it in tracking.uri
+                tracking_uri = open_store(base.tracking.uri)
+                base = dataclasses.replace(base, tracking=dataclasses.replace(base.tracking, uri=tracking_uri))
+                parent = parent or open_parent_tracker(search_dir, tracking_uri, base.tracking.experiment,
+                                                       settings.name, verbose)
+                if not resume:
+                    _record_search_on_parent(parent, base, space, settings, search_dir, max_concurrent, source_name,
+                                             owns_parent)
+                elif owns_parent:
+                    parent.reopen()  # ended KILLED by an interrupted driver: RUNNING again
+                parent.flush()  # the children need the parent's run id
+            if not resume:
+                (search_dir / SEARCH_FILE).write_text(json.dumps({"settings": dataclasses.asdict(settings),
+                                                                  "source": source}, indent=1))
+            tags = {"lsnet.search": settings.name, "lsnet.kind": "trial", "mlflow.source.name": source_name}
+            if parent is not None and parent.run_id:
+                tags["mlflow.parentRunId"] = parent.run_id
+            tags_by_variant = None if variant_tags is None else {
+                variant_key(v): dict(t) for v, t in zip(space, variant_tags)}
+            if verbose:
+                print(f"[tune] {settings.name}: up to {max_concurrent} concurrent trial(s) of {_fmt(need)} each; "
+                      f"search directory {search_dir}", flush=True)
+            tuner = _tuner(base, space, settings, search.location, tags, tags_by_variant, max_concurrent, resume,
+                           retry_failed, verbose)
+            search.push()  # search.json and the parent's journal: what --resume needs if this driver dies
+            grid = tuner.fit()
+            search.push()
+        except KeyboardInterrupt:  # before the trials ran, or a second Ctrl-C / SIGTERM while they did
+            search.push()
+            search.pull()  # the trials' journals, to end their runs KILLED
+            end_interrupted_search(search_dir, parent if owns_parent else None, tracking_uri, settings,
+                                   verbose=verbose)
+            search.push()
+            raise
     search.pull()  # the trials' records (their journals), written by the trials at the search's location
-    tracking_uri = base.tracking.uri if base.tracking.enabled else None
+    statuses = tune_statuses(grid)
+    # Tune's Ctrl-C handler stops the trials, saves its state and returns: the unfinished trials are
+    # the ones neither TERMINATED nor ERROR
+    interrupted = sigterm.received or any(s not in ("TERMINATED", "ERROR") for s in statuses.values())
     try:
-        return finish_search(grid, base, settings, search_dir, parent, tracking_uri, verbose=verbose,
-                             close_parent=owns_parent, variant_tags=tags_by_variant)
+        outcome = finish_search(grid, base, settings, search_dir, parent, tracking_uri, verbose=verbose,
+                                close_parent=owns_parent, variant_tags=tags_by_variant,
+                                interrupted=interrupted, statuses=statuses)
     finally:
         search.push()  # the report and the runs it ended
+    if interrupted:
+        raise KeyboardInterrupt
+    return outcome
 
 
 def search_mirror(storage_path: str, name: str) -> storage.MirroredDir:
@@ -251,11 +279,41 @@ def search_mirror(storage_path: str, name: str) -> storage.MirroredDir:
     return storage.MirroredDir(storage.join(storage_path, name), skip=NOT_MIRRORED)
 
 
+class _Signals:
+    received = False
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c():
+    """While the search runs, SIGTERM (``kill``, a scheduler ending the job) is handled like Ctrl-C:
+    Tune's own handler stops the trials and saves its state (``--resume`` continues), then the runs are
+    ended KILLED. A second signal interrupts at once. Only in the main thread (where signals arrive)."""
+    seen = _Signals()
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+
+    def on_sigterm(signum, frame):
+        seen.received = True
+        handler = signal.getsignal(signal.SIGINT)  # Tune's while tuner.fit() runs, else Python's
+        if callable(handler):
+            handler(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _check_search_inputs(base: ExperimentConfig, space, settings: SearchSettings, source: str,
                          variant_tags: list[dict[str, str]] | None, resume: bool):
-    """Validate the space (or variants) against the config, find the search directory and, on
-    ``resume``, the settings the search was started with. Returns ``(space, settings, search)``, ``search``
-    the driver's copy of the search directory (:func:`search_mirror`, pulled)."""
+    """Validate the metric and the space (or variants) against the config, find the search directory
+    and, on ``resume``, the settings the search was started with. Returns ``(space, settings, search)``,
+    ``search`` the driver's copy of the search directory (:func:`search_mirror`, pulled)."""
+    check_metric(base, settings.metric)
     check_search(settings, space)
     if isinstance(space, SearchSpace):
         validate_space(base, space)
@@ -306,7 +364,7 @@ def _record_search_on_parent(parent, base: ExperimentConfig, space, settings: Se
                        "reduction_factor": settings.reduction_factor,
                        "max_failures": settings.max_failures})
     parent.set_tags({**run_tags(base, source_name),
-                     **({"lsnet.kind": "search"} if owns_parent else {})})  # else the caller's kind
+                     **({"lsnet.kind": "search", "lsnet.search": settings.name} if owns_parent else {})})  # else the caller's kind
     (search_dir / "base_config.yaml").write_text(base.to_yaml())
     parent.log_artifact(search_dir / "base_config.yaml", "config")
 
