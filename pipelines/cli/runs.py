@@ -17,6 +17,8 @@ from pipelines.runs import (
     guess_metric,
     metric_curve,
     runs_behind,
+    seed_group_rows,
+    seed_groups,
     tracking_uri_from,
 )
 from pipelines.text import format_table
@@ -32,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     compare.add_argument("--mode", choices=("max", "min"), default="max", help="what 'best' means for --metric")
     compare.add_argument("--sort", action="store_true", help="best first")
     compare.add_argument("--csv", action="store_true", help="CSV instead of a table")
+    compare.add_argument("--per-run", action="store_true",
+                         help="an ablation run with several seeds: one row per child run, not per variant")
     plot = sub.add_parser("plot", help="PNG of a metric over epochs (or steps) for runs, or a search's trials")
     plot.add_argument("runs", nargs="+", help="run ids; a search's parent run id stands for its trials")
     plot.add_argument("--metric", default=None, help="metric to plot (default: the task's AP found in the runs)")
@@ -56,7 +60,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"lsnet runs: no runs in {title}", file=sys.stderr)
         return 1
     metric = args.metric or guess_metric(runs)
-    header, rows, scores = compare_rows(client, runs, metric, args.mode)
+    groups = None if args.per_run else seed_groups(runs)
+    if groups:  # an ablation table with K seeds: the seeds view, one row per variant
+        header, rows, scores = seed_group_rows(groups, metric)
+        title += f", {len(runs)} runs grouped by variant"
+    else:
+        header, rows, scores = compare_rows(client, runs, metric, args.mode)
     if args.sort:
         worst = -float("inf") if args.mode == "max" else float("inf")
         order = sorted(range(len(rows)), key=lambda i: worst if scores[i] is None else scores[i],
