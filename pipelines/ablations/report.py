@@ -71,8 +71,8 @@ def plot_curves(report: Report, tracking_uri: str, folder: Path) -> list[Path]:
                 ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_xlabel("training step")
         ax.set_ylabel(label)
-        ax.set_title(f"{report.spec.name} ({report.scale}): {label}; mean over seeds, 95 % t band, "
-                     f"trailing mean of {stats.SMOOTH_WINDOW} steps", fontsize=8)
+        ax.set_title(f"{report.spec.name} ({report.scale}): mean over seeds ± 95 % t band,\n"
+                     f"each seed smoothed by a trailing mean of {stats.SMOOTH_WINDOW} steps", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
         fig.tight_layout()
@@ -113,11 +113,12 @@ class Pair:
     p: float | None
     verdict: str  # reproduced / opposite / unresolved
 
-    def describe(self, unit: str = "") -> str:
+    def describe(self, unit: str = "", digits: int = 2) -> str:
         if self.mean_diff is None:
-            return f"{self.better} vs {self.worse}: unresolved (no shared seeds)"
+            return f"{self.better} vs {self.worse}: **unresolved** (no shared seeds)"
         test = f"p = {self.p:.3f}" if self.p is not None else "one seed: no test"
-        return (f"{self.better} − {self.worse} = {self.mean_diff:+.2f}{unit} over {self.n} seeds ({test}): "
+        seeds = f"{self.n} seed" + ("s" if self.n != 1 else "")
+        return (f"{self.better} − {self.worse} = {self.mean_diff:+.{digits}f}{unit} over {seeds} ({test}): "
                 + {"reproduced": "resolved, the paper's direction: **reproduced**",
                    "opposite": "resolved, **opposite** to the paper",
                    "unresolved": "**unresolved** at this scale"}[self.verdict])
@@ -266,7 +267,7 @@ def build_report(spec: AblationSpec, scale: str, tracking_uri: str, parent_id: s
     for row, rank in zip(rows, _ranks([r.ours for r in rows], spec.higher_is_better)):
         row.our_rank = rank
     regressions = _regressions(spec, rows)
-    pairs = paper_pairs(rows, spec.higher_is_better)
+    pairs = paper_pairs(rows, spec.higher_is_better, spec.paper_claims)
     ranking_notes = _ranking_notes(rows, pairs)
     if spec.scales[scale].check_paper_ranking and ranking_notes:  # with seeds: only orders outside the noise
         regressions += [f"ranking: {n}" for n in ranking_notes if "(unresolved" not in n]
@@ -290,10 +291,12 @@ def build_report(spec: AblationSpec, scale: str, tracking_uri: str, parent_id: s
     return report
 
 
-def paper_pairs(rows: list[Row], higher_is_better: bool) -> list[Pair]:
-    """Every pair of rows the paper ranks (both have paper numbers, not equal), better first, with the
-    paired t-test of our seeds."""
-    pairs = []
+def paper_pairs(rows: list[Row], higher_is_better: bool, claims: list[list[str]] = ()) -> list[Pair]:
+    """Every pair of rows the paper ranks (both have paper numbers, not equal; or stated in ``claims`` as
+    ``[better, worse]``), better first, with the paired t-test of our seeds."""
+    by_name = {r.name: r for r in rows}
+    pairs = [_pair(better, by_name[better].values, worse, by_name[worse].values, higher_is_better)
+             for better, worse in claims if better in by_name and worse in by_name]
     for i, a in enumerate(rows):
         for b in rows[i + 1:]:
             if a.paper is None or b.paper is None or a.paper == b.paper:
@@ -408,9 +411,9 @@ def _statistics_lines(report: Report) -> list[str]:
                   f"with a trailing mean of {stats.SMOOTH_WINDOW} steps, band = 95 % t interval over seeds."]
         for name, by_seed in claim.areas.items():
             iv = stats.t_interval(list(by_seed.values()))
-            half = f" ± {iv.half_width:.3f}" if iv.half_width is not None else ""
-            lines.append(f"- {name}: {iv.mean:.3f}{half} ({', '.join(f'{v:.3f}' for v in by_seed.values())})")
-        lines += [f"- {p.describe()}" for p in claim.pairs]
+            half = f" ± {iv.half_width:.4f}" if iv.half_width is not None else ""
+            lines.append(f"- {name}: {iv.mean:.4f}{half} (seeds: {', '.join(f'{v:.4f}' for v in by_seed.values())})")
+        lines += [f"- {p.describe(digits=4)}" for p in claim.pairs]
     if report.noise_note:
         lines += ["", f"> {report.noise_note}"]
     return lines

@@ -114,6 +114,9 @@ class AblationSpec:
     experiment: str = "lsnet-ablations"
     notes: str = ""
     curve_claim: CurveClaimSpec | None = None
+    #: orders the paper states without numbers, ``[better, worse]`` (e.g. Appendix A: alpha 0.2 over 0),
+    #: tested like the pairs it ranks by number
+    paper_claims: list[list[str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         names = [v.name for v in self.variants]
@@ -143,6 +146,9 @@ class AblationSpec:
                                   f"1 <= fewest <= most, got {d.objects_per_image}")
             if d.num_val_images < 0:
                 raise ConfigError(f"scales.{scale}.data.num_val_images must be >= 0, got {d.num_val_images}")
+        for claim in self.paper_claims:
+            if len(claim) != 2 or not set(claim) <= set(names) or claim[0] == claim[1]:
+                raise ConfigError(f"paper_claims: {claim} is not [better variant, worse variant]")
         if self.curve_claim is not None and self.curve_claim.variant not in names:
             raise ConfigError(f"curve_claim.variant: no variant {self.curve_claim.variant!r}")
         if self.tolerance < 0:
