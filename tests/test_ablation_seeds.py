@@ -47,6 +47,9 @@ def test_t_interval_and_paired_test_against_hand_values():
     assert stats.pair_verdict(stats.paired_test({0: 1.0}, {0: 0.0}), True, True) == "unresolved"
     same = stats.paired_test({0: 2.0, 1: 3.0}, {0: 1.0, 1: 2.0})  # bit-reproducible runs: zero spread
     assert same.p == 0.0 and same.resolved()
+    # differences 1, 2, 3 (mean 2, s 1): K=3 gives 4.30/1.73 = 2.48 > 2, K=4 gives 3.18/2 = 1.59 < 2
+    assert stats.seeds_to_resolve({0: 11.0, 1: 12.0, 2: 13.0}, {0: 10.0, 1: 10.0, 2: 10.0}) == 4
+    assert stats.seeds_to_resolve({0: 1.0}, {0: 0.0}) is None
 
 
 def test_smoothing_and_band():

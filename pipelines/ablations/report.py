@@ -112,6 +112,8 @@ class Pair:
     n: int
     p: float | None
     verdict: str  # reproduced / opposite / unresolved
+    #: unresolved: the seeds that would resolve it at the observed difference and spread (a projection)
+    seeds_needed: int | None = None
 
     def describe(self, unit: str = "", digits: int = 2) -> str:
         if self.mean_diff is None:
@@ -121,7 +123,9 @@ class Pair:
         return (f"{self.better} − {self.worse} = {self.mean_diff:+.{digits}f}{unit} over {seeds} ({test}): "
                 + {"reproduced": "resolved, the paper's direction: **reproduced**",
                    "opposite": "resolved, **opposite** to the paper",
-                   "unresolved": "**unresolved** at this scale"}[self.verdict])
+                   "unresolved": "**unresolved** at this scale"}[self.verdict]
+                + (f" (at this difference and spread ~{self.seeds_needed} seeds would resolve it)"
+                   if self.verdict == "unresolved" and self.seeds_needed and self.seeds_needed > self.n else ""))
 
 
 @dataclass
@@ -309,7 +313,8 @@ def paper_pairs(rows: list[Row], higher_is_better: bool, claims: list[list[str]]
 def _pair(better: str, a: dict[int, float], worse: str, b: dict[int, float], higher_is_better: bool) -> Pair:
     test = stats.paired_test(a, b)
     return Pair(better, worse, test.mean_diff if test else None, test.n if test else 0,
-                test.p if test else None, stats.pair_verdict(test, True, higher_is_better))
+                test.p if test else None, stats.pair_verdict(test, True, higher_is_better),
+                stats.seeds_to_resolve(a, b))
 
 
 def curve_claim(spec: AblationSpec, curves: dict) -> CurveClaim | None:

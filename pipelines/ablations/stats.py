@@ -97,6 +97,24 @@ def paired_test(a: dict[int, float], b: dict[int, float]) -> PairTest | None:
     return PairTest(mean, n, stat, float(2 * student.sf(abs(stat), n - 1)))
 
 
+def seeds_to_resolve(a: dict[int, float], b: dict[int, float], most: int = 50) -> int | None:
+    """A projection, not a measurement: the fewest seeds K at which the paired test would resolve ``a``
+    vs ``b`` if more seeds kept the observed mean difference and spread (``t(K-1)·s/√K < |mean|``);
+    None when the pair has fewer than two shared seeds, no difference, or needs more than ``most``."""
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return None
+    diffs = [a[s] - b[s] for s in seeds]
+    mean = sum(diffs) / len(diffs)
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
+    if mean == 0:
+        return None
+    for k in range(2, most + 1):
+        if t_quantile(k - 1) * sd / math.sqrt(k) < abs(mean):
+            return k
+    return None
+
+
 def pair_verdict(test: PairTest | None, paper_first_better: bool, higher_is_better: bool) -> str:
     """``reproduced`` / ``opposite`` (resolved, the other way) / ``unresolved`` for a pair the paper ranks
     (``paper_first_better``: the paper puts the pair's first variant above the second)."""
