@@ -222,7 +222,7 @@ def find_parent_runs(client, experiment_id: str, table: str, scale: str) -> list
 
 
 def build_report(spec: AblationSpec, scale: str, tracking_uri: str, parent_id: str | None = None,
-                 with_curves: bool = False) -> Report:
+                 with_curves: bool = True) -> Report:
     """Read the variants of a parent run (default: the latest finished one) back from MLflow;
     ``with_curves``: also the per-step curves and the Figure 4 claim read from them."""
     from mlflow.tracking import MlflowClient
