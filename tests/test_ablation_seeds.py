@@ -202,6 +202,7 @@ def _git_status(root) -> str:
                           capture_output=True, text=True, check=True).stdout
 
 
+@pytest.mark.slow
 def test_tiny_run_with_seeds_leaves_the_committed_tables_alone(ray_session, tmp_path, monkeypatch, capsys):
     import shutil
 
