@@ -190,3 +190,36 @@ def _param_value(text: str):
         return json.loads(text)
     except ValueError:
         return text
+
+
+def seed_groups(runs) -> dict[str, list] | None:
+    """The children of an ablation table run with several seeds (tags ``ablation_variant`` /
+    ``ablation_seed``) grouped by variant, seeds in order; None when no variant has two seeds."""
+    groups: dict[str, list] = {}
+    for run in runs:
+        variant = run.data.tags.get("ablation_variant")
+        if variant is None or "ablation_seed" not in run.data.tags:
+            return None
+        groups.setdefault(variant, []).append(run)
+    if not any(len(g) > 1 for g in groups.values()):
+        return None
+    return {k: sorted(g, key=lambda r: int(r.data.tags["ablation_seed"])) for k, g in groups.items()}
+
+
+def seed_group_rows(groups: dict[str, list], metric: str) -> tuple[list[str], list[list[str]], list[float | None]]:
+    """One row per variant: seeds, the final ``metric``'s mean ± half width of its 95 % t interval over the
+    seeds (as the ablation report), every seed's value, the statuses."""
+    from pipelines.ablations.stats import t_interval
+
+    header = ["variant", "seeds", f"{metric} mean ± 95 % CI", "per seed", "status"]
+    rows, scores = [], []
+    for variant, runs in groups.items():
+        values = {r.data.tags["ablation_seed"]: r.data.metrics.get(metric) for r in runs}
+        present = [v for v in values.values() if v is not None]
+        iv = t_interval(present)
+        mean = "-" if iv is None else _fmt(iv.mean) + (f" ± {iv.half_width:.4f}" if iv.half_width is not None else "")
+        statuses = sorted({r.info.status for r in runs})
+        rows.append([variant, str(len(runs)), mean, " ".join(f"s{s}:{_fmt(v)}" for s, v in values.items()),
+                     ",".join(statuses)])
+        scores.append(None if iv is None else iv.mean)
+    return header, rows, scores

@@ -28,7 +28,9 @@ def test_every_ablation_spec_validates(path, tmp_path):
     from pipelines.ablations.runner import variant_configs
 
     spec = load_ablation_spec(path)
-    assert spec.name == path.stem and set(spec.scales) == {"tiny", "small", "full"}
+    assert spec.name == path.stem and {"tiny", "small", "full"} <= set(spec.scales)
+    if spec.name in ("table2", "table3", "cross_iou"):  # the tables run at the `signal` scale (issue 22)
+        assert spec.scales["signal"].seeds >= 3
     for name, scale in spec.scales.items():
         configs = variant_configs(spec, scale, "/x/train", "/x/val", "sqlite:///x.db", tmp_path)
         trained = [v for v in spec.variants if v.kind == "train"]

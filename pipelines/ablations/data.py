@@ -65,13 +65,19 @@ def _build_dataset(spec: AblationSpec, d, root: Path) -> tuple[str, str, str | N
     from pipelines.preprocess import preprocess
 
     points = tuple(d.contour_points)
-    if d.source == "synthetic":  # no held-out split: evaluate on the training images (said in the report)
+    if d.source == "synthetic":
         from pipelines.synthetic import synthetic_shards
 
-        train, ann = synthetic_shards(root, d.num_images, d.image_size, task=spec.task, max_size=d.max_size,
-                                      contour_points=points, shard_dir=root / "shards" / "train", seed=d.seed,
-                                      objects_per_image=(1, 3), person_prob=d.person_prob, overwrite=False)
-        return str(train), str(train), str(ann)
+        common = {"task": spec.task, "max_size": d.max_size, "contour_points": points,
+                  "objects_per_image": tuple(d.objects_per_image), "person_prob": d.person_prob, "overwrite": False}
+        train, ann = synthetic_shards(root, d.num_images, d.image_size, shard_dir=root / "shards" / "train",
+                                      seed=d.seed, split="train", **common)
+        if not d.num_val_images:  # no held-out split: evaluate on the training images (said in the report)
+            return str(train), str(train), str(ann)
+        # a held-out split: other images (seed + 1), the same distribution; image ids never collide
+        val, val_ann = synthetic_shards(root, d.num_val_images, d.image_size, shard_dir=root / "shards" / "val",
+                                        seed=d.seed + 1, split="val", **common)
+        return str(train), str(val), str(val_ann)
     ann, images, val_ann, val_images = (repo_path(x) for x in (d.ann, d.images, d.val_ann, d.val_images))
     train = root / "shards" / "train"
     preprocess(ann, images, train, max_size=d.max_size, contour_points=points, executor="local", verbose=False)

@@ -33,7 +33,8 @@ from pipelines.ablations.spec import AblationSpec, ScaleSpec
 
 def run_ablation(spec: AblationSpec, scale_name: str, out: str | Path, tracking_uri: str | None = None,
                  overrides: list[str] | None = None, address: str | None = None, verbose: bool = True,
-                 only: list[str] | None = None, resume: bool = False) -> Report:
+                 only: list[str] | None = None, resume: bool = False, seeds: int | None = None,
+                 max_concurrent: int | None = None, publish: Path | None = None) -> Report:
     """Train the variants of ``spec`` at ``scale_name`` (``only``: a subset, by name) and render the table.
 
     The trained variants are Tune trials of :func:`pipelines.tune.trials.run_trials` (FIFO, each run to
@@ -47,6 +48,10 @@ def run_ablation(spec: AblationSpec, scale_name: str, out: str | Path, tracking_
     ``out`` may be an object-store URI (``s3://bucket/ablations``): the driver then works on a local copy
     of it (pulled first, pushed at the end; the prepared shards pushed before training), the runs are
     stored at ``out/runs`` and the trials read the shards from ``out/data``.
+    ``seeds``: K seeds per trained variant (default: the scale's ``seeds``); ``max_concurrent``: at most
+    this many trials at once (default: what the cluster holds).
+    ``publish``: also write the rendered table into ``publish/<table>-<scale>/`` (the committed reference
+    tables; ``lsnet ablation run --publish``); the run's own output stays under ``out``.
     """
     from pipelines.train.rundir import NOT_MIRRORED
 
@@ -55,14 +60,15 @@ def run_ablation(spec: AblationSpec, scale_name: str, out: str | Path, tracking_
     out_copy.pull()
     try:
         return _run_ablation(spec, scale, scale_name, out_copy, tracking_uri, overrides, address, verbose, only,
-                             resume)
+                             resume, seeds, max_concurrent, publish)
     finally:
         out_copy.push()
 
 
 def _run_ablation(spec: AblationSpec, scale, scale_name: str, out_copy: storage.MirroredDir,
                   tracking_uri: str | None, overrides: list[str] | None, address: str | None, verbose: bool,
-                  only: list[str] | None, resume: bool) -> Report:
+                  only: list[str] | None, resume: bool, seeds: int | None, max_concurrent: int | None,
+                  publish: Path | None) -> Report:
     from mlflow.tracking import MlflowClient
 
     from pipelines.tracking.store import ensure_experiment, open_store, resolve_tracking_uri
@@ -71,10 +77,13 @@ def _run_ablation(spec: AblationSpec, scale, scale_name: str, out_copy: storage.
     out = out_copy.local
     if resume:  # the interrupted run's own choices, whatever this command line says
         name, saved = resumable_run(out / "runs", spec.name, scale_name)
-        only, overrides = saved["variants"], saved["overrides"]
+        only, overrides, seeds = saved["variants"], saved["overrides"], saved.get("seeds", 1)
         if verbose:
             print(f"[ablation {spec.name}/{scale_name}] resuming {name}", flush=True)
     variants = select_variants(spec, only)
+    seeds = seeds or scale.seeds
+    if seeds < 1:
+        raise ConfigError(f"{spec.name}: seeds must be >= 1, got {seeds}")
     uri = resolve_tracking_uri(tracking_uri)  # default: the checkout's shared store; the command's URI as is
     trained = [v for v in variants if v.kind == "train"]
     variant_configs(spec, scale, "/validate/train", "/validate/val", uri, out, overrides, trained)  # fail fast
@@ -94,18 +103,19 @@ def _run_ablation(spec: AblationSpec, scale, scale_name: str, out_copy: storage.
     if resume:
         parent.reopen()
     else:
-        _start_parent_run(parent, spec, scale_name, base, variants, overrides, search_dir, common)
+        _start_parent_run(parent, spec, scale_name, base, variants, overrides, search_dir, common, seeds)
     if not parent.flush() or not parent.run_id:
         raise ConfigError(f"{spec.name}: cannot open the parent MLflow run at {uri}")
     try:
         failed = _train_variants(spec, scale_name, base, trained, name, search_dir, parent, common,
-                                 address=address or scale.address, resume=resume, verbose=verbose)
+                                 address=address or scale.address, resume=resume, verbose=verbose,
+                                 seeds=seeds, max_concurrent=max_concurrent)
         done = child_runs(client, [experiment_id], parent.run_id) if resume else {}
         for v in variants:
             if v.kind == "mask_upper_bound" and v.name not in done:
                 _mask_upper_bound_child(spec, v, mask_json, client, experiment_id, parent.run_id,
                                         {**common, "ablation_variant": v.name})
-        report = _publish_report(spec, scale_name, uri, parent, out, failed)
+        report = _publish_report(spec, scale_name, uri, parent, out, failed, publish)
     except BaseException:
         parent.close("FAILED")
         raise
@@ -115,57 +125,67 @@ def _run_ablation(spec: AblationSpec, scale, scale_name: str, out_copy: storage.
 
 
 def _start_parent_run(parent, spec: AblationSpec, scale_name: str, base, variants: list, overrides: list[str] | None,
-                      search_dir: Path, common: dict[str, str]) -> None:
+                      search_dir: Path, common: dict[str, str], seeds: int = 1) -> None:
     """A new table run: what it was started with (``ablation.json``, for ``--resume``) and its tags."""
     from pipelines.provenance import commit_tags
 
     scale = spec.scale(scale_name)
     (search_dir / RUN_FILE).write_text(json.dumps(
         {"table": spec.name, "scale": scale_name, "variants": [v.name for v in variants],
-         "overrides": list(overrides or [])}, indent=1))
+         "overrides": list(overrides or []), "seeds": seeds}, indent=1))
     parent.set_tags({**commit_tags("lsnet ablation"), **common,
                      "ablation_kind": "parent", "dataset": scale.dataset_name, "schedule": scale.schedule,
                      "backbone": base.model.backbone, "ablation_variants": ",".join(v.name for v in variants),
-                     "lsnet.kind": "ablation"})
+                     "lsnet.kind": "ablation", "ablation_seeds": str(seeds)})
 
 
 def _train_variants(spec: AblationSpec, scale_name: str, base, trained: list, name: str, search_dir: Path, parent,
-                    common: dict[str, str], *, address: str | None, resume: bool, verbose: bool) -> list[str]:
-    """The trained variants as Tune trials (FIFO, children of ``parent``); returns ``variant: error`` of
-    each one that did not finish."""
+                    common: dict[str, str], *, address: str | None, resume: bool, verbose: bool, seeds: int = 1,
+                    max_concurrent: int | None = None) -> list[str]:
+    """The trained variants x ``seeds`` seeds as Tune trials of one search (FIFO, children of ``parent``;
+    seed ``i`` is ``train.seed = base seed + i``: model init and data order); returns ``variant (seed s):
+    error`` of each trial that did not finish."""
     from pipelines.tune.records import SEARCH_FILE, SearchSettings, variant_key
     from pipelines.tune.trials import run_trials
 
     if not trained:
         return []
+    seed_values = [base.train.seed + i for i in range(seeds)]
     if verbose:
-        print(f"[ablation {spec.name}/{scale_name}] training {len(trained)} variant(s): "
+        print(f"[ablation {spec.name}/{scale_name}] training {len(trained)} variant(s) x {seeds} seed(s): "
               f"{', '.join(v.name for v in trained)}", flush=True)
     settings = SearchSettings(name=name, metric=spec.metric, mode="max" if spec.higher_is_better else "min",
-                              scheduler="fifo", search="grid")
-    overrides_of = {v.name: variant_overrides(v) for v in trained}
+                              scheduler="fifo", search="grid", max_concurrent=max_concurrent)
+    # seed-major order: with fewer slots than trials, every variant's first seed finishes first
+    trials = [(v, seed) for seed in seed_values for v in trained]
+    overrides_of = {(v.name, seed): {**variant_overrides(v), "train.seed": seed} for v, seed in trials}
     outcome = run_trials(
         base, list(overrides_of.values()), settings, address=address,
         verbose=verbose, source=f"{spec.name} ({scale_name})", parent=parent, source_name="lsnet ablation",
         # (a run killed before its trials started has no Tune state: they start now)
         resume=resume and (search_dir / SEARCH_FILE).exists(), retry_failed=True,
         # readable child names in MLflow (the Train run directories keep Tune's trial ids)
-        variant_tags=[{**common, "ablation_variant": v.name, "mlflow.runName": f"{name}-{v.name}"}
-                      for v in trained])
+        variant_tags=[{**common, "ablation_variant": v.name, "ablation_seed": str(seed),
+                       "mlflow.runName": f"{name}-{v.name}" + (f"-s{seed}" if seeds > 1 else "")}
+                      for v, seed in trials])
     by_key = {variant_key(r.values): r for r in outcome.trials}
     failed = []
-    for v in trained:
-        record = by_key.get(variant_key(overrides_of[v.name]))
+    for v, seed in trials:
+        record = by_key.get(variant_key(overrides_of[(v.name, seed)]))
         if record is None or record.status != "FINISHED":
-            failed.append(f"{v.name}: {record.error if record else 'no trial ran'}")
+            which = f"{v.name} (seed {seed})" if seeds > 1 else v.name
+            failed.append(f"{which}: {record.error if record else 'no trial ran'}")
     return failed
 
 
-def _publish_report(spec: AblationSpec, scale_name: str, uri: str, parent, out: Path, failed: list[str]) -> Report:
+def _publish_report(spec: AblationSpec, scale_name: str, uri: str, parent, out: Path, failed: list[str],
+                    publish: Path | None = None) -> Report:
     """Render the table from MLflow (as ``lsnet ablation render`` does), log it on the parent run (the table
     as the run page's Description, the regressions and failed variants as tags) and end the parent run."""
     parent.flush()  # the report reads the parent's tags back from MLflow
     report = render_table(spec, scale_name, uri, out, parent.run_id)
+    if publish is not None and not failed:  # the committed reference table: only a complete run replaces it
+        render_table(spec, scale_name, uri, publish, parent.run_id)
     for path in report.files:
         parent.log_artifact(path, "report")
     parent.set_tags({"mlflow.note.content": report.markdown()[:7500],  # the run page's Description
@@ -177,7 +197,7 @@ def _publish_report(spec: AblationSpec, scale_name: str, uri: str, parent, out: 
 
 
 def run_tables(specs: list[AblationSpec], scale_name: str, out: Path, tracking_uri: str, overrides: list[str] | None,
-               address: str | None, only: list[str] | None = None, resume: bool = False):
+               address: str | None, only: list[str] | None = None, resume: bool = False, **options):
     """:func:`run_ablation` of each table in turn, yielding ``(report, failure)`` as each ends (``failure``:
     the :class:`AblationFailed` line of a table whose variants did not all finish, else None). With
     ``resume`` a table with nothing to resume is skipped (a killed nightly job had finished it); none at all
@@ -185,7 +205,8 @@ def run_tables(specs: list[AblationSpec], scale_name: str, out: Path, tracking_u
     skipped = 0
     for spec in specs:
         try:
-            yield run_ablation(spec, scale_name, out, tracking_uri, overrides, address, only=only, resume=resume), None
+            yield run_ablation(spec, scale_name, out, tracking_uri, overrides, address, only=only, resume=resume,
+                               **options), None
         except AblationFailed as err:  # the table of what finished is still shown
             yield err.report, str(err)
         except NothingToResume as err:

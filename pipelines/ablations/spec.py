@@ -30,6 +30,8 @@ from lsnet.config import ConfigError, from_dict, read_yaml_mapping
 from pipelines.paths import REPO_ROOT
 
 ABLATION_DIR = REPO_ROOT / "jobs" / "ablations"
+#: the scales a table may define, smallest first (`signal`: the CPU scale where the paper's claims resolve)
+SCALES = ("tiny", "signal", "small", "full")
 
 
 class AblationSpecError(ConfigError):
@@ -46,6 +48,10 @@ class DatasetSpec:
     image_size: int = 64
     seed: int = 0
     person_prob: float = 0.0
+    #: synthetic: held-out images drawn with ``seed + 1`` (0: evaluate on the training images)
+    num_val_images: int = 0
+    #: synthetic: fewest and most objects per image
+    objects_per_image: list[int] = field(default_factory=lambda: [1, 3])
     #: coco: annotation JSON + image dir (val_* optional: None = evaluate on the training images)
     ann: str | None = None
     images: str | None = None
@@ -68,6 +74,9 @@ class ScaleSpec:
     #: flag a variant order that disagrees with the paper's (only meaningful at full scale)
     check_paper_ranking: bool = False
     address: str | None = None  # Ray address for the variants' training runs (None: local)
+    #: K: every trained variant runs with train.seed = 0 .. K-1 (model init and data order), each seed
+    #: one trial of the table's search; the report gives mean ± 95 % t interval and paired tests
+    seeds: int = 1
 
 
 @dataclass
@@ -78,6 +87,16 @@ class VariantSpec:
     paper: float | None = None
     kind: Literal["train", "mask_upper_bound"] = "train"
     num_points: int | None = None  # mask_upper_bound
+
+
+@dataclass
+class CurveClaimSpec:
+    """A claim the paper reads off a training curve (Figure 4: cross-IOU's positive IoU rises faster):
+    ``variant``'s per-step ``metric`` is higher (``higher_is_better``) than every other variant's."""
+
+    variant: str
+    metric: str = "pos_iou"
+    higher_is_better: bool = True
 
 
 @dataclass
@@ -94,6 +113,10 @@ class AblationSpec:
     base_overrides: list[str] = field(default_factory=list)
     experiment: str = "lsnet-ablations"
     notes: str = ""
+    curve_claim: CurveClaimSpec | None = None
+    #: orders the paper states without numbers, ``[better, worse]`` (e.g. Appendix A: alpha 0.2 over 0),
+    #: tested like the pairs it ranks by number
+    paper_claims: list[list[str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         names = [v.name for v in self.variants]
@@ -101,9 +124,9 @@ class AblationSpec:
             raise ConfigError("variants: at least one variant")
         if len(set(names)) != len(names):
             raise ConfigError(f"variants: duplicate names in {names}")
-        bad = sorted(set(self.scales) - {"tiny", "small", "full"})
+        bad = sorted(set(self.scales) - set(SCALES))
         if bad:
-            raise ConfigError(f"scales: unknown scale {bad[0]!r} (tiny, small, full)")
+            raise ConfigError(f"scales: unknown scale {bad[0]!r} ({', '.join(SCALES)})")
         for scale, s in self.scales.items():
             path = Path(s.config)
             if not (path if path.is_absolute() else REPO_ROOT / path).is_file():
@@ -114,6 +137,20 @@ class AblationSpec:
             for item in v.overrides:
                 if "=" not in item:
                     raise ConfigError(f"variants.{v.name}.overrides: {item!r} is not key=value")
+        for scale, s in self.scales.items():
+            if s.seeds < 1:
+                raise ConfigError(f"scales.{scale}.seeds must be >= 1, got {s.seeds}")
+            d = s.data
+            if len(d.objects_per_image) != 2 or not 1 <= d.objects_per_image[0] <= d.objects_per_image[1]:
+                raise ConfigError(f"scales.{scale}.data.objects_per_image: expected [fewest, most] with "
+                                  f"1 <= fewest <= most, got {d.objects_per_image}")
+            if d.num_val_images < 0:
+                raise ConfigError(f"scales.{scale}.data.num_val_images must be >= 0, got {d.num_val_images}")
+        for claim in self.paper_claims:
+            if len(claim) != 2 or not set(claim) <= set(names) or claim[0] == claim[1]:
+                raise ConfigError(f"paper_claims: {claim} is not [better variant, worse variant]")
+        if self.curve_claim is not None and self.curve_claim.variant not in names:
+            raise ConfigError(f"curve_claim.variant: no variant {self.curve_claim.variant!r}")
         if self.tolerance < 0:
             raise ConfigError(f"tolerance must be >= 0, got {self.tolerance}")
 

@@ -20,6 +20,8 @@ from pipelines.runs import (
     runs_behind,
     search_metric,
     searched_keys_of,
+    seed_group_rows,
+    seed_groups,
     tracking_uri_from,
 )
 from pipelines.text import format_table
@@ -37,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="what 'best' means for --metric (default: the search's mode, else max)")
     compare.add_argument("--sort", action="store_true", help="best first")
     compare.add_argument("--csv", action="store_true", help="CSV instead of a table")
+    compare.add_argument("--per-run", action="store_true",
+                         help="an ablation run with several seeds: one row per child run, not per variant")
     plot = sub.add_parser("plot", help="PNG of a metric over epochs (or steps) for runs, or a search's trials")
     plot.add_argument("runs", nargs="+", help="run ids; a search's parent run id stands for its trials")
     plot.add_argument("--metric", default=None,
@@ -65,7 +69,12 @@ def run(args: argparse.Namespace) -> int:
     metric = args.metric or own_metric or guess_metric(runs)
     # the search's mode goes with the search's metric only
     mode = args.mode or (own_mode if metric == own_metric and own_mode else "max")
-    header, rows, scores = compare_rows(client, runs, metric, mode)
+    groups = None if args.per_run else seed_groups(runs)
+    if groups:  # an ablation table with K seeds: the seeds view, one row per variant
+        header, rows, scores = seed_group_rows(groups, metric)
+        title += f", {len(runs)} runs grouped by variant"
+    else:
+        header, rows, scores = compare_rows(client, runs, metric, mode)
     if args.sort:
         worst = -float("inf") if mode == "max" else float("inf")
         order = sorted(range(len(rows)), key=lambda i: worst if scores[i] is None else scores[i],
