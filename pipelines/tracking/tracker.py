@@ -4,7 +4,9 @@ Only rank 0 of a training run (and the driver of a search or ablation, for its p
 :class:`RunTracker`. Every call (params, metrics, tags, artifacts, the end of the run) is first appended
 to the run's local journal (:mod:`pipelines.tracking.journal`) and then uploaded by a background thread.
 If the server is unreachable, training does not wait: the uploader backs off and retries every
-``retry_interval_s``; when the server is back the pending records are replayed in order. A metric
+``retry_interval_s``; when the server is back the pending records are replayed in order. A store that
+answers but pushes back (SQLite's ``database is locked`` under many writers) is retried after a jittered
+0.1-2 s instead, also while the run closes. A metric
 re-logged for a (key, step) that the journal already holds — e.g. the steps replayed after Ray Train
 restarts from the last checkpoint — is dropped, so each (key, step) appears once.
 
