@@ -2,10 +2,9 @@
 
 - :class:`MotoS3Server` -- an S3-compatible object store (``python -m moto.server``, in memory). Tests reach it
   exactly as users reach theirs: through the standard AWS variables (:data:`AWS_VARIABLES`), nothing else.
-- :class:`MlflowTrackingServer` -- ``mlflow server`` with proxied artifacts (``--serve-artifacts``) on a
-  SQLite backend store in a temporary directory (the backend is one argument: a PostgreSQL URI works the same).
 
-The fixtures built on them (``moto_server``, ``s3``, ``mlflow_server``) are in ``tests/conftest.py``.
+The fixtures built on it (``moto_server``, ``s3``) are in ``tests/conftest.py``; the MLflow server on
+PostgreSQL (``tracking_server`` / ``mlflow_server``) is the product's own (pipelines/tracking/server.py).
 """
 from __future__ import annotations
 
@@ -131,34 +130,3 @@ class S3Bucket:
             if not page.get("IsTruncated"):
                 return sorted(keys)
             token = page["NextContinuationToken"]
-
-
-@dataclass
-class MlflowTrackingServer:
-    """``mlflow server --serve-artifacts`` on 127.0.0.1; ``backend_store_uri`` defaults to SQLite in ``root``."""
-
-    root: Path
-    backend_store_uri: str | None = None
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen | None = None
-
-    @property
-    def uri(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout_s: float = 180.0) -> MlflowTrackingServer:
-        self.root.mkdir(parents=True, exist_ok=True)
-        backend = self.backend_store_uri or f"sqlite:///{self.root / 'mlflow.db'}"
-        mlflow_bin = Path(sys.executable).with_name("mlflow")
-        cmd = [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-               "--backend-store-uri", backend, "--serve-artifacts",
-               "--artifacts-destination", str(self.root / "artifacts")]
-        log_path = self.root / "server.log"
-        with log_path.open("ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        _wait_http(f"{self.uri}/health", self.proc, log_path, timeout_s, "mlflow server")
-        return self
-
-    def stop(self) -> None:
-        _stop(self.proc)
-        self.proc = None

@@ -114,18 +114,6 @@ DRIVER = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory) -> str:
-    """The tracking URI of the cluster's MLflow server: ``mlflow server --serve-artifacts`` on 127.0.0.1 with
-    a SQLite backend store here. The same name and value as the session fixture of the PostgreSQL-backed
-    server (issue 20, part 3): where that fixture is in tests/conftest.py, this one can simply go."""
-    from servers import MlflowTrackingServer
-
-    server = MlflowTrackingServer(tmp_path_factory.mktemp("mlflow_server")).start()
-    yield server.uri
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def bucket(moto_server):
     from servers import AWS_VARIABLES, S3Bucket
 
