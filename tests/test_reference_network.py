@@ -299,6 +299,45 @@ def test_sampled_conv_matches_torchvision_dcnv2():
     assert torch.allclose(conv(x), want, atol=1e-5)
 
 
+def test_sampled_conv_equals_deform_conv2d_with_taps_outside_and_gradients():
+    """The embedding_bag DCNv2 (layers.sampled_conv) == torchvision's deform_conv2d, forward and every
+    gradient, on offsets large enough that many taps fall wholly or partly outside the map, and on
+    taps sitting exactly on pixel rows / the border (corner weights 0 or 1)."""
+    from torchvision.ops import deform_conv2d
+
+    from lsnet.modeling.layers import kernel_grid, sampled_conv
+
+    g = torch.Generator().manual_seed(5)
+    b, c, cout, h, w = 2, 6, 5, 5, 7
+    x = torch.randn(b, c, h, w, generator=g, dtype=torch.float64)
+    weight = torch.randn(cout, c, 3, 3, generator=g, dtype=torch.float64)
+    bias = torch.randn(cout, generator=g, dtype=torch.float64)
+    offset = torch.randn(b, 18, h, w, generator=g, dtype=torch.float64) * 3
+    offset[:, :, 0] = torch.randint(-3, 4, (b, 18, w), generator=g).double()  # integer: on pixel rows / borders
+    mask = torch.rand(b, 9, h, w, generator=g, dtype=torch.float64)
+    positions = kernel_grid(3, h, w, x) + offset
+    y, xx = positions[:, 0::2], positions[:, 1::2]
+    outside = (y <= -1) | (y >= h) | (xx <= -1) | (xx >= w)
+    straddling = ~outside & ((y < 0) | (y > h - 1) | (xx < 0) | (xx > w - 1))
+    assert outside.float().mean() > 0.15 and straddling.any()
+
+    def grads(fn):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias, offset, mask)]
+        out = fn(*leaves)
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out))
+        return [out.detach()] + [t.grad for t in leaves]
+
+    want = grads(lambda x_, w_, b_, o_, m_: deform_conv2d(x_, o_, w_, b_, padding=1, mask=m_))
+    got = grads(lambda x_, w_, b_, o_, m_: sampled_conv(x_, kernel_grid(3, h, w, x_) + o_, w_, b_, m_))
+    for name, a, e in zip(["output", "d_input", "d_weight", "d_bias", "d_offset", "d_mask"], got, want):
+        assert torch.allclose(a, e, atol=1e-5, rtol=0), (name, (a - e).abs().max())
+    # float32 too (the dtype the model runs in)
+    x32, off32, m32 = x.float(), offset.float(), mask.float()
+    got32 = sampled_conv(x32, kernel_grid(3, h, w, x32) + off32, weight.float(), bias.float(), m32)
+    assert torch.allclose(got32, deform_conv2d(x32, off32, weight.float(), bias.float(), padding=1, mask=m32),
+                          atol=1e-5)
+
+
 def _tiny_reference_cfg(**kw):
     from lsnet.modeling import ModelConfig
 

@@ -14,6 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="synthetic (default, self-contained) or the 50 real images of data/tiny_coco "
                              "(lsnet data fetch tiny-coco)")
     parser.add_argument("--task", choices=("bbox", "segm", "pose"), default="bbox")
+    parser.add_argument("--head", choices=("reference", "compact"), default="reference",
+                        help="reference (default): the authors' head and neck (docs/reference_network.md); "
+                             "compact: the lighter head (docs/model.md)")
     parser.add_argument("--num-train", type=int, default=64, help="synthetic training images")
     parser.add_argument("--num-val", type=int, default=16, help="synthetic validation images")
     parser.add_argument("--image-size", type=int, default=128, help="image side in pixels")
@@ -27,5 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     run_demo(Path(args.out), dataset=args.dataset, task=args.task, num_train=args.num_train,
              num_val=args.num_val, image_size=args.image_size, epochs=args.epochs,
-             num_workers=args.num_workers, overrides=args.overrides, verbose=args.verbose)
+             num_workers=args.num_workers, overrides=args.overrides, verbose=args.verbose,
+             head=args.head)
     return 0
