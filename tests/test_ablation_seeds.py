@@ -157,6 +157,15 @@ def test_planted_regression_beyond_the_noise_is_flagged_a_seed_change_is_not(tmp
     assert all(p.verdict == "reproduced" and p.mean_diff == pytest.approx(0.125) for p in claim.pairs)
     assert table["figure4"]["smoothing_window_steps"] == stats.SMOOTH_WINDOW
     assert (out / "table2-signal" / "figure4_pos_iou.png").stat().st_size > 10_000
+    # the parent's MLflow Description: the rows first (the run page folds the rest), the plots linked
+    from pipelines.ablations.report import mlflow_description
+
+    text = mlflow_description(rendered, "7", latest)
+    first = text.splitlines()
+    assert first[2].startswith("| Variant |") and "| cross-IOU, extreme points | 34.3 | 30.3 ± 2.4 |" in "\n".join(
+        first[:8])
+    assert f"[figure4_pos_iou.png](#/experiments/7/runs/{latest}/artifactPath/report/figure4_pos_iou.png)" in text
+    assert len(mlflow_description(rendered, "7", latest, limit=300)) == 300
 
 
 def test_runs_compare_groups_seeded_children_by_variant(tmp_path, capsys):

@@ -180,6 +180,21 @@ class Report:
         return self.files
 
 
+def mlflow_description(report: Report, experiment_id: str, run_id: str, limit: int = 7500) -> str:
+    """The parent run's Description (``mlflow.note.content``): the results table first -- MLflow's run page
+    folds a long description under "Show more" after a few lines, so the rows come before the settings --
+    then links to the Figure 4 plots (logged under ``report/``) and the whole report. Cut at ``limit``
+    characters (MLflow's tag limit is 8000)."""
+    table = [line for line in render_markdown(report).splitlines() if line.startswith("|")]
+    lines = [f"**{report.spec.title} — {report.scale}**, {report.spec.metric}, K = {report.seeds} seed(s)", "",
+             *table]
+    plots = [p.name for p in report.files if p.suffix == ".png"]
+    if plots:
+        lines += ["", "Figure 4: " + " · ".join(
+            f"[{name}](#/experiments/{experiment_id}/runs/{run_id}/artifactPath/report/{name})" for name in plots)]
+    return ("\n".join(lines) + "\n\n---\n\n" + render_markdown(report))[:limit]
+
+
 def _display(metric: str, value: float | None) -> float | None:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
@@ -279,7 +294,7 @@ def build_report(spec: AblationSpec, scale: str, tracking_uri: str, parent_id: s
     noise_note = ""
     if before and any(len(r.values) < 2 or len(r.previous_values) < 2 for r in rows if r.previous_values):
         noise_note = ("K = 1 (this run or the previous one has one seed per variant): it cannot tell noise from "
-                      f"a regression; drops beyond the spec's fixed tolerance are flagged instead")
+                      "a regression; drops beyond the spec's fixed tolerance are flagged instead")
     tags = parent.data.tags
     header = {"Table": spec.title, "Paper": spec.paper_source, "Scale": scale,
               "Seeds": f"K = {seeds} per variant (train.seed 0..K-1: model init and data order)" if seeds else "",
@@ -404,16 +419,16 @@ def _statistics_lines(report: Report) -> list[str]:
     if report.pairs:
         done = sum(p.verdict == "reproduced" for p in report.pairs)
         lines += ["", f"## The paper's pairs ({done} of {len(report.pairs)} reproduced)", "",
-                  f"Paired t-test across seeds (seed i of both variants shares the data order and the initial "
+                  ("Paired t-test across seeds (seed i of both variants shares the data order and the initial "
                   f"weights), two-sided, level {1 - stats.LEVEL:.2f}; reproduced = resolved in the paper's "
-                  "direction."]
+                  "direction.")]
         lines += [f"- {p.describe(unit)}" for p in report.pairs]
     claim = report.curve_claim
     if claim is not None:
         lines += ["", f"## Figure 4: {claim.metric}, area under the curve per step", "",
-                  f"The paper's claim: {claim.variant}'s {claim.metric} rises faster. Number: the mean of the raw "
+                  (f"The paper's claim: {claim.variant}'s {claim.metric} rises faster. Number: the mean of the raw "
                   f"per-step {claim.metric} over training (area under the curve / steps), per seed; curves drawn "
-                  f"with a trailing mean of {stats.SMOOTH_WINDOW} steps, band = 95 % t interval over seeds."]
+                  f"with a trailing mean of {stats.SMOOTH_WINDOW} steps, band = 95 % t interval over seeds.")]
         for name, by_seed in claim.areas.items():
             iv = stats.t_interval(list(by_seed.values()))
             half = f" ± {iv.half_width:.4f}" if iv.half_width is not None else ""

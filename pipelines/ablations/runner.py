@@ -27,7 +27,7 @@ from pathlib import Path
 from lsnet import storage
 from lsnet.config import ConfigError
 from pipelines.ablations.data import prepare_dataset, repo_path
-from pipelines.ablations.report import Report, child_runs, render_table
+from pipelines.ablations.report import Report, child_runs, mlflow_description, render_table
 from pipelines.ablations.spec import AblationSpec, ScaleSpec
 
 
@@ -115,7 +115,10 @@ def _run_ablation(spec: AblationSpec, scale, scale_name: str, out_copy: storage.
             if v.kind == "mask_upper_bound" and v.name not in done:
                 _mask_upper_bound_child(spec, v, mask_json, client, experiment_id, parent.run_id,
                                         {**common, "ablation_variant": v.name})
-        report = _publish_report(spec, scale_name, uri, parent, out, failed, publish)
+        report = _publish_report(spec, scale_name, uri, parent, out, failed, experiment_id, publish)
+    except KeyboardInterrupt:  # Ctrl-C / SIGTERM: the trials ended KILLED; `--resume` continues the table
+        parent.close("KILLED")
+        raise
     except BaseException:
         parent.close("FAILED")
         raise
@@ -179,7 +182,7 @@ def _train_variants(spec: AblationSpec, scale_name: str, base, trained: list, na
 
 
 def _publish_report(spec: AblationSpec, scale_name: str, uri: str, parent, out: Path, failed: list[str],
-                    publish: Path | None = None) -> Report:
+                    experiment_id: str, publish: Path | None = None) -> Report:
     """Render the table from MLflow (as ``lsnet ablation render`` does), log it on the parent run (the table
     as the run page's Description, the regressions and failed variants as tags) and end the parent run."""
     parent.flush()  # the report reads the parent's tags back from MLflow
@@ -188,7 +191,7 @@ def _publish_report(spec: AblationSpec, scale_name: str, uri: str, parent, out: 
         render_table(spec, scale_name, uri, publish, parent.run_id)
     for path in report.files:
         parent.log_artifact(path, "report")
-    parent.set_tags({"mlflow.note.content": report.markdown()[:7500],  # the run page's Description
+    parent.set_tags({"mlflow.note.content": mlflow_description(report, experiment_id, parent.run_id),
                      "regressions": str(len(report.regressions)),
                      "regression_list": "; ".join(report.regressions)[:4000] or "none",
                      "failed_variants": "; ".join(failed)[:4000] or "none"})
