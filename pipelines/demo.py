@@ -52,7 +52,7 @@ def prepare_data(out: Path, dataset: str, task: str, num_train: int, num_val: in
     from pipelines.preprocess import preprocess
 
     kind = "person_keypoints" if task == "pose" else "instances"
-    contours = (18, 36)
+    contours = (18, 36, 72)  # every count of paper §4.4: configs/spaces/segm_points_alpha.yaml searches them
     if dataset == "synthetic":
         splits = {}
         for split, count, seed, first_id in (("train", num_train, 0, 1000), ("val", num_val, 1, 100000)):
