@@ -125,10 +125,11 @@ def test_the_specs_own_store_wins(local_jobs, tmp_path, capsys):
     from pipelines.cli import main
 
     client, _ = local_jobs
-    named = f"sqlite:///{tmp_path / 'named.db'}"
-    spec = _spec(tmp_path, args=_shards(tmp_path), runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": named}})
+    named = tmp_path / "named.db"
+    spec = _spec(tmp_path, args=_shards(tmp_path), runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": str(named)}})
     assert main(["jobs", "submit", str(spec)]) == 0
-    assert client.submitted["runtime_env"]["env_vars"]["MLFLOW_TRACKING_URI"] == named
+    # the spec's store, as the submitter resolved it (a bare .db path: an absolute SQLite URI)
+    assert client.submitted["runtime_env"]["env_vars"]["MLFLOW_TRACKING_URI"] == f"sqlite:///{named}"
     assert "the job's MLflow runs" not in capsys.readouterr().out  # that store was never created: no command
 
 
@@ -201,10 +202,18 @@ def test_status_of_an_unknown_local_job_and_stop_without_address(local_jobs, cap
     assert "lsnet jobs stop: error: no cluster address" in capsys.readouterr().err
 
 
-def test_duration_and_time_formats():
+def test_duration_and_time_formats(monkeypatch):
+    import time
+
     from pipelines.cli.jobs import _duration, _iso
 
-    assert _iso(T0) == "2026-12-07T09:50:01Z" and _iso(None) == "-"
+    monkeypatch.setenv("TZ", "America/New_York")  # UTC whatever the machine's zone
+    time.tzset()
+    try:
+        assert _iso(T0) == "2026-12-07T09:50:01Z" and _iso(None) == "-"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
     assert _duration(T0, T0 + 42_400) == "42 s"
     assert _duration(T0, T0 + 189_000) == "3 min 09 s"
     assert _duration(T0, T0 + 3_720_000) == "1 h 02 min"

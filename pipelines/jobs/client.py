@@ -149,14 +149,12 @@ def local_runtime_env(spec: JobSpec, env_vars: dict[str, str]) -> tuple[dict, st
     default MLflow store are the checkout's, and outlive the head; no upload, no packaging."""
     runtime_env = spec.runtime_env.to_ray(REPO_ROOT)
     if not runs_in_checkout(spec):
-        runtime_env.setdefault("env_vars", {}).update({k: v for k, v in env_vars.items()
-                                                       if k not in runtime_env.get("env_vars", {})})
+        runtime_env.setdefault("env_vars", {}).update(env_vars)
         return runtime_env, ""
     runtime_env.pop("working_dir", None)
     runtime_env.pop("excludes", None)
     env = runtime_env.setdefault("env_vars", {})
-    for key, value in env_vars.items():
-        env.setdefault(key, value)  # the spec's own value wins
+    env.update(env_vars)  # resolved by the submitter from the spec's own values (a store it names wins there)
     root = str(REPO_ROOT)
     env["PYTHONPATH"] = os.pathsep.join([root, *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
     return runtime_env, f"cd {shlex.quote(root)} && "
