@@ -199,7 +199,7 @@ def fresh_checkout(tmp_path_factory) -> Path:
 
 
 def test_the_extraction_reads_only_marked_blocks():
-    text = "\n".join([
+    text = "\n".join([  # noqa: FLY002 -- one README line per item
         "```bash", "lsnet train not-an-example.yaml", "```",
         "```sh example", "lsnet synth data/x \\", "    --num-images 2   # two", "", "# a comment", "lsnet runs list", "```",
         "~~~", "lsnet nope", "~~~",
