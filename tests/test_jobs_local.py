@@ -155,7 +155,9 @@ def test_a_spec_with_another_working_dir_is_uploaded(local_jobs, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    ([], "data.train_shards results/demo/shards/synthetic_instances_train_128 does not exist on this machine"),
+    ([], ("data.train_shards results/demo/shards/synthetic_instances_train_128 does not exist on this machine (no "
+          "--address: the job runs here, in ")),
+    ([], "; run `make demo` first, or pass --set data.train_shards=PATH)"),
     (["--set", "data.train_shards=/nonexistent/train"], "data.train_shards /nonexistent/train does not exist"),
     (["--num-wrokers", "2"], "args: unrecognized arguments: --num-wrokers 2"),
     (["--set", "train.epochz=2"], "train.epochz"),

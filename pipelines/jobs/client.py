@@ -114,10 +114,10 @@ PACKAGING_LOGGERS = ("ray._private.runtime_env.packaging", "ray.dashboard.module
 
 
 @contextlib.contextmanager
-def quiet_packaging():
+def quiet_packaging(names: tuple[str, ...] = PACKAGING_LOGGERS):
     """Ray's upload narration (``Creating a file package ...``, ``Pushing file package ...``) hidden:
     :func:`submit_spec` says it in one line; Ray's warnings (a very large file) still show."""
-    loggers = [logging.getLogger(name) for name in PACKAGING_LOGGERS]
+    loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.WARNING)
@@ -181,7 +181,8 @@ def follow_logs(client, submission_id: str, out=None) -> None:
             out.write(chunk)
             out.flush()
 
-    asyncio.run(pump())
+    with quiet_packaging(("ray.dashboard.modules.job.sdk",)):  # "WebSocket closed for job ..." at the end
+        asyncio.run(pump())
 
 
 def log_tail(client, submission_id: str, lines: int = LOG_TAIL_LINES) -> str:

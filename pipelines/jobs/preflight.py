@@ -72,6 +72,7 @@ def check_local_inputs(spec: JobSpec, extra_args: list[str] | None = None) -> No
     for key, value in input_paths(spec, extra_args):
         path = _local(value)
         if not path.exists():
-            hint = (f"--set {key}=PATH" if "." in key else f"a spec whose {key} exists")
+            make = "run `make demo` first" if Path(value).parts[:2] == ("results", "demo") else "make it first"
+            hint = f"--set {key}=PATH" if "." in key else f"a spec whose {key} exists"
             raise JobSpecError(f"{spec.path or spec.name}: {key} {value} does not exist on this machine (no "
-                               f"--address: the job runs here, in {REPO_ROOT}; make it first, or pass {hint})")
+                               f"--address: the job runs here, in {REPO_ROOT}; {make}, or pass {hint})")
