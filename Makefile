@@ -5,7 +5,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # The image name: also what `lsnet jobs schedule --emit k8s*` writes into the manifests ($LSNET_IMAGE).
-IMAGE  ?= $(or $(LSNET_IMAGE),lsnet:latest)
+# Default tag: this checkout's commit (a manifest must pin what it runs; never :latest).
+COMMIT := $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+IMAGE  ?= $(or $(LSNET_IMAGE),lsnet:$(COMMIT))
 # py311-cpu or py311-gpu: the Ray base image variant (CUDA for GPU nodes)
 RAY_VARIANT ?= py311-cpu
 ENGINE ?= $(firstword $(shell command -v docker podman 2>/dev/null))
@@ -40,7 +42,7 @@ image:
 	  echo "make image: $(ENGINE) is installed but cannot reach its daemon/service ($(ENGINE) info fails)" >&2; exit 1; }
 	$(ENGINE) build -t $(IMAGE) --build-arg RAY_VARIANT=$(RAY_VARIANT) \
 	  --build-arg LSNET_GIT_COMMIT=$$(git rev-parse HEAD 2>/dev/null || echo unknown) .
-	@echo "built $(IMAGE); push it where the cluster pulls from, e.g. $(ENGINE) push $(IMAGE)"
+	@echo "built $(IMAGE); tag and push it where the cluster pulls from (e.g. $(ENGINE) tag $(IMAGE) REGISTRY/$(IMAGE) && $(ENGINE) push REGISTRY/$(IMAGE)), then lsnet jobs schedule ... --image REGISTRY/$(IMAGE)"
 
 clean:
 	rm -rf $(VENV) results/demo

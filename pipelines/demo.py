@@ -58,13 +58,14 @@ def tiny_coco_annotations(task: str) -> Path:
 
 
 def prepare_data(out: Path, dataset: str, task: str, num_train: int, num_val: int, image_size: int,
-                 num_cpus: int) -> tuple[Path, Path]:
-    """Generate (or locate) the dataset and preprocess it to shards; returns (train, val) shard dirs."""
+                 num_cpus: int, executor: str = "ray") -> tuple[Path, Path]:
+    """Generate (or locate) the dataset and preprocess it to shards; returns (train, val) shard dirs.
+    ``executor="local"``: without Ray (the same shards; tests/test_readme.py makes a small demo so)."""
     from lsnet.data.synthetic import write_synthetic_coco
     from pipelines.preprocess import preprocess
 
     kind = "person_keypoints" if task == "pose" else "instances"
-    contours = (18, 36)
+    contours = (18, 36, 72)  # every count of paper §4.4: configs/spaces/segm_points_alpha.yaml searches them
     if dataset == "synthetic":
         splits = {}
         for split, count, seed, first_id in (("train", num_train, 0, 1000), ("val", num_val, 1, 100000)):
@@ -84,7 +85,7 @@ def prepare_data(out: Path, dataset: str, task: str, num_train: int, num_val: in
         shard_dir = out / "shards" / f"{dataset}_{kind}_{split}_{image_size}"
         _say(f"preprocessing {ann.name} with Ray Data -> {shard_dir}")
         preprocess(ann, images, shard_dir, max_size=image_size, contour_points=contours, num_cpus=num_cpus,
-                   verbose=False)
+                   verbose=False, executor=executor)
         shard_dirs.append(shard_dir)
     return shard_dirs[0], shard_dirs[1]
 

@@ -9,6 +9,13 @@ import yaml
 from pipelines.jobs.spec import JobSpecError, load_job_spec
 
 
+def _deploy(spec):
+    from pipelines.jobs.schedule import deployment
+
+    return deployment(spec, image="registry.example.com/lsnet:0123abc", storage="s3://bucket/lsnet",
+                      mlflow_uri="http://mlflow:5000")
+
+
 def _spec(tmp_path, **fields):
     data = {"name": "guard", "command": "train", "config": "configs/tiny_bbox.yaml", **fields}
     path = tmp_path / "guard.yaml"
@@ -27,9 +34,9 @@ def test_five_field_schedule_reaches_every_emitted_form(tmp_path):
     from pipelines.jobs.schedule import crontab_line, k8s_cron_job, ray_cron_job
 
     spec, _ = _spec(tmp_path, schedule="15 3 * * 1", time_zone="Europe/Berlin", address="http://head:8265")
-    assert ray_cron_job(spec)["spec"]["schedule"] == "15 3 * * 1"
-    assert k8s_cron_job(spec)["spec"]["schedule"] == "15 3 * * 1"
-    assert k8s_cron_job(spec)["spec"]["timeZone"] == "Europe/Berlin"
+    assert ray_cron_job(spec, _deploy(spec))["spec"]["schedule"] == "15 3 * * 1"
+    assert k8s_cron_job(spec, _deploy(spec))["spec"]["schedule"] == "15 3 * * 1"
+    assert k8s_cron_job(spec, _deploy(spec))["spec"]["timeZone"] == "Europe/Berlin"
     line = crontab_line(spec)
     assert line.startswith("CRON_TZ=Europe/Berlin\n15 3 * * 1 cd ")
 
@@ -44,11 +51,12 @@ def test_rayjob_entrypoint_gpus_and_cpus_are_the_specs(tmp_path):
     from pipelines.jobs.schedule import ray_cron_job, ray_job_spec
 
     spec, _ = _spec(tmp_path, resources={"num_cpus": 3, "num_gpus": 1}, schedule="0 3 * * *")
-    job = ray_job_spec(spec)
+    job = ray_job_spec(spec, _deploy(spec))
     assert (job["entrypointNumCpus"], job["entrypointNumGpus"]) == (3.0, 1.0)
-    assert ray_cron_job(spec)["spec"]["jobTemplate"]["entrypointNumGpus"] == 1.0
+    assert ray_cron_job(spec, _deploy(spec))["spec"]["jobTemplate"]["entrypointNumGpus"] == 1.0
     none, _ = _spec(tmp_path, resources={"num_cpus": 2})
-    assert "entrypointNumGpus" not in ray_job_spec(none) and ray_job_spec(none)["entrypointNumCpus"] == 2.0
+    job = ray_job_spec(none, _deploy(none))
+    assert "entrypointNumGpus" not in job and job["entrypointNumCpus"] == 2.0
 
 
 def test_submit_passes_the_entrypoint_resources(tmp_path, monkeypatch):
@@ -92,7 +100,7 @@ def test_worker_group_bounds_reach_the_rayjob(tmp_path):
     from pipelines.jobs.schedule import ray_job_spec
 
     spec, _ = _spec(tmp_path, cluster={"workers": [{"replicas": 2, "min_replicas": 1, "max_replicas": 4, "gpu": 1}]})
-    (group,) = ray_job_spec(spec)["rayClusterSpec"]["workerGroupSpecs"]
+    (group,) = ray_job_spec(spec, _deploy(spec))["rayClusterSpec"]["workerGroupSpecs"]
     assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (2, 1, 4)
     limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert limits["nvidia.com/gpu"] == "1"

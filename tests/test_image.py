@@ -59,10 +59,10 @@ def test_the_manifests_name_the_image_setting(emit, monkeypatch, capsys):
     from pipelines.cli import main
 
     spec = str(REPO_ROOT / "jobs" / "nightly_ablations_tiny.yaml")
-    extra = ["--address", "http://head:8265"] if emit == "k8s-cronjob" else []
+    extra = (["--address", "http://head:8265"] if emit == "k8s-cronjob" else []) + ["--pvc", "results"]
 
     def images(*args: str) -> set[str]:
-        assert main(["jobs", "schedule", spec, "--emit", emit, *extra, *args]) == 0
+        assert main(["jobs", "schedule", spec, "--emit", emit, *extra, *args]) == 0, capsys.readouterr().err
         found: set[str] = set()
 
         def walk(node):
@@ -78,7 +78,9 @@ def test_the_manifests_name_the_image_setting(emit, monkeypatch, capsys):
         return found
 
     monkeypatch.delenv("LSNET_IMAGE", raising=False)
-    assert images() == {"lsnet:latest"}  # what `make image` tags by default
+    # no image named: refused rather than an unpinned default (issue 23 item 6)
+    assert main(["jobs", "schedule", spec, "--emit", emit, *extra]) == 2
+    assert "no container image: pass --image REGISTRY/lsnet:TAG" in capsys.readouterr().err
     monkeypatch.setenv("LSNET_IMAGE", "registry.example.com/ml/lsnet:0.1.0")
     assert images() == {"registry.example.com/ml/lsnet:0.1.0"}
     assert images("--image", "lsnet:abc123") == {"lsnet:abc123"}
@@ -107,7 +109,7 @@ def test_make_image_builds_with_the_setting_or_says_why_not(tmp_path):
     assert run.returncode == 0, run.stderr
     calls = log.read_text().splitlines()
     assert calls[0] == "info"
-    assert re.fullmatch(r"build -t lsnet:latest --build-arg RAY_VARIANT=py311-cpu "
+    assert re.fullmatch(r"build -t lsnet:([0-9a-f]{12}|unknown) --build-arg RAY_VARIANT=py311-cpu "
                         r"--build-arg LSNET_GIT_COMMIT=([0-9a-f]{40}|unknown) \.", calls[1]), calls[1]
     log.unlink()
     env["LSNET_IMAGE"] = "registry.example.com/ml/lsnet:0.1.0"

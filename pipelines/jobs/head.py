@@ -60,6 +60,9 @@ class LocalRayHead:
     start_timeout_s: float = 180.0
     #: extra ``KEY=VALUE`` environment for the head (and so for the job drivers it starts)
     env: dict[str, str] = field(default_factory=dict)
+    #: "token" (a fresh random token, the default) or "disabled" (a head without token auth, as an
+    #: older Ray or ``RAY_AUTH_MODE=disabled`` starts it; the tests use it)
+    auth: str = "token"
     address: str = ""
     gcs_address: str = ""
     token: str = ""
@@ -70,15 +73,16 @@ class LocalRayHead:
 
     @property
     def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
     def start(self) -> LocalRayHead:
         # short path: Ray's unix sockets live under --temp-dir and the path length is limited (~107)
         self.temp_dir = Path(tempfile.mkdtemp(prefix="lsray-", dir="/tmp"))
-        self.token = secrets.token_hex(32)
         token_file = self.temp_dir / "auth_token"
-        token_file.touch(mode=0o600)
-        token_file.write_text(self.token)
+        if self.auth == "token":
+            self.token = secrets.token_hex(32)
+            token_file.touch(mode=0o600)
+            token_file.write_text(self.token)
         dashboard_port = free_port()
         ports = {"--port": free_port(), "--dashboard-port": dashboard_port,
                  "--ray-client-server-port": free_port(), "--dashboard-agent-listen-port": free_port(),
@@ -96,7 +100,12 @@ class LocalRayHead:
             cmd += ["--num-gpus", str(self.num_gpus)]
         if self.resources:
             cmd += ["--resources", json.dumps(self.resources)]
-        env = {**os.environ, **self.env, AUTH_MODE_VAR: "token", AUTH_TOKEN_PATH_VAR: str(token_file)}
+        env = {**os.environ, **self.env}
+        if self.auth == "token":
+            env.update({AUTH_MODE_VAR: "token", AUTH_TOKEN_PATH_VAR: str(token_file)})
+        else:
+            env[AUTH_MODE_VAR] = "disabled"
+            env.pop(AUTH_TOKEN_PATH_VAR, None)
         # job entrypoints say `python ...`: on this machine that must be this environment's python
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env.pop(AUTH_TOKEN_VAR, None)  # would take precedence over our file

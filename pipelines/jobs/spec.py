@@ -38,15 +38,15 @@ DEFAULT_EXCLUDES = [".git", ".venv", "results", "data", "mlruns", "*.arrow", "*.
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 #: RayCronJob -> RayJob -> RayCluster names get suffixes; KubeRay keeps the base name short.
 MAX_NAME_LEN = 40
-#: The container image of the K8s manifests: what `make image` tags (the repository's Dockerfile).
-#: ``$LSNET_IMAGE`` names another (a registry path) for `make image` and every spec that names none;
-#: a spec's ``cluster.image`` and ``lsnet jobs schedule --image`` override it.
-DEFAULT_IMAGE = "lsnet:latest"
+#: The container image of the K8s manifests: what `make image` built and pushed (the repository's
+#: Dockerfile), with its registry and a pinned tag. ``$LSNET_IMAGE`` names it for `make image` and every
+#: spec that names none; a spec's ``cluster.image`` and ``lsnet jobs schedule --image`` override it.
+#: There is no default: a manifest must not run whatever ``:latest`` is today (pipelines/jobs/schedule.py).
 IMAGE_ENV = "LSNET_IMAGE"
 
 
-def default_image() -> str:
-    return os.environ.get(IMAGE_ENV) or DEFAULT_IMAGE
+def default_image() -> str | None:
+    return os.environ.get(IMAGE_ENV) or None
 
 
 class JobSpecError(ConfigError):
@@ -119,9 +119,10 @@ class ClusterTemplate:
     submitter pod (``--emit k8s-cronjob``). The image must contain this repository and its
     environment (``pip install .``) unless ``working_dir`` is a URI the cluster can download."""
 
-    image: str = field(default_factory=default_image)  # resolved once, when the spec is read
+    image: str | None = field(default_factory=default_image)  # resolved once, when the spec is read
     ray_version: str = "2.60.0"
-    namespace: str = "default"
+    #: None: the namespace of `kubectl apply -n NS` (the context's)
+    namespace: str | None = None
     head_cpu: str = "2"
     head_memory: str = "8Gi"
     workers: list[WorkerGroup] = field(default_factory=list)
@@ -135,6 +136,23 @@ class ClusterTemplate:
     #: k8s-cronjob: Secret with key `token` holding the long-lived cluster's Ray auth token
     token_secret: str | None = "ray-auth-token"
     history_limit: int = 3
+    # Deployment settings (each also a flag of `lsnet jobs schedule`, which wins; docs/jobs.md)
+    #: the pods' Kubernetes service account
+    service_account: str | None = None
+    #: Secrets of type kubernetes.io/dockerconfigjson for pulling the image from a private registry
+    image_pull_secrets: list[str] = field(default_factory=list)
+    #: a PersistentVolumeClaim mounted at ``mount_path`` in every pod: outputs, checkpoints, resume state
+    pvc: str | None = None
+    mount_path: str = "/mnt/lsnet"
+    #: or an object-storage location (s3://bucket/prefix) for them; ``storage_secret``: a Secret with
+    #: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and optionally AWS_ENDPOINT_URL)
+    storage: str | None = None
+    storage_secret: str | None = None
+    #: a Secret with MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN
+    mlflow_secret: str | None = None
+    #: called (HTTP POST, JSON) when a run fails: a URL, or a Secret holding it under the key `url`
+    failure_webhook: str | None = None
+    failure_webhook_secret: str | None = None
 
 
 @dataclass
