@@ -12,7 +12,7 @@ IMAGE  ?= $(or $(LSNET_IMAGE),lsnet:$(COMMIT))
 RAY_VARIANT ?= py311-cpu
 ENGINE ?= $(firstword $(shell command -v docker podman 2>/dev/null))
 
-.PHONY: install test demo bench lint clean image
+.PHONY: install test test-long demo bench lint clean image
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# also the minutes-long end-to-end tests (marker `long`) and the cluster tests (S3 search/ablation, two nodes)
+test-long: $(STAMP)
+	LSNET_LONG_TESTS=1 LSNET_CLUSTER_TESTS=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(VENV)/bin/lsnet demo

@@ -192,3 +192,15 @@ def s3(moto_server, monkeypatch):
     for name in AWS_VARIABLES:
         monkeypatch.setenv(name, moto_server.env()[name])
     return S3Bucket(moto_server, moto_server.create_bucket())
+
+
+# -- `long` tests: minutes-long end-to-end runs whose parts faster tests cover; `make test` (< 15 min on a
+# 2-core machine) leaves them out, LSNET_LONG_TESTS=1 (make test-long) runs them too --
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("LSNET_LONG_TESTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="long end-to-end test: run with LSNET_LONG_TESTS=1 (make test-long)")
+    for item in items:
+        if "long" in item.keywords:
+            item.add_marker(skip)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -212,6 +213,7 @@ def _git_status(root) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_tiny_run_with_seeds_leaves_the_committed_tables_alone(ray_session, tmp_path, monkeypatch, capsys):
     import shutil
 
@@ -252,3 +254,29 @@ def test_tiny_run_with_seeds_leaves_the_committed_tables_alone(ray_session, tmp_
     assert seeds == [("cross_iou_extreme", "0", "0"), ("cross_iou_extreme", "1", "1"),
                      ("smooth_l1_extreme", "0", "0"), ("smooth_l1_extreme", "1", "1")]
     assert len(table["pairs"]) == 1 and table["pairs"][0]["better"] == "cross_iou_extreme"
+
+
+def test_ablation_run_writes_to_an_ignored_folder_and_publishes_only_on_purpose(monkeypatch):
+    """Issue 23 item 4 without training (the end-to-end run is the `long` test above): a user's
+    `lsnet ablation run` goes to results/ablation_runs (ignored by git), the committed tables under
+    results/ablations are replaced only with --publish."""
+    import subprocess
+
+    from pipelines.ablations import runner
+    from pipelines.cli import main
+    from pipelines.cli.ablation import PUBLISHED_DIR
+    from pipelines.paths import REPO_ROOT
+
+    calls = []
+    monkeypatch.setattr(runner, "run_tables", lambda specs, scale, out, uri, *a, **kw: calls.append((out, kw)) or [])
+    monkeypatch.chdir(REPO_ROOT)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/lsnet-item4-never-opened.db")
+    main(["ablation", "run", "table2", "--scale", "tiny"])
+    main(["ablation", "run", "table2", "--scale", "tiny", "--publish"])
+    (out, plain), (_, published) = calls
+    assert out == Path("results/ablation_runs") and plain["publish"] is None
+    assert published["publish"] == PUBLISHED_DIR and Path(PUBLISHED_DIR).parts[-2:] == ("results", "ablations")
+    ignored = subprocess.run(["git", "check-ignore", "-q", "results/ablation_runs/table2-tiny/table.md"],
+                             cwd=REPO_ROOT, check=False)
+    tracked = subprocess.run(["git", "check-ignore", "-q", "results/ablations/table2-tiny/table.md"], cwd=REPO_ROOT, check=False)
+    assert ignored.returncode == 0 and tracked.returncode == 1

@@ -125,6 +125,7 @@ def test_no_token_is_rejected(ray_head):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_preprocess_then_train_job_tags_mlflow_run(ray_head, synth_data, tmp_path, monkeypatch, capsys):
     import mlflow
 

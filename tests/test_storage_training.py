@@ -88,6 +88,7 @@ def _stored_weights(uri: str) -> dict[str, torch.Tensor]:
     return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)["model"]
 
 
+@pytest.mark.long
 def test_a_run_on_the_bucket_resumes_after_a_kill_and_when_resubmitted(bucket, stored_shards, tmp_path):
     from mlflow.tracking import MlflowClient
 

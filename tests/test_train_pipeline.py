@@ -237,6 +237,7 @@ MULTINODE_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.long
 def test_two_simulated_nodes_with_the_ray_data_reader_train_identically(shards, uninterrupted):
     """Two simulated nodes (one worker each) and data.reader=ray_data, which streams the same per-rank
     samples through Ray Data tasks: the final weights equal the one-node map-style run's bit for bit.

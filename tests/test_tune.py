@@ -162,6 +162,7 @@ def test_runs_compare_and_list(two_trials, capsys):
     assert "no experiment 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.long
 def test_asha_stops_zero_lr_and_failed_trial_is_recorded(shards, monkeypatch):
     """Variants run one at a time in order: lr 0.08, lr 1e-12 (loss stays at its initial level: stopped
     at the epoch-1 rung by ASHA on the loss; the config refuses lr 0), training shards that do not exist
