@@ -27,7 +27,7 @@ test: $(STAMP)
 
 # also the minutes-long end-to-end tests (marker `long`) and the cluster tests (S3 search/ablation, two nodes)
 test-long: $(STAMP)
-	LSNET_LONG_TESTS=1 LSNET_CLUSTER_TESTS=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+	LSNET_SLOW_TESTS=1 LSNET_CLUSTER_TESTS=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(VENV)/bin/lsnet demo

@@ -194,13 +194,13 @@ def s3(moto_server, monkeypatch):
     return S3Bucket(moto_server, moto_server.create_bucket())
 
 
-# -- `long` tests: minutes-long end-to-end runs whose parts faster tests cover; `make test` (< 15 min on a
-# 2-core machine) leaves them out, LSNET_LONG_TESTS=1 (make test-long) runs them too --
+# -- `long` tests: minute-long runs whose parts faster tests cover; `make test` (< 15 min on a 2-core
+# machine) leaves them out, LSNET_SLOW_TESTS=1 (make test-long) runs them too --
 
 def pytest_collection_modifyitems(config, items):
-    if os.environ.get("LSNET_LONG_TESTS") == "1":
+    if os.environ.get("LSNET_SLOW_TESTS"):
         return
-    skip = pytest.mark.skip(reason="long end-to-end test: run with LSNET_LONG_TESTS=1 (make test-long)")
+    skip = pytest.mark.skip(reason="long test beyond make test's 15-minute budget: LSNET_SLOW_TESTS=1 (make test-long) runs it")
     for item in items:
         if "long" in item.keywords:
             item.add_marker(skip)

@@ -12,7 +12,6 @@ so the BN running statistics used at evaluation converge to the training-batch s
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -149,8 +148,7 @@ TABLE2_STEPS = 150
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("LSNET_SLOW_TESTS"),
-                    reason="4 extra overfit runs (~35 s each) beyond make test's time budget; LSNET_SLOW_TESTS=1 runs them")
+@pytest.mark.long
 @pytest.mark.parametrize("variant", list(TABLE2_VARIANTS))
 def test_overfit_table2_variants_stage1_only(tmp_path_factory, variant):
     from lsnet.modeling.config import LossConfig

@@ -206,9 +206,7 @@ def _tune_cmd(shards: Path, space: Path, *extra: str) -> list[str]:
 RAY_START_TIMEOUT = "The current node timed out during startup"
 
 
-@pytest.mark.skipif(not os.environ.get("LSNET_SLOW_TESTS"),
-                    reason="two `lsnet tune` processes with their own Ray (~110 s): beyond make test's 15-minute "
-                           "budget; LSNET_SLOW_TESTS=1 runs it")
+@pytest.mark.long
 def test_killed_driver_resumes_without_rerunning_finished_trials(shards):
     space = write_space(shards / "resume.yaml", {"model.loss.alpha": {"grid": [0.0, 0.2]}})
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "RAY_ADDRESS": "local"}
