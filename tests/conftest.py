@@ -204,3 +204,32 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "long" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def bucket(moto_server):
+    """A bucket per test module, the standard AWS variables pointing at it while the module's tests run."""
+    from servers import AWS_VARIABLES, S3Bucket
+
+    mp = pytest.MonkeyPatch()
+    for name in AWS_VARIABLES:
+        mp.setenv(name, moto_server.env()[name])
+    yield S3Bucket(moto_server, moto_server.create_bucket())
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def search_shards(tmp_path_factory, ray_session):
+    """Synthetic train (8 images) and val (4 images) sets, 64 px, contours of 18 points, as shards under
+    ``<root>/shards/{train,val}`` (one per module: the search tests write next to them)."""
+    from lsnet.data.synthetic import write_synthetic_coco
+    from pipelines.preprocess import preprocess
+
+    root = tmp_path_factory.mktemp("search")
+    train = write_synthetic_coco(root / "synth_train", num_images=8, image_size=(64, 64), seed=0)
+    val = write_synthetic_coco(root / "synth_val", num_images=4, image_size=(64, 64), seed=1,
+                               split="val", first_image_id=5000)
+    for src, dst in ((train, "train"), (val, "val")):
+        preprocess(src.instances_json, src.image_dir, root / "shards" / dst, max_size=64, contour_points=(18,),
+                   verbose=False)
+    return root

@@ -31,19 +31,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory, ray_session):
-    """Synthetic train (8 images) and val (4 images) sets, 64 px, contours of 18 points."""
-    from lsnet.data.synthetic import write_synthetic_coco
-    from pipelines.preprocess import preprocess
-
-    root = tmp_path_factory.mktemp("search_tracking")
-    train = write_synthetic_coco(root / "synth_train", num_images=8, image_size=(64, 64), seed=0)
-    val = write_synthetic_coco(root / "synth_val", num_images=4, image_size=(64, 64), seed=1,
-                               split="val", first_image_id=5000)
-    for src, dst in ((train, "train"), (val, "val")):
-        preprocess(src.instances_json, src.image_dir, root / "shards" / dst, max_size=64, contour_points=(18,),
-                   verbose=False)
-    return root
+def shards(search_shards):
+    return search_shards
 
 
 BASE_OVERRIDES = ["data.scale_range=[64,64]", "data.max_size=64", "data.test_scale=64", "train.epochs=2",

@@ -33,18 +33,6 @@ cluster_opt_in = pytest.mark.skipif(not servers.cluster_tests_enabled(),
 
 
 @pytest.fixture(scope="module")
-def bucket(moto_server):
-    """A bucket of this module, the AWS variables set while its tests run."""
-    from servers import AWS_VARIABLES, S3Bucket
-
-    mp = pytest.MonkeyPatch()
-    for name in AWS_VARIABLES:
-        mp.setenv(name, moto_server.env()[name])
-    yield S3Bucket(moto_server, moto_server.create_bucket())
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
 def stored_shards(bucket, tmp_path_factory):
     """Synthetic train (8 images) and val (4) shards written straight to the bucket."""
     from lsnet.data.synthetic import write_synthetic_coco

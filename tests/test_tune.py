@@ -35,19 +35,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory, ray_session):
-    """Synthetic train (8 images) and val (4 images) sets, 64 px, contours of 18 points."""
-    from lsnet.data.synthetic import write_synthetic_coco
-    from pipelines.preprocess import preprocess
-
-    root = tmp_path_factory.mktemp("tune")
-    train = write_synthetic_coco(root / "synth_train", num_images=8, image_size=(64, 64), seed=0)
-    val = write_synthetic_coco(root / "synth_val", num_images=4, image_size=(64, 64), seed=1,
-                               split="val", first_image_id=5000)
-    for src, dst in ((train, "train"), (val, "val")):
-        preprocess(src.instances_json, src.image_dir, root / "shards" / dst, max_size=64, contour_points=(18,),
-                   verbose=False)
-    return root
+def shards(search_shards):
+    return search_shards
 
 
 # run.max_failures=1: Ray Train's placement-group cleaner can take a live controller for dead when the

@@ -113,17 +113,6 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
-def bucket(moto_server):
-    from servers import AWS_VARIABLES, S3Bucket
-
-    mp = pytest.MonkeyPatch()
-    for name in AWS_VARIABLES:
-        mp.setenv(name, moto_server.env()[name])
-    yield S3Bucket(moto_server, moto_server.create_bucket())
-    mp.undo()
-
-
 def _mount_namespace(pid: int) -> str | None:
     try:
         return os.readlink(f"/proc/{pid}/ns/mnt")
