@@ -53,6 +53,25 @@ def test_t_interval_and_paired_test_against_hand_values():
     assert stats.seeds_to_resolve({0: 1.0}, {0: 0.0}) is None
 
 
+def test_resolved_from_reads_the_cheapest_seed_count_from_the_runs():
+    # differences over seeds 0..4: 1, 2, 3, 2, 2
+    a, b = {0: 11.0, 1: 12.0, 2: 13.0, 3: 12.0, 4: 12.0}, {s: 10.0 for s in range(5)}
+    first, p = stats.resolved_from(a, b)
+    # k=2: diffs 1, 2 (mean 1.5, s 0.7071, t 3.0, df 1): p = 0.2048; k=3: 0.07418 (above);
+    # k=4: diffs 1,2,3,2 (mean 2, s 0.8165, t 4.899, df 3): p = 0.01628; k=5: mean 2, s 0.7071, t 6.325: p 0.0032
+    assert sorted(p) == [2, 3, 4, 5]
+    assert p[2] == pytest.approx(0.2048, rel=1e-3) and p[3] == pytest.approx(0.07418, rel=1e-3)
+    assert p[4] == pytest.approx(0.01628, rel=1e-2) and p[5] == pytest.approx(0.00320, rel=2e-2)
+    assert first == 4
+    # resolved at k=2 by chance (zero spread), unresolved at 3, resolved again at 4, 5: stays resolved from 4
+    first, _ = stats.resolved_from({0: 12.0, 1: 12.0, 2: 10.5, 3: 12.0, 4: 12.0}, {s: 10.0 for s in range(5)})
+    assert first == 4
+    first, p = stats.resolved_from({0: 9.0, 1: 9.0, 2: 9.0}, {0: 10.0, 1: 10.0, 2: 10.0})
+    assert first == 2 and p == {2: 0.0, 3: 0.0}  # diffs -1, -1, -1: zero spread, resolved (below) from 2 seeds
+    assert stats.resolved_from(a, {s: v for s, v in a.items()}) == (None, {2: 1.0, 3: 1.0, 4: 1.0, 5: 1.0})
+    assert stats.resolved_from({0: 1.0}, {0: 0.0}) == (None, {})
+
+
 def test_smoothing_and_band():
     assert stats.smooth([1, 2, 3, 4, 5], window=2) == [1, 1.5, 2.5, 3.5, 4.5]
     assert stats.smooth([4, 0, 2], window=25) == [4, 2, 2]
@@ -139,7 +158,12 @@ def test_planted_regression_beyond_the_noise_is_flagged_a_seed_change_is_not(tmp
     assert verdicts[("cross_iou_extreme", "smooth_l1_rectangle")] == "reproduced"  # +14.5, small spread
     assert verdicts[("giou_rectangle", "cross_iou_extreme")] == "opposite"  # -15.3 every seed
     assert verdicts[("smooth_l1_rectangle", "smooth_l1_extreme")] == "reproduced"
+    # measured from these runs: cross - sl1 rect per seed 16.0, 13.2, 15.2; the first two alone give
+    # t = 14.6 / (1.980 / sqrt 2) = 10.43, df 1: p = 0.0609 (unresolved), all three resolve it
+    pair = next(p for p in report.pairs if (p.better, p.worse) == ("cross_iou_extreme", "smooth_l1_rectangle"))
+    assert pair.resolved_from == 3 and pair.p_by_seeds[2] == pytest.approx(0.06086, rel=1e-3)
     md = report.markdown()
+    assert "over 3 seeds (p = 0.003): resolved, the paper's direction: **reproduced**\n" in md
     assert "| cross-IOU, extreme points | 34.3 | 30.3 ± 2.4 |" in md
     assert "Ours (mean ± 95 % CI, K=3)" in md and "## The paper's pairs (" in md
     assert "- cross_iou_extreme: seed 3: 31.0, seed 4: 29.2, seed 5: 30.7" in md

@@ -114,6 +114,10 @@ class Pair:
     verdict: str  # reproduced / opposite / unresolved
     #: unresolved: the seeds that would resolve it at the observed difference and spread (a projection)
     seeds_needed: int | None = None
+    #: measured on these runs: the fewest first seeds from which the pair stays resolved (None: not
+    #: resolved), and the paired test's p on the first k seeds for each k >= 2 (stats.resolved_from)
+    resolved_from: int | None = None
+    p_by_seeds: dict[int, float] = field(default_factory=dict)
 
     def describe(self, unit: str = "", digits: int = 2) -> str:
         if self.mean_diff is None:
@@ -125,7 +129,13 @@ class Pair:
                    "opposite": "resolved, **opposite** to the paper",
                    "unresolved": "**unresolved** at this scale"}[self.verdict]
                 + (f" (at this difference and spread ~{self.seeds_needed} seeds would resolve it)"
-                   if self.verdict == "unresolved" and self.seeds_needed and self.seeds_needed > self.n else ""))
+                   if self.verdict == "unresolved" and self.seeds_needed and self.seeds_needed > self.n else "")
+                + (f"; resolved from the first {self.resolved_from} seeds on"
+                   if self.resolved_from is not None and self.resolved_from < self.n else "")
+                + (f"; p on the first k seeds: {self._p_by_seeds()}" if max(self.p_by_seeds, default=0) >= 4 else ""))
+
+    def _p_by_seeds(self) -> str:
+        return ", ".join(f"k={k}: {p:.3f}" for k, p in sorted(self.p_by_seeds.items()) if k >= 3)
 
 
 @dataclass
@@ -327,9 +337,10 @@ def paper_pairs(rows: list[Row], higher_is_better: bool, claims: list[list[str]]
 
 def _pair(better: str, a: dict[int, float], worse: str, b: dict[int, float], higher_is_better: bool) -> Pair:
     test = stats.paired_test(a, b)
+    first, p_by_seeds = stats.resolved_from(a, b)
     return Pair(better, worse, test.mean_diff if test else None, test.n if test else 0,
                 test.p if test else None, stats.pair_verdict(test, True, higher_is_better),
-                stats.seeds_to_resolve(a, b))
+                stats.seeds_to_resolve(a, b), first, p_by_seeds)
 
 
 def curve_claim(spec: AblationSpec, curves: dict) -> CurveClaim | None:

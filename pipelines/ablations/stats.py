@@ -115,6 +115,29 @@ def seeds_to_resolve(a: dict[int, float], b: dict[int, float], most: int = 50) -
     return None
 
 
+def resolved_from(a: dict[int, float], b: dict[int, float]) -> tuple[int | None, dict[int, float]]:
+    """A measurement, not a projection: the paired test on the first ``k`` shared seeds (ascending seed
+    number) for every ``k`` from 2 to all of them -> ``(k_min, {k: p})``, where ``k_min`` is the fewest
+    first seeds from which the pair stays resolved, in the direction it has over all seeds, through every
+    larger ``k`` (None: not resolved over all seeds). It answers "would a cheaper run (fewer seeds) have
+    said the same?" from the runs made, so a table's cheapest resolving seed count is read, not guessed."""
+    seeds = sorted(set(a) & set(b))
+    by_k: dict[int, PairTest] = {}
+    for k in range(2, len(seeds) + 1):
+        first = seeds[:k]
+        by_k[k] = paired_test({s: a[s] for s in first}, {s: b[s] for s in first})
+    p_by_k = {k: test.p for k, test in by_k.items() if test.p is not None}
+    if not by_k or not by_k[len(seeds)].resolved():
+        return None, p_by_k
+    direction = by_k[len(seeds)].mean_diff > 0
+    k_min = len(seeds)
+    for k in range(len(seeds), 1, -1):
+        if not (by_k[k].resolved() and (by_k[k].mean_diff > 0) == direction):
+            break
+        k_min = k
+    return k_min, p_by_k
+
+
 def pair_verdict(test: PairTest | None, paper_first_better: bool, higher_is_better: bool) -> str:
     """``reproduced`` / ``opposite`` (resolved, the other way) / ``unresolved`` for a pair the paper ranks
     (``paper_first_better``: the paper puts the pair's first variant above the second)."""
