@@ -10,7 +10,7 @@
 - ``crontab``: one crontab line for a plain host, run through :mod:`pipelines.jobs.guarded` (its log
   directory made, the log rotated, an overlapping run skipped *and logged*, a failure webhook).
 
-The Kubernetes forms are deployable as emitted (:class:`Deployment`, from the spec's ``cluster`` and
+The Kubernetes forms are deployable as emitted (:func:`deployment`: the spec's ``cluster`` with
 the flags of ``lsnet jobs schedule``): a pinned image (registry and tag, never ``:latest``), namespace,
 service account, image-pull secrets, a PersistentVolumeClaim or object-storage location for the
 outputs and ``--resume`` state (the job's output arguments point there), the MLflow URI with its
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import fields, replace
 from pathlib import Path
 
 import yaml
@@ -70,50 +70,27 @@ def check_image(image: str | None, source: str) -> str:
     return image
 
 
-@dataclass
-class Deployment:
-    """Where and how the Kubernetes forms run (see ClusterTemplate in pipelines/jobs/spec.py)."""
-
-    image: str
-    namespace: str | None = None
-    service_account: str | None = None
-    image_pull_secrets: list[str] = field(default_factory=list)
-    pvc: str | None = None
-    mount_path: str = "/mnt/lsnet"
-    storage: str | None = None
-    storage_secret: str | None = None
-    mlflow_uri: str | None = None
-    mlflow_secret: str | None = None
-    webhook: str | None = None
-    webhook_secret: str | None = None
-
-    @property
-    def output_location(self) -> str | None:
-        return self.mount_path if self.pvc else self.storage
+#: ``lsnet jobs schedule`` flags whose ClusterTemplate field has another name
+FLAG_FIELDS = {"webhook": "failure_webhook"}  # --on-failure-webhook
 
 
-def deployment(spec: JobSpec, **flags) -> Deployment:
-    """The spec's ``cluster`` settings with the flags of ``lsnet jobs schedule`` over them, checked:
-    a pinned image; for a command with outputs, a volume or object-storage location for them; an
-    MLflow store that outlives the pod (a server, or SQLite on the volume)."""
-    c = spec.cluster
+def deployment(spec: JobSpec, **flags) -> ClusterTemplate:
+    """The spec's ``cluster`` settings with the flags of ``lsnet jobs schedule`` over them (a flag given
+    wins; ``webhook`` sets ``failure_webhook``), checked: a pinned image; for a command with outputs, a
+    volume or object-storage location for them; an MLflow store that outlives the pod (a server, or
+    SQLite on the volume; default: the spec's ``MLFLOW_TRACKING_URI``)."""
     source = spec.path or spec.name
-
-    def pick(name, default=None):
-        value = flags.get(name)
-        return value if value not in (None, [], "") else getattr(c, name, default)
-
-    image = check_image(flags.get("image") or c.image, source)
-    d = Deployment(image=image, namespace=pick("namespace"), service_account=pick("service_account"),
-                   image_pull_secrets=list(flags.get("image_pull_secrets") or c.image_pull_secrets),
-                   pvc=pick("pvc"), mount_path=pick("mount_path") or "/mnt/lsnet", storage=pick("storage"),
-                   storage_secret=pick("storage_secret"),
-                   mlflow_uri=flags.get("mlflow_uri") or spec.runtime_env.env_vars.get("MLFLOW_TRACKING_URI"),
-                   mlflow_secret=pick("mlflow_secret"), webhook=flags.get("webhook") or c.failure_webhook,
-                   webhook_secret=pick("failure_webhook_secret"))
+    given = {FLAG_FIELDS.get(k, k): v for k, v in flags.items() if v not in (None, [], "")}
+    unknown = sorted(set(given) - {f.name for f in fields(ClusterTemplate)})
+    if unknown:
+        raise TypeError(f"deployment(): no cluster setting {unknown[0]!r}")
+    d = replace(spec.cluster, **given)
+    d.image = check_image(d.image, source)
+    d.mount_path = d.mount_path or "/mnt/lsnet"
+    d.mlflow_uri = d.mlflow_uri or spec.runtime_env.env_vars.get("MLFLOW_TRACKING_URI")
     for what, name in [("--service-account", d.service_account), ("--image-pull-secret", None),
                        ("--pvc", d.pvc), ("--storage-secret", d.storage_secret), ("--mlflow-secret", d.mlflow_secret),
-                       ("--on-failure-webhook-secret", d.webhook_secret), ("--namespace", d.namespace),
+                       ("--on-failure-webhook-secret", d.failure_webhook_secret), ("--namespace", d.namespace),
                        *(("--image-pull-secret", n) for n in d.image_pull_secrets)]:
         if name is not None and not _SECRET_NAME.match(name):
             raise ConfigError(f"{source}: {what} {name!r} is not a Kubernetes name (lower-case letters, digits, '-', '.')")
@@ -145,7 +122,7 @@ def _secret_env(name: str, secret: str, key: str, optional: bool = False) -> dic
     return {"name": name, "valueFrom": {"secretKeyRef": ref}}
 
 
-def container_env(spec: JobSpec, d: Deployment, extra: list[dict] | None = None) -> list[dict]:
+def container_env(spec: JobSpec, d: ClusterTemplate, extra: list[dict] | None = None) -> list[dict]:
     """The variables of every container: the spec's env_vars, the MLflow URI and the credentials from
     Secrets (never in the manifest itself)."""
     env = [{"name": k, "value": str(v)} for k, v in spec.runtime_env.env_vars.items() if k != "MLFLOW_TRACKING_URI"]
@@ -156,14 +133,14 @@ def container_env(spec: JobSpec, d: Deployment, extra: list[dict] | None = None)
     if d.storage_secret:
         env += [_secret_env(k, d.storage_secret, k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
         env.append(_secret_env("AWS_ENDPOINT_URL", d.storage_secret, "AWS_ENDPOINT_URL", optional=True))
-    if d.webhook_secret:
-        env.append(_secret_env(WEBHOOK_ENV, d.webhook_secret, "url"))
-    elif d.webhook:
-        env.append({"name": WEBHOOK_ENV, "value": d.webhook})
+    if d.failure_webhook_secret:
+        env.append(_secret_env(WEBHOOK_ENV, d.failure_webhook_secret, "url"))
+    elif d.failure_webhook:
+        env.append({"name": WEBHOOK_ENV, "value": d.failure_webhook})
     return env + list(extra or [])
 
 
-def _pod_spec(d: Deployment, containers: list[dict], **extra) -> dict:
+def _pod_spec(d: ClusterTemplate, containers: list[dict], **extra) -> dict:
     pod = {**extra}
     if d.service_account:
         pod["serviceAccountName"] = d.service_account
@@ -191,8 +168,10 @@ def _copy_env(env: list[dict]) -> list[dict]:
     return copy.deepcopy(env)
 
 
-def ray_cluster_spec(cluster: ClusterTemplate, d: Deployment, env: list[dict]) -> dict:
-    """The RayJob's ``rayClusterSpec``: a head group and the template's worker groups."""
+def ray_cluster_spec(cluster: ClusterTemplate, env: list[dict]) -> dict:
+    """The RayJob's ``rayClusterSpec``: a head group and the template's worker groups (``cluster``: the
+    :func:`deployment` settings)."""
+    d = cluster
     head_container = {**_container("ray-head", d.image, cluster.head_cpu, cluster.head_memory, env=_copy_env(env)),
                       "ports": [{"containerPort": 6379, "name": "gcs"}, {"containerPort": 8265, "name": "dashboard"}]}
     head = {"rayStartParams": {"dashboard-host": "0.0.0.0"},  # inside the pod: the Service reaches it
@@ -212,19 +191,19 @@ def ray_cluster_spec(cluster: ClusterTemplate, d: Deployment, env: list[dict]) -
     return spec
 
 
-def scheduled_argv(spec: JobSpec, d: Deployment) -> list[str]:
+def scheduled_argv(spec: JobSpec, d: ClusterTemplate) -> list[str]:
     """The job's command with its outputs at the deployment's location (and wrapped for the webhook)."""
     location = d.output_location
     extra = OUTPUT_ARGS[spec.command](location) if spec.command in OUTPUT_ARGS and location else []
     argv = spec.argv + extra
-    if d.webhook or d.webhook_secret:
+    if d.failure_webhook or d.failure_webhook_secret:
         argv = ["python", "-m", "pipelines.jobs.guarded", "--job", spec.name, "--", *argv]
     return argv
 
 
-def ray_job_spec(spec: JobSpec, d: Deployment) -> dict:
-    """A RayJob ``spec`` (also the ``jobTemplate`` of a RayCronJob)."""
-    cluster = spec.cluster
+def ray_job_spec(spec: JobSpec, d: ClusterTemplate) -> dict:
+    """A RayJob ``spec`` (also the ``jobTemplate`` of a RayCronJob); ``d``: :func:`deployment`."""
+    cluster = d
     runtime_env = spec.runtime_env.to_ray(root=None)
     # On Kubernetes the code is in the image (or at cluster.working_dir, a URI): no local upload.
     runtime_env.pop("working_dir", None)
@@ -248,7 +227,7 @@ def ray_job_spec(spec: JobSpec, d: Deployment) -> dict:
            "submissionMode": "K8sJobMode", "backoffLimit": 0, "submitterConfig": {"backoffLimit": 0},
            "submitterPodTemplate": {"spec": pod},
            "metadata": {"lsnet_job": spec.name},
-           "rayClusterSpec": ray_cluster_spec(cluster, d, env)}
+           "rayClusterSpec": ray_cluster_spec(d, env)}
     if runtime_env:
         job["runtimeEnvYAML"] = yaml.safe_dump(runtime_env, sort_keys=False)
     res = spec.resources
@@ -261,26 +240,26 @@ def ray_job_spec(spec: JobSpec, d: Deployment) -> dict:
     return job
 
 
-def _metadata(spec: JobSpec, d: Deployment) -> dict:
+def _metadata(spec: JobSpec, d: ClusterTemplate) -> dict:
     meta = {"name": spec.name, "labels": {"app.kubernetes.io/part-of": "lsnet", "app.kubernetes.io/name": spec.name}}
     if d.namespace:
         meta["namespace"] = d.namespace
     return meta
 
 
-def ray_cron_job(spec: JobSpec, d: Deployment) -> dict:
+def ray_cron_job(spec: JobSpec, d: ClusterTemplate) -> dict:
     body = {"schedule": _need_schedule(spec), "jobTemplate": ray_job_spec(spec, d)}
     if spec.time_zone:
         body["timeZone"] = spec.time_zone
     return {"apiVersion": "ray.io/v1", "kind": "RayCronJob", "metadata": _metadata(spec, d), "spec": body}
 
 
-def k8s_cron_job(spec: JobSpec, d: Deployment, address: str | None = None) -> dict:
+def k8s_cron_job(spec: JobSpec, d: ClusterTemplate, address: str | None = None) -> dict:
     address = address or spec.address
     if not address:
         raise ConfigError(f"{spec.path or spec.name}: --emit k8s-cronjob needs the long-lived cluster's address "
                           "(--address http://HEAD:8265 or `address:` in the spec)")
-    cluster = spec.cluster
+    cluster = d
     spec_path = _repo_relative(spec.path) if spec.path else f"jobs/{spec.name}.yaml"
     extra = [{"name": "RAY_API_SERVER_ADDRESS", "value": address}]
     if cluster.auth == "token":
@@ -289,7 +268,7 @@ def k8s_cron_job(spec: JobSpec, d: Deployment, address: str | None = None) -> di
     outputs = OUTPUT_ARGS[spec.command](location) if spec.command in OUTPUT_ARGS and location else []
     # outputs are written by the job on the long-lived cluster: the location must be one it mounts too
     command = ["lsnet", "jobs", "submit", spec_path, "--address", address, "--wait", *_submit_extra(outputs)]
-    if d.webhook or d.webhook_secret:
+    if d.failure_webhook or d.failure_webhook_secret:
         command = ["python", "-m", "pipelines.jobs.guarded", "--job", spec.name, "--", *command]
     container = {"name": "submit", "image": d.image, "command": command, "env": container_env(spec, d, extra),
                  "resources": {"requests": {"cpu": "100m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}}}

@@ -153,6 +153,13 @@ class ClusterTemplate:
     #: called (HTTP POST, JSON) when a run fails: a URL, or a Secret holding it under the key `url`
     failure_webhook: str | None = None
     failure_webhook_secret: str | None = None
+    #: the MLflow store the pods log to (``--mlflow-uri``; default: runtime_env's MLFLOW_TRACKING_URI)
+    mlflow_uri: str | None = None
+
+    @property
+    def output_location(self) -> str | None:
+        """Where outputs and ``--resume`` state go: the volume's mount path, else the object-store URI."""
+        return self.mount_path if self.pvc else self.storage
 
 
 @dataclass
