@@ -63,6 +63,11 @@ def test_resolved_from_reads_the_cheapest_seed_count_from_the_runs():
     assert p[2] == pytest.approx(0.2048, rel=1e-3) and p[3] == pytest.approx(0.07418, rel=1e-3)
     assert p[4] == pytest.approx(0.01628, rel=1e-2) and p[5] == pytest.approx(0.00320, rel=2e-2)
     assert first == 4
+    from pipelines.ablations.report import Pair  # how a report prints it (K >= 4: p per first-k seeds)
+
+    assert Pair("a", "b", 2.0, 5, 0.0004, "reproduced", None, first, p).describe(" AP") == (
+        "a − b = +2.00 AP over 5 seeds (p < 0.001): resolved, the paper's direction: **reproduced**; resolved "
+        "from the first 4 seeds on; p on the first k seeds: k=3: p = 0.074, k=4: p = 0.016, k=5: p = 0.003")
     # resolved at k=2 by chance (zero spread), unresolved at 3, resolved again at 4, 5: stays resolved from 4
     first, _ = stats.resolved_from({0: 12.0, 1: 12.0, 2: 10.5, 3: 12.0, 4: 12.0}, {s: 10.0 for s in range(5)})
     assert first == 4
@@ -115,13 +120,14 @@ def _seeded_parent(uri: str, spec, values: dict[str, list[float]], scale: str = 
         "schedule": "8 epochs", "backbone": "resnet18"}).info.run_id
     for name, per_seed in values.items():
         for i, value in enumerate(per_seed):
-            child = client.create_run(experiment, start_time=next(_clock), tags={
+            start = next(_clock)  # one minute after the previous run's start, 90 s long
+            child = client.create_run(experiment, start_time=start, tags={
                 "ablation_variant": name, "ablation_seed": str(first_seed + i), "mlflow.parentRunId": parent}).info.run_id
             client.log_metric(child, spec.metric, value, step=8)
             rise = 0.1 if name == "cross_iou_extreme" else 0.05  # the claimed variant rises faster
             for step in range(1, 5):
                 client.log_metric(child, "pos_iou", 0.3 + rise * step + 0.001 * i, step=step)
-            client.set_terminated(child, "FINISHED")
+            client.set_terminated(child, "FINISHED", end_time=start + 90_000)
     client.set_terminated(parent, "FINISHED")
     return parent
 
@@ -167,6 +173,9 @@ def test_planted_regression_beyond_the_noise_is_flagged_a_seed_change_is_not(tmp
     assert "| cross-IOU, extreme points | 34.3 | 30.3 ± 2.4 |" in md
     assert "Ours (mean ± 95 % CI, K=3)" in md and "## The paper's pairs (" in md
     assert "- cross_iou_extreme: seed 3: 31.0, seed 4: 29.2, seed 5: 30.7" in md
+    # cost from MLflow's times: 12 trials of 90 s, started a minute apart after the parent
+    assert ("- **Cost**: 12 trials, 18.0 trial-minutes (1.5 min each), 13.5 min wall from the parent run's "
+            "start to the last trial's end") in md
     # rendering: every seed's value in the JSON and on hover in the HTML; the Figure 4 claim by a number
     out = tmp_path / "out"
     rendered = render_table(spec, "signal", uri, out, latest)

@@ -122,7 +122,7 @@ class Pair:
     def describe(self, unit: str = "", digits: int = 2) -> str:
         if self.mean_diff is None:
             return f"{self.better} vs {self.worse}: **unresolved** (no shared seeds)"
-        test = f"p = {self.p:.3f}" if self.p is not None else "one seed: no test"
+        test = f"p {_p(self.p)}" if self.p is not None else "one seed: no test"
         seeds = f"{self.n} seed" + ("s" if self.n != 1 else "")
         return (f"{self.better} − {self.worse} = {self.mean_diff:+.{digits}f}{unit} over {seeds} ({test}): "
                 + {"reproduced": "resolved, the paper's direction: **reproduced**",
@@ -135,7 +135,12 @@ class Pair:
                 + (f"; p on the first k seeds: {self._p_by_seeds()}" if max(self.p_by_seeds, default=0) >= 4 else ""))
 
     def _p_by_seeds(self) -> str:
-        return ", ".join(f"k={k}: {p:.3f}" for k, p in sorted(self.p_by_seeds.items()) if k >= 3)
+        return ", ".join(f"k={k}: p {_p(p)}" for k, p in sorted(self.p_by_seeds.items()) if k >= 3)
+
+
+def _p(p: float) -> str:
+    """``= 0.041``, or ``< 0.001`` where three decimals would print a misleading 0.000."""
+    return f"= {p:.3f}" if p >= 0.001 else "< 0.001"
 
 
 @dataclass
@@ -310,6 +315,7 @@ def build_report(spec: AblationSpec, scale: str, tracking_uri: str, parent_id: s
               "Seeds": f"K = {seeds} per variant (train.seed 0..K-1: model init and data order)" if seeds else "",
               "Dataset": tags.get("dataset", ""), "Schedule": tags.get("schedule", ""),
               "Backbone": tags.get("backbone", ""), "Metric": spec.metric,
+              "Cost": cost(parent, [r for by_seed in ours.values() for r in by_seed.values()]),
               "Commit": tags.get("git_commit", ""), "MLflow parent run": parent_id,
               "Compared with": previous.info.run_id if previous else "(no previous finished run)"}
     report = Report(spec, scale, experiment.experiment_id, parent_id, previous.info.run_id if previous else None,
@@ -318,6 +324,19 @@ def build_report(spec: AblationSpec, scale: str, tracking_uri: str, parent_id: s
         report.curves = read_curves(report, tracking_uri)
         report.curve_claim = curve_claim(spec, report.curves)
     return report
+
+
+def cost(parent, children: list) -> str:
+    """What the run cost, from MLflow's start/end times: trials (child runs), their summed minutes (each
+    trial is one training run; a 1-CPU worker at the tiny and signal scales), and the wall time from the
+    parent's start to the last trial's end (how many trials ran at once decides the ratio)."""
+    ended = [r for r in children if r.info.end_time and r.info.start_time]
+    if not ended:
+        return ""
+    trial_min = sum(r.info.end_time - r.info.start_time for r in ended) / 60_000
+    wall_min = (max(r.info.end_time for r in ended) - parent.info.start_time) / 60_000
+    return (f"{len(ended)} trials, {trial_min:.1f} trial-minutes ({trial_min / len(ended):.1f} min each), "
+            f"{wall_min:.1f} min wall from the parent run's start to the last trial's end")
 
 
 def paper_pairs(rows: list[Row], higher_is_better: bool, claims: list[list[str]] = ()) -> list[Pair]:
