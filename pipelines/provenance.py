@@ -24,7 +24,10 @@ SYSTEM_TAG_KEYS = ("mlflow.user", "mlflow.source.name", "mlflow.source.type", "m
 
 
 def git_commit() -> str:
-    """The checkout's HEAD commit, with ``-dirty`` when tracked files have changes; outside a git checkout
+    """The checkout's HEAD commit, with ``-dirty`` when tracked files outside ``results/`` have changes (the
+    committed outputs there -- tables a ``--publish`` rewrites, benchmark figures -- are not the code that
+    ran: a weekly ``ablation run table2 table3 --publish`` must not tag table3 dirty because it published
+    table2 first); outside a git checkout
     ``$LSNET_GIT_COMMIT`` if set (not git's answer: the directory may sit inside another repository), else
     ``unknown``."""
     if not (REPO_ROOT / ".git").exists() and os.environ.get(COMMIT_ENV):
@@ -32,7 +35,7 @@ def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
                              check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"], cwd=REPO_ROOT,
                                check=False, capture_output=True, text=True, timeout=10).stdout.strip()
         return out + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):

@@ -46,6 +46,26 @@ def test_commit_outside_a_checkout_comes_from_the_submitter(tmp_path, monkeypatc
     assert bench.git_commit() == "unknown"
 
 
+def test_commit_is_dirty_for_changed_code_not_for_published_results(tmp_path, monkeypatch):
+    """A run that --publishes a table rewrites tracked files under results/: the next table of the same
+    command (and any later run in that checkout) ran the committed code and must not be tagged -dirty."""
+    from pipelines import provenance
+
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    (tmp_path / "results" / "ablations").mkdir(parents=True)
+    (tmp_path / "results" / "ablations" / "table.md").write_text("old\n")
+    (tmp_path / "model.py").write_text("x = 1\n")
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "init"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    monkeypatch.setattr(provenance, "REPO_ROOT", tmp_path)
+    (tmp_path / "results" / "ablations" / "table.md").write_text("published\n")
+    assert provenance.git_commit() == head
+    (tmp_path / "model.py").write_text("x = 2\n")
+    assert provenance.git_commit() == head + "-dirty"
+
+
 @pytest.mark.parametrize("path", sorted((JOBS / "bench").glob("*.yaml")), ids=lambda p: p.name)
 def test_bench_specs_still_load(path):
     """jobs/bench/ keeps its own format (`lsnet bench NAME`): name = file stem, runner importable."""
