@@ -105,7 +105,7 @@ def test_regression_rule_uses_the_previous_runs_interval():
 
 
 def _seeded_parent(uri: str, spec, values: dict[str, list[float]], scale: str = "signal",
-                   first_seed: int = 0) -> str:
+                   first_seed: int = 0, **tags) -> str:
     """A finished parent run with, per variant, one finished child per seed holding ``spec.metric`` (0-1)
     and a short per-step ``pos_iou`` curve."""
     from mlflow.tracking import MlflowClient
@@ -117,7 +117,7 @@ def _seeded_parent(uri: str, spec, values: dict[str, list[float]], scale: str = 
     experiment = ensure_experiment(client, spec.experiment, uri)
     parent = client.create_run(experiment, start_time=next(_clock), tags={
         "ablation_table": spec.name, "ablation_scale": scale, "ablation_kind": "parent", "dataset": "synthetic",
-        "schedule": "8 epochs", "backbone": "resnet18"}).info.run_id
+        "schedule": "8 epochs", "backbone": "resnet18", **tags}).info.run_id
     for name, per_seed in values.items():
         for i, value in enumerate(per_seed):
             start = next(_clock)  # one minute after the previous run's start, 90 s long
@@ -200,6 +200,31 @@ def test_planted_regression_beyond_the_noise_is_flagged_a_seed_change_is_not(tmp
         first[:8])
     assert f"[figure4_pos_iou.png](#/experiments/7/runs/{latest}/artifactPath/report/figure4_pos_iou.png)" in text
     assert len(mlflow_description(rendered, "7", latest, limit=300)) == 300
+
+
+def test_a_run_with_set_overrides_says_so_and_starts_its_own_series(tmp_path):
+    """``--set train.epochs=4`` is another setting: tagged on the parent by the runner, shown in the header,
+    and never compared with (or flagged against) the spec's own setting."""
+    from types import SimpleNamespace
+
+    from pipelines.ablations.report import build_report
+    from pipelines.ablations.runner import _start_parent_run
+
+    spec = load_ablation_spec("table2")
+    tagged = {}
+    _start_parent_run(SimpleNamespace(set_tags=tagged.update), spec, "signal", SimpleNamespace(
+        model=SimpleNamespace(backbone="resnet18")), spec.variants, ["train.epochs=4", "train.lr_steps=[3]"],
+        tmp_path, {}, seeds=2)
+    assert tagged["ablation_overrides"] == "train.epochs=4 train.lr_steps=[3]" and tagged["ablation_seeds"] == "2"
+    assert json.loads((tmp_path / "ablation.json").read_text())["overrides"] == ["train.epochs=4", "train.lr_steps=[3]"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _seeded_parent(uri, spec, PREVIOUS)
+    worse = {k: [v - 0.1 for v in vs] for k, vs in PREVIOUS.items()}  # 10 AP below: a regression in one series
+    _seeded_parent(uri, spec, worse, ablation_overrides=tagged["ablation_overrides"])
+    report = build_report(spec, "signal", uri, with_curves=False)
+    assert report.previous_run_id is None and report.regressions == []
+    assert "- **Overrides**: `train.epochs=4 train.lr_steps=[3]` (--set, over the scale's settings above)" in (
+        report.markdown())
 
 
 def test_runs_compare_groups_seeded_children_by_variant(tmp_path, capsys):

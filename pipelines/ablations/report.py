@@ -268,9 +268,10 @@ def build_report(spec: AblationSpec, scale: str, tracking_uri: str, parent_id: s
             raise ConfigError(f"no finished {spec.name}/{scale} ablation run in experiment {spec.experiment!r}")
         parent_id = finished[0].info.run_id
     parent = client.get_run(parent_id)
-    # the previous *finished* run of the same table and scale on the same data and schedule (a spec edited
-    # to another dataset starts a new series), started before this one
-    same = {key: parent.data.tags.get(key) for key in ("dataset", "schedule")}
+    # the previous *finished* run of the same table and scale on the same data, schedule and --set overrides
+    # (a spec edited to another dataset, or a run with other overrides, starts a new series), started before
+    # this one
+    same = {key: parent.data.tags.get(key) for key in ("dataset", "schedule", "ablation_overrides")}
     previous = next((r for r in parents if r.info.status == "FINISHED" and r.info.run_id != parent_id
                      and r.info.start_time < parent.info.start_time
                      and all(r.data.tags.get(key) == value for key, value in same.items())), None)
@@ -314,6 +315,8 @@ def build_report(spec: AblationSpec, scale: str, tracking_uri: str, parent_id: s
     header = {"Table": spec.title, "Paper": spec.paper_source, "Scale": scale,
               "Seeds": f"K = {seeds} per variant (train.seed 0..K-1: model init and data order)" if seeds else "",
               "Dataset": tags.get("dataset", ""), "Schedule": tags.get("schedule", ""),
+              "Overrides": (f"`{tags['ablation_overrides']}` (--set, over the scale's settings above)"
+                            if tags.get("ablation_overrides") else ""),
               "Backbone": tags.get("backbone", ""), "Metric": spec.metric,
               "Cost": cost(parent, [r for by_seed in ours.values() for r in by_seed.values()]),
               "Commit": tags.get("git_commit", ""), "MLflow parent run": parent_id,

@@ -139,7 +139,9 @@ def _start_parent_run(parent, spec: AblationSpec, scale_name: str, base, variant
     parent.set_tags({**commit_tags("lsnet ablation"), **common,
                      "ablation_kind": "parent", "dataset": scale.dataset_name, "schedule": scale.schedule,
                      "backbone": base.model.backbone, "ablation_variants": ",".join(v.name for v in variants),
-                     "lsnet.kind": "ablation", "ablation_seeds": str(seeds)})
+                     "lsnet.kind": "ablation", "ablation_seeds": str(seeds),
+                     # a --set changes the setting: the report shows it and compares only runs with the same
+                     **({"ablation_overrides": " ".join(overrides)} if overrides else {})})
 
 
 def _train_variants(spec: AblationSpec, scale_name: str, base, trained: list, name: str, search_dir: Path, parent,
