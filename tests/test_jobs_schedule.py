@@ -160,7 +160,11 @@ def test_raycronjob_rayjob_and_cronjob_validate(path):
     assert not _errors(crd_validator("RayCronJob"), manifest)
     job = {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": spec.name}, "spec": ray_job_spec(spec, d)}
     assert not _errors(crd_validator("RayJob"), job)
-    cron = k8s_cron_job(spec, d, address="http://ray-head.ml:8265")
+    spec_uri = spec.runtime_env.env_vars.get("MLFLOW_TRACKING_URI")
+    if spec_uri:  # the cron pod submits the spec as written: its store must be the deployment's
+        with pytest.raises(ConfigError, match="submits the spec as written"):
+            k8s_cron_job(spec, d, address="http://ray-head.ml:8265")
+    cron = k8s_cron_job(spec, _deploy(spec, mlflow_uri=spec_uri) if spec_uri else d, address="http://ray-head.ml:8265")
     assert not _errors(cronjob_validator(), cron)
     assert croniter.is_valid(manifest["spec"]["schedule"])
     template = manifest["spec"]["jobTemplate"]
@@ -172,6 +176,25 @@ def test_raycronjob_rayjob_and_cronjob_validate(path):
                                                if k != "MLFLOW_TRACKING_URI"}
     assert set(_walk(manifest, "image")) == {IMAGE} == set(_walk(cron, "image"))
     assert template["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+
+
+def test_deployment_applies_flags_over_the_spec_without_changing_it():
+    """One dataclass: the flags win over the spec's ``cluster`` keys, ``cluster.mlflow_uri`` over the spec's
+    MLFLOW_TRACKING_URI; the spec's own settings are left as they were; an unknown setting is an error."""
+    from pipelines.jobs.schedule import deployment
+
+    spec = load_job_spec(JOBS / "weekly_ablations_signal.yaml")
+    before = copy.deepcopy(spec.cluster)
+    spec.cluster.pvc, spec.cluster.namespace = "from-spec", "spec-ns"
+    d = deployment(spec, image=IMAGE, namespace="flag-ns", webhook="https://hooks.example.com/x")
+    assert (d.pvc, d.namespace, d.failure_webhook) == ("from-spec", "flag-ns", "https://hooks.example.com/x")
+    assert d.mlflow_uri == spec.runtime_env.env_vars["MLFLOW_TRACKING_URI"]  # no flag, no cluster key
+    spec.cluster.mlflow_uri = "https://team-mlflow.example.com"
+    assert deployment(spec, image=IMAGE).mlflow_uri == "https://team-mlflow.example.com"
+    assert deployment(spec, image=IMAGE, mlflow_uri="https://flag.example.com").mlflow_uri == "https://flag.example.com"
+    assert (spec.cluster.namespace, spec.cluster.failure_webhook, spec.cluster.image) == ("spec-ns", None, before.image)
+    with pytest.raises(TypeError, match="no cluster setting 'pcv'"):
+        deployment(spec, image=IMAGE, pcv="typo")
 
 
 def test_strict_validation_catches_a_misspelt_field():

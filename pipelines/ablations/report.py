@@ -332,8 +332,10 @@ def build_report(spec: AblationSpec, scale: str, tracking_uri: str, parent_id: s
 def cost(parent, children: list) -> str:
     """What the run cost, from MLflow's start/end times: trials (child runs), their summed minutes (each
     trial is one training run; a 1-CPU worker at the tiny and signal scales), and the wall time from the
-    parent's start to the last trial's end (how many trials ran at once decides the ratio)."""
-    ended = [r for r in children if r.info.end_time and r.info.start_time]
+    parent's start to the last trial's end (how many trials ran at once decides the ratio; after a
+    ``--resume`` it includes the pause, and a trial counts its last attempt only)."""
+    ended = [r for r in children if r.info.end_time and r.info.start_time
+             and r.data.tags.get("lsnet.kind") != "mask_study"]  # the §4.4 upper bounds train nothing
     if not ended:
         return ""
     trial_min = sum(r.info.end_time - r.info.start_time for r in ended) / 60_000

@@ -259,6 +259,11 @@ def k8s_cron_job(spec: JobSpec, d: ClusterTemplate, address: str | None = None) 
     if not address:
         raise ConfigError(f"{spec.path or spec.name}: --emit k8s-cronjob needs the long-lived cluster's address "
                           "(--address http://HEAD:8265 or `address:` in the spec)")
+    spec_uri = spec.runtime_env.env_vars.get("MLFLOW_TRACKING_URI")
+    if spec_uri and spec_uri != d.mlflow_uri:  # the pod's `lsnet jobs submit` sends the spec's env_vars as they are
+        raise ConfigError(f"{spec.path or spec.name}: --emit k8s-cronjob submits the spec as written, so its job "
+                          f"would log to the spec's MLFLOW_TRACKING_URI {spec_uri!r}, not {d.mlflow_uri!r}: make "
+                          "them the same, or drop the spec's")
     cluster = d
     spec_path = _repo_relative(spec.path) if spec.path else f"jobs/{spec.name}.yaml"
     extra = [{"name": "RAY_API_SERVER_ADDRESS", "value": address}]
