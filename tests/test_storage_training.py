@@ -57,17 +57,22 @@ def train_overrides(shards: str, storage_path: str, tracking_uri: str, *extra: s
             "model.loss.atss_on=anchors", *extra]
 
 
-def lsnet_train(name: str, overrides: list[str], cwd: Path, timeout_s: float = 400) -> subprocess.CompletedProcess:
-    """``lsnet train configs/tiny_bbox.yaml --name NAME --set ...`` in a fresh process started in ``cwd``
-    (its HOME and scratch directory there too: nothing of an earlier driver's disk is at hand)."""
-    cmd = [sys.executable, "-m", "pipelines.cli", "train", str(REPO_ROOT / "configs" / "tiny_bbox.yaml"),
-           "--name", name]
-    for item in overrides:
-        cmd += ["--set", item]
+def lsnet_cli(args: list[str], cwd: Path, timeout_s: float = 500) -> subprocess.CompletedProcess:
+    """``lsnet ARGS`` in a fresh process started in ``cwd`` (its HOME and scratch directory there too:
+    nothing of an earlier driver's disk is at hand)."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HOME": str(cwd), "LSNET_SCRATCH_DIR": str(cwd)}
     env.pop("RAY_ADDRESS", None)
     cwd.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout_s, check=False)
+
+
+def lsnet_train(name: str, overrides: list[str], cwd: Path, timeout_s: float = 400) -> subprocess.CompletedProcess:
+    """``lsnet train configs/tiny_bbox.yaml --name NAME --set ...`` from an empty driver disk (:func:`lsnet_cli`)."""
+    args = ["train", str(REPO_ROOT / "configs" / "tiny_bbox.yaml"), "--name", name]
+    for item in overrides:
+        args += ["--set", item]
+    return lsnet_cli(args, cwd, timeout_s)
 
 
 def _stored_weights(uri: str) -> dict[str, torch.Tensor]:
@@ -142,14 +147,11 @@ def test_a_search_on_the_bucket_and_its_resume_from_an_empty_driver_disk(bucket,
                                 "train.eval_every=1", "run.num_workers=1", "eval.num_overlays=0")
 
     def tune(cwd: Path, *extra: str) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "pipelines.cli", "tune", str(REPO_ROOT / "configs" / "tiny_bbox.yaml"),
-               "--space", str(space), "--name", "s3search", "--max-concurrent", "2", *extra]
+        args = ["tune", str(REPO_ROOT / "configs" / "tiny_bbox.yaml"), "--space", str(space), "--name", "s3search",
+                "--max-concurrent", "2", *extra]
         for item in overrides:
-            cmd += ["--set", item]
-        cwd.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HOME": str(cwd), "LSNET_SCRATCH_DIR": str(cwd)}
-        env.pop("RAY_ADDRESS", None)
-        return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=500, check=False)
+            args += ["--set", item]
+        return lsnet_cli(args, cwd)
 
     first = tune(tmp_path / "driver1")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
@@ -187,13 +189,9 @@ def test_an_ablation_table_on_the_bucket(bucket, tmp_path):
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
     def ablation(cwd: Path, *extra: str) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "pipelines.cli", "ablation", "run", "table2", "--scale", "tiny", "--out", out,
-               "--tracking-uri", tracking_uri, "--variants", "cross_iou_extreme", "--set", "train.epochs=1",
-               "--set", "train.lr_steps=[]", "--set", "train.eval_every=1", *extra]
-        cwd.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HOME": str(cwd), "LSNET_SCRATCH_DIR": str(cwd)}
-        env.pop("RAY_ADDRESS", None)
-        return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=500, check=False)
+        return lsnet_cli(["ablation", "run", "table2", "--scale", "tiny", "--out", out, "--tracking-uri", tracking_uri,
+                          "--variants", "cross_iou_extreme", "--set", "train.epochs=1", "--set", "train.lr_steps=[]",
+                          "--set", "train.eval_every=1", *extra], cwd)
 
     first = ablation(tmp_path / "driver1")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
