@@ -168,16 +168,15 @@ def _copy_env(env: list[dict]) -> list[dict]:
     return copy.deepcopy(env)
 
 
-def ray_cluster_spec(cluster: ClusterTemplate, env: list[dict]) -> dict:
-    """The RayJob's ``rayClusterSpec``: a head group and the template's worker groups (``cluster``: the
+def ray_cluster_spec(d: ClusterTemplate, env: list[dict]) -> dict:
+    """The RayJob's ``rayClusterSpec``: a head group and the template's worker groups (``d``: the
     :func:`deployment` settings)."""
-    d = cluster
-    head_container = {**_container("ray-head", d.image, cluster.head_cpu, cluster.head_memory, env=_copy_env(env)),
+    head_container = {**_container("ray-head", d.image, d.head_cpu, d.head_memory, env=_copy_env(env)),
                       "ports": [{"containerPort": 6379, "name": "gcs"}, {"containerPort": 8265, "name": "dashboard"}]}
     head = {"rayStartParams": {"dashboard-host": "0.0.0.0"},  # inside the pod: the Service reaches it
             "template": {"spec": _pod_spec(d, [head_container])}}
     workers = []
-    for group in cluster.workers:
+    for group in d.workers:
         workers.append({
             "groupName": group.name, "replicas": group.replicas,
             "minReplicas": group.min_replicas if group.min_replicas is not None else group.replicas,
@@ -185,8 +184,8 @@ def ray_cluster_spec(cluster: ClusterTemplate, env: list[dict]) -> dict:
             "rayStartParams": {},
             "template": {"spec": _pod_spec(d, [_container("ray-worker", d.image, group.cpu, group.memory, group.gpu,
                                                           _copy_env(env))])}})
-    spec = {"rayVersion": cluster.ray_version, "headGroupSpec": head, "workerGroupSpecs": workers}
-    if cluster.auth == "token":
+    spec = {"rayVersion": d.ray_version, "headGroupSpec": head, "workerGroupSpecs": workers}
+    if d.auth == "token":
         spec["authOptions"] = {"mode": "token"}
     return spec
 
@@ -203,17 +202,16 @@ def scheduled_argv(spec: JobSpec, d: ClusterTemplate) -> list[str]:
 
 def ray_job_spec(spec: JobSpec, d: ClusterTemplate) -> dict:
     """A RayJob ``spec`` (also the ``jobTemplate`` of a RayCronJob); ``d``: :func:`deployment`."""
-    cluster = d
     runtime_env = spec.runtime_env.to_ray(root=None)
-    # On Kubernetes the code is in the image (or at cluster.working_dir, a URI): no local upload.
+    # On Kubernetes the code is in the image (or at the spec's cluster.working_dir, a URI): no local upload.
     runtime_env.pop("working_dir", None)
     runtime_env.pop("excludes", None)
     # the MLflow URI is the deployment's, in the containers' environment (runtime_env would override it)
     runtime_env.get("env_vars", {}).pop("MLFLOW_TRACKING_URI", None)
     if not runtime_env.get("env_vars", True):
         runtime_env.pop("env_vars")
-    if cluster.working_dir:
-        runtime_env["working_dir"] = cluster.working_dir
+    if d.working_dir:
+        runtime_env["working_dir"] = d.working_dir
     env = container_env(spec, d)
     submitter = {"name": "ray-job-submitter", "image": d.image,
                  "resources": {"requests": {"cpu": "200m", "memory": "512Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}}}
@@ -221,8 +219,8 @@ def ray_job_spec(spec: JobSpec, d: ClusterTemplate) -> dict:
     pod.pop("volumes", None)  # the submitter only runs `ray job submit`
     submitter.pop("volumeMounts", None)
     job = {"entrypoint": shlex.join(scheduled_argv(spec, d)),
-           "shutdownAfterJobFinishes": cluster.shutdown_after_job_finishes,
-           "ttlSecondsAfterFinished": cluster.ttl_seconds_after_finished,
+           "shutdownAfterJobFinishes": d.shutdown_after_job_finishes,
+           "ttlSecondsAfterFinished": d.ttl_seconds_after_finished,
            # a FAILED Ray job makes `ray job submit` exit 1: the submitter Job fails, once, visibly
            "submissionMode": "K8sJobMode", "backoffLimit": 0, "submitterConfig": {"backoffLimit": 0},
            "submitterPodTemplate": {"spec": pod},
@@ -235,8 +233,8 @@ def ray_job_spec(spec: JobSpec, d: ClusterTemplate) -> dict:
         job["entrypointNumCpus"] = float(res.num_cpus)
     if res.num_gpus is not None:
         job["entrypointNumGpus"] = float(res.num_gpus)
-    if cluster.active_deadline_seconds is not None:
-        job["activeDeadlineSeconds"] = cluster.active_deadline_seconds
+    if d.active_deadline_seconds is not None:
+        job["activeDeadlineSeconds"] = d.active_deadline_seconds
     return job
 
 
@@ -264,11 +262,10 @@ def k8s_cron_job(spec: JobSpec, d: ClusterTemplate, address: str | None = None) 
         raise ConfigError(f"{spec.path or spec.name}: --emit k8s-cronjob submits the spec as written, so its job "
                           f"would log to the spec's MLFLOW_TRACKING_URI {spec_uri!r}, not {d.mlflow_uri!r}: make "
                           "them the same, or drop the spec's")
-    cluster = d
     spec_path = _repo_relative(spec.path) if spec.path else f"jobs/{spec.name}.yaml"
     extra = [{"name": "RAY_API_SERVER_ADDRESS", "value": address}]
-    if cluster.auth == "token":
-        extra += [{"name": "RAY_AUTH_MODE", "value": "token"}, _secret_env("RAY_AUTH_TOKEN", cluster.token_secret, "token")]
+    if d.auth == "token":
+        extra += [{"name": "RAY_AUTH_MODE", "value": "token"}, _secret_env("RAY_AUTH_TOKEN", d.token_secret, "token")]
     location = d.output_location
     outputs = OUTPUT_ARGS[spec.command](location) if spec.command in OUTPUT_ARGS and location else []
     # outputs are written by the job on the long-lived cluster: the location must be one it mounts too
@@ -283,10 +280,10 @@ def k8s_cron_job(spec: JobSpec, d: ClusterTemplate, address: str | None = None) 
     # a failed job: `lsnet jobs submit --wait` exits 1, the pod fails, the Job fails without a retry
     job_spec = {"backoffLimit": 0, "template": {"metadata": {"labels": {"app.kubernetes.io/name": spec.name}},
                                                 "spec": pod}}
-    if cluster.active_deadline_seconds is not None:
-        job_spec["activeDeadlineSeconds"] = cluster.active_deadline_seconds
+    if d.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = d.active_deadline_seconds
     body = {"schedule": _need_schedule(spec), "concurrencyPolicy": "Forbid",
-            "successfulJobsHistoryLimit": cluster.history_limit, "failedJobsHistoryLimit": cluster.history_limit,
+            "successfulJobsHistoryLimit": d.history_limit, "failedJobsHistoryLimit": d.history_limit,
             "startingDeadlineSeconds": 3600, "jobTemplate": {"spec": job_spec}}
     if spec.time_zone:
         body["timeZone"] = spec.time_zone
