@@ -227,6 +227,17 @@ def test_a_run_with_set_overrides_says_so_and_starts_its_own_series(tmp_path):
         report.markdown())
 
 
+def test_an_interrupted_table_ends_killed_a_failed_one_failed():
+    """A SIGTERM that lands while Ray starts (Ray's handler: ``sys.exit(SIGTERM)``) is a kill like Ctrl-C."""
+    import signal
+
+    from pipelines.ablations.runner import interrupted_status
+
+    assert interrupted_status(KeyboardInterrupt()) == "KILLED"
+    assert interrupted_status(SystemExit(signal.SIGTERM)) == "KILLED"
+    assert interrupted_status(SystemExit(1)) == "FAILED" and interrupted_status(RuntimeError("x")) == "FAILED"
+
+
 def test_runs_compare_groups_seeded_children_by_variant(tmp_path, capsys):
     from pipelines.cli import main
 

@@ -116,15 +116,22 @@ def _run_ablation(spec: AblationSpec, scale, scale_name: str, out_copy: storage.
                 _mask_upper_bound_child(spec, v, mask_json, client, experiment_id, parent.run_id,
                                         {**common, "ablation_variant": v.name})
         report = _publish_report(spec, scale_name, uri, parent, out, failed, experiment_id, publish)
-    except KeyboardInterrupt:  # Ctrl-C / SIGTERM: the trials ended KILLED; `--resume` continues the table
-        parent.close("KILLED")
-        raise
-    except BaseException:
-        parent.close("FAILED")
+    except BaseException as err:  # Ctrl-C / SIGTERM: KILLED (the trials too); `--resume` continues the table
+        parent.close(interrupted_status(err))
         raise
     if failed:
         raise AblationFailed(report, failed)
     return report
+
+
+def interrupted_status(err: BaseException) -> str:
+    """The status of a parent run its command left by ``err``: KILLED for Ctrl-C or SIGTERM -- a
+    KeyboardInterrupt, or the ``SystemExit(SIGTERM)`` of Ray's own handler when the signal lands while
+    ``ray.init`` runs, before the search installs its Ctrl-C handler -- else FAILED."""
+    import signal
+
+    killed = isinstance(err, KeyboardInterrupt) or (isinstance(err, SystemExit) and err.code == signal.SIGTERM)
+    return "KILLED" if killed else "FAILED"
 
 
 def _start_parent_run(parent, spec: AblationSpec, scale_name: str, base, variants: list, overrides: list[str] | None,
